@@ -1,0 +1,34 @@
+# Two entry points for a newcomer: `make demo` and `make test`. Both create .venv by themselves.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+# The CPU build of torch: a looser requirement pulls a multi-GB CUDA build.
+TORCH   ?= torch==2.13.0
+STAMP   := $(VENV)/.installed
+
+.PHONY: venv demo test test-fast bench-model clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev,plot,serve]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/longcat demo
+
+# Full suite. Exit code 5 (no tests collected) is an error, not a pass.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+bench-model: $(STAMP)
+	$(BIN)/python benchmarks/bench_model.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

@@ -1,0 +1,218 @@
+"""Multi-head latent attention (MLA) and the LongCat sparse-attention indexer.
+
+Two execution paths share one set of weights:
+- training/prefill without a cache: expand the latent into per-head keys and values and run
+  `scaled_dot_product_attention` (causal, or masked to the sparse selection);
+- with a latent cache: the *absorbed* form. The nope part of `kv_b_proj` is folded into the
+  query and its value part into the output, so attention runs directly over the cached
+  `[c_kv, k_rope]` (kv_lora + rope values per token) as one shared key/value head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import RMSNorm, apply_rope
+
+
+@dataclass
+class AttentionContext:
+    """Per-forward inputs shared by every attention sublayer."""
+
+    cos: torch.Tensor  # (B|1, T, rope/2)
+    sin: torch.Tensor
+    positions: torch.Tensor  # (B|1, T) absolute positions of the queries
+    cache: "object | None" = None  # LatentCache, see cache.py
+    sparse: bool = True  # LSA selects tokens (False: dense warm-up, indexer still trained)
+    indexer_loss: bool = False  # compute the indexer's KL loss (training)
+
+
+class Indexer(nn.Module):
+    """Lightning indexer: scores every past token for every query, cheaply.
+
+    score(t, s) = sum_h w_h(t) * relu(q_h(t) . k(s)) * index_dim^-0.5
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = config.index_n_heads
+        self.head_dim = config.index_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.hidden_size, self.head_dim, bias=False)
+        self.k_norm = RMSNorm(self.head_dim, config.mla_norm_eps)
+        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        r = self.rope_dim
+        return torch.cat([apply_rope(x[..., :r], cos, sin), x[..., r:]], dim=-1)
+
+    def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) -> (B, T, index_dim)."""
+        return self._rope(self.k_norm(self.wk(x)), cos, sin)
+
+    def scores(
+        self, x: torch.Tensor, q_latent: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """Index scores (B, T, S) of the T queries against S keys (no mask applied)."""
+        B, T, _ = x.shape
+        q = self._rope(self.wq_b(q_latent).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        weights = self.weights_proj(x.float()) * self.n_heads**-0.5  # (B, T, h), fp32
+        logits = torch.einsum("bthd,bsd->bths", q.float(), keys.float()).relu_()
+        return torch.einsum("bths,bth->bts", logits, weights) * self.head_dim**-0.5
+
+
+def select_tokens(scores: torch.Tensor, causal: torch.Tensor, config: ModelConfig) -> torch.Tensor | None:
+    """The LSA selection: for each query, `index_topk` keys, always including the first
+    `index_init_tokens` (sinks) and the last `index_local_tokens` (local window).
+
+    scores, causal: (B, T, S); returns a boolean keep-mask (B, T, S), or None when every query
+    sees at most `index_topk` keys (then sparse attention is exactly dense).
+    """
+    S = scores.shape[-1]
+    if int(causal.sum(-1).max()) <= config.index_topk:
+        return None
+    key_pos = torch.arange(S, device=scores.device)
+    # the query's own position is its last causal key
+    query_pos = causal.long().cumsum(-1)[..., -1:] - 1  # (B, T, 1)
+    forced = (key_pos < config.index_init_tokens) | (key_pos > query_pos - config.index_local_tokens)
+    choice = scores.float().masked_fill(forced, float("inf")).masked_fill(~causal, float("-inf"))
+    top = choice.topk(config.index_topk, dim=-1).indices
+    keep = torch.zeros_like(causal).scatter_(-1, top, True)
+    return keep & causal
+
+
+class MLA(nn.Module):
+    def __init__(self, config: ModelConfig, has_indexer: bool = False) -> None:
+        super().__init__()
+        c = config
+        self.config = c
+        self.n_heads = c.num_attention_heads
+        self.nope, self.rope, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        self.kv_lora = c.kv_lora_rank
+        self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)
+        self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.mla_norm_eps)
+        self.q_b_proj = nn.Linear(c.q_lora_rank, self.n_heads * c.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.mla_norm_eps)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, c.hidden_size, bias=False)
+        self.indexer = Indexer(c) if has_indexer else None
+        # LoRA variance alignment: both query parts scale by sqrt(H/q_lora) (folded into the
+        # softmax scale below, it is linear), the kv latent by sqrt(H/kv_lora).
+        self.q_scale = (c.hidden_size / c.q_lora_rank) ** 0.5
+        self.kv_scale = (c.hidden_size / c.kv_lora_rank) ** 0.5
+        self.scale = c.softmax_scale * self.q_scale
+
+    # ------------------------------------------------------------------------------------------
+    def forward(
+        self, x: torch.Tensor, ctx: AttentionContext, sublayer: int, keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """x (B, T, H) -> (out (B, T, H), sparse keep-mask for the sibling sublayer, indexer loss).
+
+        `keep` is the selection computed by sublayer 0 of the same layer (reused by sublayer 1).
+        """
+        B, T, _ = x.shape
+        q_latent = self.q_a_layernorm(self.q_a_proj(x))  # (B, T, q_lora)
+        q = self.q_b_proj(q_latent).view(B, T, self.n_heads, self.nope + self.rope)
+        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
+        q_rope = apply_rope(q_rope, ctx.cos, ctx.sin)
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora, self.rope], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv) * self.kv_scale  # (B, T, kv_lora)
+        k_rope = apply_rope(k_rope, ctx.cos, ctx.sin)  # (B, T, rope)
+
+        cache = ctx.cache
+        if cache is not None:
+            c_kv_all, k_rope_all = cache.write(sublayer, ctx.positions, c_kv, k_rope)  # (B, S, .)
+        else:
+            c_kv_all, k_rope_all = c_kv, k_rope
+        S = c_kv_all.shape[1]
+        causal = ctx.positions.unsqueeze(-1) >= torch.arange(S, device=x.device)  # (B|1, T, S)
+        causal = causal.expand(B, T, S)
+
+        index_loss = None
+        if self.indexer is not None:
+            keep, index_loss = self._select(x, q_latent, ctx, sublayer // 2, causal, q_nope, q_rope, c_kv_all, k_rope_all)
+
+        if cache is None:
+            out = self._dense_path(q_nope, q_rope, c_kv, k_rope, keep)
+        else:
+            mask = causal if keep is None else keep
+            out = self._absorbed_path(q_nope, q_rope, c_kv_all, k_rope_all, mask)
+        return self.o_proj(out.reshape(B, T, -1)), keep, index_loss
+
+    # ------------------------------------------------------------------------------------------
+    def _dense_path(self, q_nope, q_rope, c_kv, k_rope, keep):
+        """Expand the latent to per-head K/V and attend with SDPA. Shapes (B, T, h, d)."""
+        B, T, h, _ = q_nope.shape
+        kv = self.kv_b_proj(c_kv).view(B, T, h, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # (B, h, T, qk)
+        k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, T, h, self.rope)], dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if keep is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep.unsqueeze(1), scale=self.scale)
+        return o.transpose(1, 2)  # (B, T, h, v)
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split per head: W_uk (h, nope, kv_lora), W_uv (h, v, kv_lora)."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora)
+        return w[:, : self.nope], w[:, self.nope :]
+
+    def _absorbed_path(self, q_nope, q_rope, c_kv_all, k_rope_all, mask):
+        """Attend over the latent cache directly: one shared 'head' of size kv_lora + rope."""
+        w_uk, w_uv = self.absorbed_weights()
+        q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk.to(q_nope.dtype))  # (B, h, T, kv_lora)
+        q = torch.cat([q_lat, q_rope.transpose(1, 2)], dim=-1)  # (B, h, T, kv_lora+rope)
+        k = torch.cat([c_kv_all, k_rope_all], dim=-1).unsqueeze(1).to(q.dtype)  # (B, 1, S, kv_lora+rope)
+        v = c_kv_all.unsqueeze(1).to(q.dtype)  # (B, 1, S, kv_lora)
+        h = q.shape[1]
+        o_lat = F.scaled_dot_product_attention(
+            q, k.expand(-1, h, -1, -1), v.expand(-1, h, -1, -1), attn_mask=mask.unsqueeze(1), scale=self.scale
+        )  # (B, h, T, kv_lora)
+        return torch.einsum("bhtc,hvc->bthv", o_lat, w_uv.to(o_lat.dtype))
+
+    # ------------------------------------------------------------------------------------------
+    def _select(self, x, q_latent, ctx, layer, causal, q_nope, q_rope, c_kv_all, k_rope_all):
+        """Run the indexer; return (keep-mask or None, indexer KL loss or None)."""
+        cfg = self.config
+        train_indexer = ctx.indexer_loss and torch.is_grad_enabled()
+        # The indexer learns from its own loss only: its inputs are cut from the main graph.
+        xi, qi = (x.detach(), q_latent.detach()) if train_indexer else (x, q_latent)
+        keys = self.indexer.keys(xi, ctx.cos, ctx.sin)
+        if ctx.cache is not None:
+            keys = ctx.cache.write_index(layer, ctx.positions, keys)
+        need_scores = train_indexer or int(causal.sum(-1).max()) > cfg.index_topk
+        if not need_scores:
+            return None, None
+        scores = self.indexer.scores(xi, qi, keys, ctx.cos, ctx.sin)  # (B, T, S)
+        keep = select_tokens(scores.detach(), causal, cfg) if ctx.sparse else None
+        loss = None
+        if train_indexer:
+            loss = self._indexer_kl(scores, causal if keep is None else keep, q_nope, q_rope, c_kv_all, k_rope_all)
+        return keep, loss
+
+    @torch.no_grad()
+    def _attention_target(self, q_nope, q_rope, c_kv, k_rope, mask):
+        """Main attention probabilities summed over heads and renormalised: (B, T, S)."""
+        w_uk, _ = self.absorbed_weights()
+        q_lat = torch.einsum("bthd,hdc->bhtc", q_nope.float(), w_uk.float())
+        logits = (q_lat @ c_kv.float().transpose(1, 2).unsqueeze(1)) + (
+            q_rope.float().transpose(1, 2) @ k_rope.float().transpose(1, 2).unsqueeze(1)
+        )
+        probs = (logits * self.scale).masked_fill(~mask.unsqueeze(1), float("-inf")).softmax(-1)
+        target = probs.sum(1)
+        return target / target.sum(-1, keepdim=True)
+
+    def _indexer_kl(self, scores, mask, q_nope, q_rope, c_kv, k_rope):
+        target = self._attention_target(q_nope, q_rope, c_kv, k_rope, mask)
+        log_q = scores.masked_fill(~mask, float("-inf")).log_softmax(-1)
+        kl = torch.where(mask, target * (target.clamp_min(1e-20).log() - log_q), torch.zeros_like(log_q))
+        return kl.sum(-1).mean()

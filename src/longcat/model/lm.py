@@ -1,0 +1,265 @@
+"""The LongCat causal LM: shortcut-connected MoE layers, n-gram embedding, MTP heads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import MLA, AttentionContext
+from .layers import RMSNorm, RotaryEmbedding, SwiGLU
+from .moe import MoE, MoEStats
+from .ngram import NgramEmbedding
+
+
+class DecoderLayer(nn.Module):
+    """Two attention sublayers, two dense FFNs and one MoE whose result joins at the very end.
+
+    The delayed join is the point of the design: the MoE reads the output of the first attention
+    sublayer, so its expert all-to-all can overlap FFN0, Attn1 and FFN1.
+    """
+
+    def __init__(self, config: ModelConfig, index: int) -> None:
+        super().__init__()
+        self.index = index
+        eps = config.rms_norm_eps
+        self.self_attn = nn.ModuleList([MLA(config, has_indexer=config.lsa_enabled), MLA(config)])
+        self.mlps = nn.ModuleList([SwiGLU(config.hidden_size, config.ffn_hidden_size) for _ in range(2)])
+        self.input_layernorm = nn.ModuleList([RMSNorm(config.hidden_size, eps) for _ in range(2)])
+        self.post_attention_layernorm = nn.ModuleList([RMSNorm(config.hidden_size, eps) for _ in range(2)])
+        self.mlp = MoE(config)
+
+    def forward(self, h: torch.Tensor, ctx: AttentionContext):
+        attn, keep, index_loss = self.self_attn[0](self.input_layernorm[0](h), ctx, 2 * self.index)
+        h = h + attn
+        u = self.post_attention_layernorm[0](h)
+        moe_out, stats = self.mlp(u)  # joins only at the end of the layer
+        h = h + self.mlps[0](u)
+        attn, _, _ = self.self_attn[1](self.input_layernorm[1](h), ctx, 2 * self.index + 1, keep)
+        h = h + attn
+        h = h + self.mlps[1](self.post_attention_layernorm[1](h)) + moe_out
+        return h, stats, index_loss
+
+
+class MTPLayer(nn.Module):
+    """Depth-d draft head: eh_proj([enorm(emb(x[t+d])), hnorm(h_{d-1}[t])]) -> MLA + FFN -> norm."""
+
+    def __init__(self, config: ModelConfig, sublayer: int) -> None:
+        super().__init__()
+        H, eps = config.hidden_size, config.rms_norm_eps
+        self.sublayer = sublayer
+        self.enorm = RMSNorm(H, eps)
+        self.hnorm = RMSNorm(H, eps)
+        self.eh_proj = nn.Linear(2 * H, H, bias=False)
+        self.input_layernorm = RMSNorm(H, eps)
+        self.self_attn = MLA(config)
+        self.post_attention_layernorm = RMSNorm(H, eps)
+        self.mlp = SwiGLU(H, config.ffn_hidden_size)
+        self.final_layernorm = RMSNorm(H, eps)
+
+    def forward(self, emb: torch.Tensor, h: torch.Tensor, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """emb, h (B, T, H) aligned (emb of the token d steps ahead) -> (hidden, normed hidden)."""
+        h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
+        attn, _, _ = self.self_attn(self.input_layernorm(h), ctx, self.sublayer)
+        h = h + attn
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, self.final_layernorm(h)
+
+
+@dataclass
+class RouterStats:
+    """Router statistics of one forward, over all MoE layers."""
+
+    counts: torch.Tensor  # (L, N+Z) slots per entry
+    mean_probs: list[torch.Tensor]  # L x (N+Z,), differentiable
+    num_experts: int  # N (entries >= N are identity experts)
+    num_tokens: int
+    expert_slot_params: int  # parameters of one FFN expert slot in one layer
+    base_active_params: int  # active parameters that do not depend on routing
+
+    @property
+    def expert_load(self) -> torch.Tensor:
+        """(L, N) share of FFN-expert slots per expert (sums to 1 per layer)."""
+        ffn = self.counts[:, : self.num_experts].float()
+        return ffn / ffn.sum(-1, keepdim=True).clamp_min(1)
+
+    @property
+    def zero_expert_share(self) -> float:
+        """Share of all k slots that went to identity experts."""
+        return float(self.counts[:, self.num_experts :].sum() / self.counts.sum().clamp_min(1))
+
+    @property
+    def ffn_slots_per_token(self) -> float:
+        """Average FFN-expert slots per token, per layer."""
+        L = self.counts.shape[0]
+        return float(self.counts[:, : self.num_experts].sum()) / max(1, self.num_tokens * L)
+
+    @property
+    def active_params_per_token(self) -> float:
+        return self.base_active_params + self.ffn_slots_per_token * self.expert_slot_params * self.counts.shape[0]
+
+    def balance_loss(self) -> torch.Tensor:
+        """Switch-style balance loss over FFN experts, averaged over layers: N * sum_i f_i * P_i."""
+        N = self.num_experts
+        f = self.expert_load.to(self.mean_probs[0].device)
+        losses = [N * (f[i] * p[:N]).sum() for i, p in enumerate(self.mean_probs)]
+        return torch.stack(losses).mean()
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # (B, T, V)
+    hidden_states: torch.Tensor  # (B, T, H) after the final norm
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth d: (B, T-d, V), predicts x[t+d+1]
+    router: RouterStats | None = None
+    indexer_loss: torch.Tensor | None = None
+    pre_norm_hidden: torch.Tensor | None = None  # (B, T, H) last layer output, before the norm
+
+
+class LongCatForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        H = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, H)
+        self.ngram = NgramEmbedding(config) if config.ngram_enabled else None
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(H, config.rms_norm_eps)
+        self.lm_head = nn.Linear(H, config.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPLayer(config, 2 * config.num_layers + d) for d in range(config.mtp_num_layers))
+        self.rotary = RotaryEmbedding(config, config.qk_rope_head_dim)
+        # "sparse": LSA selects tokens; "dense": warm-up stage, attention dense, indexer still trained
+        self.lsa_mode = "sparse"
+        self._active = None
+
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Normal(0, initializer_range) for matrices and tables, ones for norms, zero router bias."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=generator)
+        for module in self.modules():
+            if hasattr(module, "e_score_correction_bias") and not module.e_score_correction_bias.is_meta:
+                module.e_score_correction_bias.zero_()
+        self.rotary.inv_freq.copy_(RotaryEmbedding(self.config, self.config.qk_rope_head_dim).inv_freq)
+
+    def embed(self, input_ids: torch.Tensor, ngram_history: torch.Tensor | None = None) -> torch.Tensor:
+        word = self.embed_tokens(input_ids)
+        if self.ngram is None:
+            return word
+        return self.ngram(word, input_ids, ngram_history)
+
+    def _active_counts(self) -> tuple[int, int]:
+        if self._active is None:
+            from .count import count_parameters
+
+            c = count_parameters(self.config)
+            self._active = (c.expert_slot_params_per_layer, c.base_active_params)
+        return self._active
+
+    # ------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        cache=None,
+        ngram_history: torch.Tensor | None = None,
+        mtp: bool | None = None,
+        indexer_loss: bool | None = None,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutput:
+        """input_ids (B, T) -> CausalLMOutput.
+
+        positions (B, T): absolute positions (default 0..T-1); with a `LatentCache` the keys
+        written so far are attended to. `mtp` (default: training) also runs the MTP heads.
+        `logits_to_keep` > 0 computes logits for the last that many positions only.
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).unsqueeze(0)
+        if cache is not None:
+            cache.begin(positions)
+        mtp = self.training if mtp is None else mtp
+        indexer_loss = self.training and self.config.lsa_enabled if indexer_loss is None else indexer_loss
+        emb = self.embed(input_ids, ngram_history)
+        cos, sin = self.rotary(positions, emb.dtype)
+        ctx = AttentionContext(cos, sin, positions, cache, sparse=self.lsa_mode == "sparse", indexer_loss=indexer_loss)
+
+        h = emb
+        stats: list[MoEStats] = []
+        index_losses = []
+        for layer in self.layers:
+            h, s, il = layer(h, ctx)
+            stats.append(s)
+            if il is not None:
+                index_losses.append(il)
+        normed = self.norm(h)
+        logits = self.lm_head(normed[:, -logits_to_keep:] if logits_to_keep else normed)
+
+        mtp_logits = []
+        if mtp and self.mtp:
+            prev = h
+            for d, head in enumerate(self.mtp, start=1):
+                if T - d <= 0:
+                    break
+                # position t of depth d reads the embedding of x[t+d] and predicts x[t+d+1]
+                sub = AttentionContext(cos[..., : T - d, :], sin[..., : T - d, :], positions[..., : T - d], cache, ctx.sparse)
+                prev, normed_d = head(emb[:, d:], prev[:, : T - d], sub)
+                mtp_logits.append(self.lm_head(normed_d))
+
+        slot, base = self._active_counts()
+        router = RouterStats(
+            counts=torch.stack([s.counts for s in stats]),
+            mean_probs=[s.mean_probs for s in stats],
+            num_experts=self.config.n_routed_experts,
+            num_tokens=B * T,
+            expert_slot_params=slot,
+            base_active_params=base,
+        )
+        return CausalLMOutput(
+            logits=logits,
+            hidden_states=normed,
+            mtp_logits=mtp_logits,
+            router=router,
+            indexer_loss=torch.stack(index_losses).mean() if index_losses else None,
+            pre_norm_hidden=h,
+        )
+
+
+def lm_losses(output: CausalLMOutput, labels: torch.Tensor, ignore_index: int = -100) -> dict[str, torch.Tensor]:
+    """Next-token loss and one loss per MTP depth.
+
+    labels (B, T): the token that follows each input position (inputs shifted by one), so MTP depth
+    d at position t predicts labels[t+d].
+    """
+    V = output.logits.shape[-1]
+    out = {"lm": F.cross_entropy(output.logits.reshape(-1, V).float(), labels.reshape(-1), ignore_index=ignore_index)}
+    for d, logits in enumerate(output.mtp_logits, start=1):
+        target = labels[:, d:]
+        out[f"mtp{d}"] = F.cross_entropy(logits.reshape(-1, V).float(), target.reshape(-1), ignore_index=ignore_index)
+    return out
+
+
+def build_model(config: ModelConfig, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, seed: int | None = 0) -> LongCatForCausalLM:
+    """Build and initialise a model. device='meta' allocates nothing (for counting and planning)."""
+    with torch.device(device):
+        model = LongCatForCausalLM(config)
+    if str(device) != "meta":
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=device).manual_seed(seed)
+        model.init_weights(gen)
+    if dtype is not None:
+        model.to(dtype)
+    return model

@@ -1,0 +1,164 @@
+"""Mixture of experts with zero-computation (identity) experts.
+
+route -> dispatch (permute tokens by expert) -> grouped-GEMM experts -> combine. The dispatcher is
+the one seam expert parallelism replaces (all_to_all_single instead of a local permute); the
+layer code never changes. Tokens routed to identity experts never enter the dispatcher: their
+contribution, weight * x, is computed where the token lives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+@dataclass
+class Routing:
+    """Router decisions for T tokens (flattened batch)."""
+
+    logits: torch.Tensor  # (T, N+Z) fp32
+    probs: torch.Tensor  # (T, N+Z) fp32 softmax over all entries
+    indices: torch.Tensor  # (T, k) chosen entries; >= N means identity expert
+    weights: torch.Tensor  # (T, k) unbiased probabilities * routed_scaling_factor (fp32)
+
+
+class Router(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.top_k = config.moe_topk
+        self.scaling = config.routed_scaling_factor
+        self.classifier = nn.Linear(config.hidden_size, config.num_experts_total, bias=False)
+        # Aux-loss-free balancing: selection uses probs + bias; the trainer moves the bias.
+        self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts_total))
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        """x (T, H) -> Routing. Logits in fp32 whatever the autocast state."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.classifier.weight.float())
+        probs = logits.softmax(dim=-1)
+        with torch.no_grad():
+            indices = torch.topk(probs + self.e_score_correction_bias, self.top_k, dim=-1, sorted=False).indices
+        weights = probs.gather(1, indices) * self.scaling
+        return Routing(logits, probs, indices, weights)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (grouped_mm needs it)."""
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: D102
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        return grad.contiguous()
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # grouped_mm is not covered by autocast: cast by hand to the autocast dtype.
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class GroupedExperts(nn.Module):
+    """N SwiGLU experts stored stacked: gate_up_proj (N, 2F, H), down_proj (N, H, F).
+
+    Tokens arrive sorted by expert with `counts` per expert; all experts run as two grouped GEMMs.
+    """
+
+    def __init__(self, num_experts: int, hidden: int, inner: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.inner = inner
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inner, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inner))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (M, H) sorted by expert, counts (N,) -> (M, H)."""
+        if x.shape[0] == 0:
+            return x.new_zeros(x.shape)
+        dtype = _compute_dtype(x)
+        offsets = counts.cumsum(0).to(torch.int32)
+        gate_up = self.gate_up_proj.to(dtype).transpose(-2, -1)  # (N, H, 2F)
+        down = self.down_proj.to(dtype).transpose(-2, -1)  # (N, F, H)
+        h = torch._grouped_mm(x.to(dtype), gate_up, offs=offsets)
+        h = _ContiguousGrad.apply(h)
+        gate, up = h.split(self.inner, dim=-1)
+        h = (F.silu(gate) * up).contiguous()
+        out = torch._grouped_mm(h, down, offs=offsets)
+        return _ContiguousGrad.apply(out)
+
+
+@dataclass
+class DispatchState:
+    token_index: torch.Tensor  # (M,) source token of each dispatched row
+    weights: torch.Tensor  # (M,) gate weight of each row
+    num_tokens: int
+
+
+class LocalDispatcher:
+    """Permute (token, slot) pairs routed to FFN experts into expert order, and back.
+
+    Expert parallelism swaps this for a dispatcher that exchanges the rows with all_to_all_single;
+    the interface (dispatch -> rows sorted by local expert + counts; combine -> (T, H)) is the same.
+    """
+
+    def dispatch(self, x: torch.Tensor, routing: Routing, num_experts: int):
+        """x (T, H) -> rows (M, H) grouped by expert, counts (N,), state for combine."""
+        T, k = routing.indices.shape
+        flat = routing.indices.reshape(-1)
+        ffn = (flat < num_experts).nonzero().squeeze(1)  # slots that go to real experts
+        experts = flat[ffn]
+        order = torch.argsort(experts, stable=True)
+        slots = ffn[order]
+        counts = torch.bincount(experts, minlength=num_experts)
+        token_index = slots // k
+        state = DispatchState(token_index, routing.weights.reshape(-1)[slots], T)
+        return x[token_index], counts, state
+
+    def combine(self, rows: torch.Tensor, state: DispatchState, out: torch.Tensor) -> torch.Tensor:
+        """Scatter-add weighted expert outputs (M, H) into out (T, H)."""
+        weighted = rows * state.weights.unsqueeze(1).to(rows.dtype)
+        return out.index_add(0, state.token_index, weighted.to(out.dtype))
+
+
+@dataclass
+class MoEStats:
+    """What the trainer logs and the bias update needs, for one MoE block."""
+
+    counts: torch.Tensor  # (N+Z,) slots per entry in this forward (no grad)
+    mean_probs: torch.Tensor  # (N+Z,) mean router probability (with grad; balance loss)
+    num_tokens: int
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_experts = config.n_routed_experts
+        self.router = Router(config)
+        self.experts = GroupedExperts(config.n_routed_experts, config.hidden_size, config.expert_ffn_hidden_size)
+        self.dispatcher = LocalDispatcher()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (T, H)
+        routing = self.router(x)
+        # identity experts: weight * x, computed locally, never dispatched
+        identity = routing.indices >= self.num_experts
+        identity_weight = (routing.weights * identity).sum(-1, keepdim=True)  # (T, 1)
+        out = x * identity_weight.to(x.dtype)
+        rows, counts, state = self.dispatcher.dispatch(x, routing, self.num_experts)
+        rows = self.experts(rows, counts)
+        out = self.dispatcher.combine(rows, state, out)
+        stats = MoEStats(
+            counts=torch.bincount(routing.indices.reshape(-1), minlength=routing.probs.shape[1]).detach(),
+            mean_probs=routing.probs.mean(0),
+            num_tokens=x.shape[0],
+        )
+        return out.reshape(shape), stats
