@@ -1,0 +1,67 @@
+"""The `longcat` command. Each area registers its own subcommands; this file only wires them up.
+
+Subcommand modules expose `register(subparsers)`, which adds parsers whose `func(args) -> int`
+runs the command. Errors that are the user's (bad config, missing file) are printed as one line
+with the fix, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that contribute subcommands, in --help order.
+COMMAND_MODULES = [
+    "longcat.info",
+    "longcat.train.cli",
+    "longcat.data.cli",
+    "longcat.infer.cli",
+    "longcat.bench.cli",
+    "longcat.plan.cli",
+    "longcat.serve.cli",
+    "longcat.parallel.cli",
+]
+
+
+class UserError(Exception):
+    """An error the user can fix; printed without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="longcat",
+        description="Train, run, serve and plan LongCat-class Mixture-of-Experts language models.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and name.startswith(exc.name):
+                continue  # that area is not part of this build
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, UserError, FileNotFoundError) as exc:
+        print(f"longcat {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"longcat {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
