@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
+    from .data.errors import DataError
+    from .interop.safetensors_io import CheckpointError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, UserError, FileNotFoundError) as exc:
+    except (ConfigError, UserError, FileNotFoundError, DataError, CheckpointError) as exc:
         print(f"longcat {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

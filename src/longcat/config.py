@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import typing
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -247,12 +248,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         index_n_heads=2, index_head_dim=16, index_topk=24, index_init_tokens=4, index_local_tokens=8,
         mtp_num_layers=1,
     ),
-    # What `make demo` trains on two CPU cores: ~20M parameters, ~8M active.
+    # What `make demo` trains on two CPU cores: ~21M parameters, ~9M active. The MoE keeps
+    # LongCat's shape in miniature: many fine-grained experts, half as many identity experts,
+    # 12 slots per token, scaling 6.
     "small": dict(
         vocab_size=8192, hidden_size=256, num_layers=4, num_attention_heads=4,
         q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-        ffn_hidden_size=512, n_routed_experts=16, zero_expert_num=8, moe_topk=4,
-        expert_ffn_hidden_size=128, routed_scaling_factor=2.0, rope_theta=1e4,
+        ffn_hidden_size=512, n_routed_experts=128, zero_expert_num=64, moe_topk=12,
+        expert_ffn_hidden_size=32, routed_scaling_factor=6.0, rope_theta=1e4,
         max_position_embeddings=4096, mtp_num_layers=1,
     ),
     "flash": dict(_FLASH),
@@ -368,6 +371,7 @@ _HF_IGNORED = {
     "_name_or_path", "mla_scale_q_lora", "mla_scale_kv_lora", "norm_topk_prob", "chat_template",
     "return_dict", "output_hidden_states", "output_attentions", "id2label", "label2id",
     "problem_type", "tokenizer_class", "is_encoder_decoder", "oe_ignore_first_embed_scaling",
+    "generation_config", "num_experts_per_tok", "num_local_experts",
 }
 
 
@@ -378,6 +382,9 @@ def is_hf_config(data: dict[str, Any]) -> bool:
 def from_hf_config(data: dict[str, Any]) -> ModelConfig:
     values: dict[str, Any] = {}
     known = {f.name for f in fields(ModelConfig)}
+    unused = sorted(k for k in data if _HF_ALIASES.get(k, k) not in known and k not in _HF_IGNORED)
+    if unused:
+        warnings.warn(f"config.json keys not used by longcat: {', '.join(unused)}", stacklevel=2)
     for key, value in data.items():
         name = _HF_ALIASES.get(key, key)
         if name in known:
@@ -447,6 +454,7 @@ def to_hf_config(config: ModelConfig) -> dict[str, Any]:
         "attention_bias": False,
         "hidden_act": "silu",
         "mla_norm_eps": c.mla_norm_eps,
+        "expected_ffn_experts_per_token": c.expected_ffn_experts_per_token,
         "mtp_num_layers": c.mtp_num_layers,
     }
     if c.yarn_enabled:

@@ -82,7 +82,10 @@ def select_tokens(scores: torch.Tensor, causal: torch.Tensor, config: ModelConfi
     query_pos = causal.long().cumsum(-1)[..., -1:] - 1  # (B, T, 1)
     forced = (key_pos < config.index_init_tokens) | (key_pos > query_pos - config.index_local_tokens)
     choice = scores.float().masked_fill(forced, float("inf")).masked_fill(~causal, float("-inf"))
-    top = choice.topk(config.index_topk, dim=-1).indices
+    # A stable sort, not topk: relu makes exact score ties common, and topk breaks ties in an order
+    # that depends on the tensor width, so a cached decode would pick differently from a full
+    # forward. Ties go to the earlier key; columns past the query are -inf and sort last.
+    top = choice.sort(dim=-1, descending=True, stable=True).indices[..., : config.index_topk]
     keep = torch.zeros_like(causal).scatter_(-1, top, True)
     return keep & causal
 
@@ -155,11 +158,16 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # (B, h, T, qk)
         k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, T, h, self.rope)], dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)
+        pad = q.shape[-1] - self.v_dim
+        if pad > 0:
+            # Fused SDPA kernels want equal q/k/v head sizes; zero columns cost less than the
+            # unfused fallback and are sliced off again.
+            v = F.pad(v, (0, pad))
         if keep is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep.unsqueeze(1), scale=self.scale)
-        return o.transpose(1, 2)  # (B, T, h, v)
+        return o[..., : self.v_dim].transpose(1, 2)  # (B, T, h, v)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head: W_uk (h, nope, kv_lora), W_uv (h, v, kv_lora)."""

@@ -77,6 +77,30 @@ class LatentCache:
     def write_index(self, layer: int, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         return self._scatter(self.index_k[layer], positions, keys)
 
+    def narrow(self, batch_size: int) -> "LatentCache":
+        """A cache over the first `batch_size` rows that shares this cache's storage (no copy).
+
+        The inference engine keeps one preallocated cache and runs batches of any size up to it.
+        """
+        if not 0 < batch_size <= self.c_kv.shape[1]:
+            raise ValueError(f"cannot narrow a cache of {self.c_kv.shape[1]} rows to {batch_size}")
+        view = object.__new__(LatentCache)
+        view.config, view.max_len, view.num_sublayers = self.config, self.max_len, self.num_sublayers
+        view.c_kv = self.c_kv[:, :batch_size]
+        view.k_rope = self.k_rope[:, :batch_size]
+        view.index_k = None if self.index_k is None else self.index_k[:, :batch_size]
+        view.lengths = self.lengths[:batch_size]
+        view._span = self._span
+        return view
+
+    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Row dst[j] takes the cached tokens of row src[j] (compacting a batch as sequences finish)."""
+        self.c_kv[:, dst] = self.c_kv[:, src]
+        self.k_rope[:, dst] = self.k_rope[:, src]
+        if self.index_k is not None:
+            self.index_k[:, dst] = self.index_k[:, src]
+        self.lengths[dst] = self.lengths[src]
+
     def reset(self, rows: torch.Tensor | None = None) -> None:
         """Forget sequences (all, or the given batch rows) so their slots can be reused."""
         if rows is None:

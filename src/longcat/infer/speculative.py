@@ -1,0 +1,174 @@
+"""Speculative decoding with the model's own multi-token-prediction heads as the draft model.
+
+One speculative step for a row whose newest committed token x[N] sits at position N:
+
+1. Draft. MTP depth d at position t reads the embedding of x[t+d] and the hidden state of depth
+   d-1 at t (depth 0 = the main model's last layer, before the final norm) and predicts x[t+d+1]
+   (the training alignment, lm.py). Depth d run at position N-1 therefore proposes draft d =
+   x[N+d]. With more drafts than heads, the last head runs on at N, N+1, ... with its own output
+   standing in for the missing hidden state (as serving stacks reuse a single MTP layer).
+2. Verify. The main model runs once over [x[N], draft 1..k] at positions N..N+k: logits p_0..p_k,
+   where p_j is the model's distribution for x[N+j+1] given the drafts before it.
+3. Accept. Greedy: keep drafts while they equal argmax p_j, then append argmax p at the first
+   mismatch (or the bonus token after k hits), so the output is exactly plain greedy decoding.
+   Sampling: the standard rejection scheme (Leviathan et al. 2023, Chen et al. 2023): keep draft
+   j with probability min(1, p/q); at the first rejection draw from norm(max(0, p - q)); after k
+   hits draw from p_k. The tokens are distributed exactly as plain sampling from p.
+
+Caches. Each MTP depth has its own latent-cache sublayer (2L + d). Its slot t must hold the keys
+of the *true* pair (h_{d-1}[t], x[t+d]); after a step that is known for t <= N' - d (N' the new
+newest position). `frontier[d]` counts those slots; the next draft of depth d recomputes from
+there to N'-1, so draft-based entries are always overwritten before a later query can see them.
+The hidden states of depths 0..D-2 are kept by position for the depth above.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model import AttentionContext, LongCatForCausalLM
+from .batch import DecodeBatch, token_history
+from .sampling import BatchSampler
+
+
+# ------------------------------------------------------------------------------------------------
+# acceptance rules (pure functions, testable in isolation)
+
+
+def greedy_accept(targets: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
+    """targets (B, k+1) argmax tokens of p_0..p_k, drafts (B, k) -> accepted draft count (B,)."""
+    hits = (drafts == targets[:, : drafts.shape[1]]).long()
+    return hits.cumprod(1).sum(1)
+
+
+def rejection_accept(
+    p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: torch.Tensor, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The speculative-sampling rule, vectorised over rows.
+
+    p (B, k+1, V) target probabilities, q (B, k, V) draft probabilities, drafts (B, k) drawn from
+    q, u (B, k) uniform numbers, noise (B, V) Exp(1) numbers for the final draw.
+    Returns (accepted draft count a (B,), the token after them (B,)).
+    """
+    B, k = drafts.shape
+    idx = drafts.unsqueeze(-1)
+    p_draft = p[:, :k].gather(-1, idx).squeeze(-1)
+    q_draft = q.gather(-1, idx).squeeze(-1)
+    hits = (u * q_draft < p_draft).long()  # accept with probability min(1, p/q)
+    accepted = hits.cumprod(1).sum(1)  # (B,)
+    rows = torch.arange(B, device=p.device)
+    p_next = p[rows, accepted]  # (B, V): p at the first rejection, or p_k after k hits
+    q_next = q[rows, accepted.clamp_max(k - 1)]
+    residual = (p_next - q_next).clamp_min(0)
+    # a rejection can only happen where p < q somewhere, so the residual has mass there; guard
+    # the degenerate p == q case (rounding) by falling back to p
+    rejected = (accepted < k) & (residual.sum(-1) > 0)
+    dist = torch.where(rejected.unsqueeze(-1), residual, p_next)
+    return accepted, (dist / noise).argmax(-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# drafting with the MTP heads
+
+
+class MTPDrafter:
+    """Proposes `num_draft` tokens per row with the model's MTP heads, over the latent cache."""
+
+    def __init__(self, model: LongCatForCausalLM, num_draft: int, batch_size: int, max_len: int, chunk: int) -> None:
+        if not model.mtp:
+            raise ValueError("this model has no MTP heads (mtp_num_layers = 0): speculative decoding needs them")
+        self.model = model
+        self.k = num_draft
+        self.depths = min(num_draft, len(model.mtp))  # heads used; the last one also runs on
+        self.chunk = chunk
+        H = model.config.hidden_size
+        p = model.embed_tokens.weight
+        # hidden[0]: main model (pre-norm) by position; hidden[d]: MTP depth d, feeding depth d+1
+        self.hidden = torch.zeros(self.depths, batch_size, max_len, H, dtype=p.dtype, device=p.device)
+        # frontier[d-1][i]: depth d's cache holds true entries for positions < frontier
+        self.frontier = torch.zeros(self.depths, batch_size, dtype=torch.long, device=p.device)
+        self.history = model.config.oe_neighbor_num - 1 if model.config.ngram_enabled else 0
+
+    # batch bookkeeping (DecodeBatch.extra)
+    def move_rows(self, src: list[int], dst: list[int]) -> None:
+        s, d = torch.tensor(src, device=self.hidden.device), torch.tensor(dst, device=self.hidden.device)
+        self.hidden[:, d] = self.hidden[:, s]
+        self.frontier[:, d] = self.frontier[:, s]
+
+    def narrow(self, size: int) -> None:
+        self.hidden = self.hidden[:, :size]
+        self.frontier = self.frontier[:, :size]
+
+    def store_main_hidden(self, positions: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Keep the main model's pre-norm hidden states (B, T, H) at positions (B, T)."""
+        H = hidden.shape[-1]
+        self.hidden[0].scatter_(1, positions.unsqueeze(-1).expand(-1, -1, H), hidden.to(self.hidden.dtype))
+
+    def _run_head(self, depth: int, batch: DecodeBatch, positions: torch.Tensor, prev: torch.Tensor):
+        """MTP head `depth` (1-based) at positions (B, T) with previous hidden prev (B, T, H):
+        the token read at position t is x[t + depth] (from the batch's token buffer)."""
+        model = self.model
+        L = batch.tokens.shape[1]
+        ids = batch.tokens.gather(1, (positions + depth).clamp_max(L - 1))
+        history = None
+        if self.history:
+            history = token_history(batch.tokens, positions[:, 0] + depth, self.history)
+        emb = model.embed(ids, history)
+        cos, sin = model.rotary(positions, emb.dtype)
+        batch.cache.begin(positions)
+        ctx = AttentionContext(cos, sin, positions, batch.cache, sparse=model.lsa_mode == "sparse")
+        return model.mtp[depth - 1](emb, prev, ctx)  # (hidden, normed hidden)
+
+    def draft(self, batch: DecodeBatch, sampler: BatchSampler) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Write k drafts per row into batch.tokens at n+1..n+k.
+
+        Returns (drafts (B, k), draft probabilities q (B, k, V), or None when every row is greedy).
+        """
+        n, B = batch.n, batch.size
+        H = self.hidden.shape[-1]
+        L = batch.tokens.shape[1]
+        drafts, probs = [], []
+        last_h = None
+        for d in range(1, self.depths + 1):
+            # one right-aligned window per row that ends at position n-1 and covers the frontier
+            width = int((n - self.frontier[d - 1]).max())
+            start = (n - width).clamp_min(0)
+            target_col = n - 1 - start  # the column of position n-1
+            last_normed = self.hidden.new_zeros(B, H)
+            last_h = self.hidden.new_zeros(B, H)
+            for c0 in range(0, width, self.chunk):
+                c1 = min(width, c0 + self.chunk)
+                positions = start.unsqueeze(1) + torch.arange(c0, c1, device=n.device)  # (B, T)
+                gather = positions.clamp_max(L - 1).unsqueeze(-1).expand(-1, -1, H)
+                prev = self.hidden[d - 1].gather(1, gather)
+                h, normed = self._run_head(d, batch, positions, prev)
+                if d < self.depths:
+                    self.hidden[d].scatter_(1, gather, h)
+                col = (target_col - c0).clamp(0, c1 - c0 - 1).view(B, 1, 1).expand(B, 1, H)
+                here = ((target_col >= c0) & (target_col < c1)).unsqueeze(1)
+                last_normed = torch.where(here, normed.gather(1, col).squeeze(1), last_normed)
+                last_h = torch.where(here, h.gather(1, col).squeeze(1), last_h)
+            token, q = self._pick(last_normed, sampler)
+            batch.tokens.scatter_(1, (n + d).unsqueeze(1), token.unsqueeze(1))
+            self.frontier[d - 1] = (n - d + 1).clamp_min(0)
+            drafts.append(token)
+            probs.append(q)
+        # more drafts than heads: the last head runs on, its output standing in for the hidden state
+        for j in range(self.depths + 1, self.k + 1):
+            positions = (n + j - self.depths - 1).unsqueeze(1)  # (B, 1)
+            h, normed = self._run_head(self.depths, batch, positions, last_h.unsqueeze(1))
+            last_h = h[:, 0]
+            token, q = self._pick(normed[:, 0], sampler)
+            batch.tokens.scatter_(1, (n + j).unsqueeze(1), token.unsqueeze(1))
+            drafts.append(token)
+            probs.append(q)
+        q_all = None if probs[0] is None else torch.stack(probs, 1)
+        return torch.stack(drafts, 1), q_all
+
+    def _pick(self, normed: torch.Tensor, sampler: BatchSampler):
+        logits = self.model.lm_head(normed).unsqueeze(1)  # (B, 1, V)
+        tokens, probs = sampler.choose(sampler.process(logits))
+        return tokens[:, 0], None if probs is None else probs[:, 0]
+
+
+__all__ = ["MTPDrafter", "greedy_accept", "rejection_accept"]

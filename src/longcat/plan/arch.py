@@ -1,0 +1,515 @@
+"""Architecture descriptions for the planner: any dense or MoE decoder, from a preset or a TOML file.
+
+The planner needs three things per token of a layer: the parameters it touches (FLOPs), the
+tensors its backward pass keeps (activation memory, Korthikanti et al. 2022 generalised), and the
+bytes its element-wise kernels move (memory-bound time). `Architecture` describes a model at
+the level of detail those need and no further: GPT/Llama-style MHA/GQA with a SwiGLU or GELU MLP,
+MoE with routed, shared and zero-computation experts, MLA, sparse attention with a
+selected-token budget and an indexer, n-gram embedding tables, and MTP heads.
+
+LongCat presets convert exactly (`from_longcat`); tests check the parameter total against
+`longcat.model.count.count_parameters`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from ..config import PRESETS, ConfigError, ModelConfig, load_config, preset
+
+BF16 = 2  # bytes of one activation element
+
+
+@dataclass
+class Architecture:
+    """A decoder-only transformer, dense or MoE. Sizes follow the usual Hugging Face names."""
+
+    name: str = "model"
+    source: str = ""
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    num_layers: int = 32  # decoder blocks
+    # --- attention ---------------------------------------------------------------------------------
+    attention: str = "gqa"  # "gqa" (MHA when num_kv_heads == num_heads) or "mla"
+    num_heads: int = 32
+    num_kv_heads: int = 0  # gqa: 0 means num_heads (MHA)
+    head_dim: int = 0  # gqa: 0 means hidden_size // num_heads
+    q_lora_rank: int = 0  # mla: 0 means a full-rank query projection
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0  # mla (gqa: 0 means head_dim)
+    attn_per_layer: int = 1  # attention sublayers per block (LongCat: 2)
+    # --- sparse attention: each query attends to at most sparse_topk selected keys ------------------
+    sparse_topk: int = 0  # 0 = dense attention
+    index_heads: int = 0  # lightning indexer heads (0 = no indexer)
+    index_head_dim: int = 0
+    indexers_per_layer: int = 1  # LongCat: sublayer 1 reuses sublayer 0's choice
+    # --- dense FFN -----------------------------------------------------------------------------------
+    mlp: str = "swiglu"  # "swiglu" or "gelu"
+    ffn_hidden_size: int = 11008
+    ffn_per_layer: int = 1  # dense FFNs per block (LongCat: 2)
+    # --- mixture of experts (n_routed_experts 0 = dense model) -------------------------------------------
+    n_routed_experts: int = 0
+    n_shared_experts: int = 0
+    zero_experts: int = 0  # identity experts: routed to, but no compute and no all-to-all
+    moe_topk: int = 0
+    expert_ffn_hidden_size: int = 0
+    ffn_slots_per_token: float = 0.0  # routed slots landing on FFN experts; 0 = topk * N / (N + Z)
+    # "replace": the MoE takes the dense FFN's place (Mixtral, DeepSeek); "shortcut": ScMoE, the MoE
+    # runs beside the dense FFNs and joins at the end of the block, so its all-to-all can overlap them.
+    moe_style: str = "replace"
+    first_dense_layers: int = 0  # leading blocks without MoE (DeepSeek-V3: 3)
+    # --- embeddings -------------------------------------------------------------------------------------
+    tied_embeddings: bool = False
+    learned_positions: int = 0  # rows of a learned position table (GPT-3: 2048), 0 = RoPE
+    ngram_table_params: int = 0  # n-gram hash tables: looked up, never multiplied
+    ngram_proj_params: int = 0  # their projections back to hidden_size (a GEMM per token)
+    # --- multi-token prediction ---------------------------------------------------------------------------
+    mtp_layers: int = 0
+    mtp_ffn: str = "dense"  # "dense" (LongCat) or "moe" (DeepSeek-V3)
+    # --- details ------------------------------------------------------------------------------------------
+    norm: str = "rmsnorm"  # "rmsnorm" or "layernorm" (weight + bias)
+    bias: bool = False  # linear biases (GPT-2/3)
+    dropout: bool = False  # dropout masks are stored for the backward pass (Megatron 2021 GPT)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value, kind = getattr(self, f.name), hints[f.name]
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
+            elif kind is int and isinstance(value, float) and value.is_integer():
+                setattr(self, f.name, int(value))
+            elif not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+                raise ConfigError(f"architecture field '{f.name}' must be {kind.__name__}, got {value!r}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "attn_per_layer"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"architecture field '{name}' must be > 0, got {getattr(self, name)}")
+        choices = {"attention": ("gqa", "mla"), "mlp": ("swiglu", "gelu"), "moe_style": ("replace", "shortcut"),
+                   "mtp_ffn": ("dense", "moe"), "norm": ("rmsnorm", "layernorm")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"architecture field '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.attention == "gqa":
+            if self.kv_heads and self.num_heads % self.kv_heads:
+                raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.kv_heads})")
+        elif self.kv_lora_rank <= 0 or self.qk_nope_head_dim + self.qk_rope_head_dim <= 0 or self.v_head_dim <= 0:
+            raise ConfigError("attention = 'mla' needs kv_lora_rank, qk_nope_head_dim/qk_rope_head_dim and v_head_dim")
+        if self.is_moe:
+            if not 1 <= self.moe_topk <= self.n_routed_experts + self.zero_experts:
+                raise ConfigError(f"moe_topk must be in [1, n_routed_experts + zero_experts], got {self.moe_topk}")
+            if self.expert_ffn_hidden_size <= 0:
+                raise ConfigError("an MoE architecture needs expert_ffn_hidden_size > 0")
+            if not 0 <= self.first_dense_layers < self.num_layers:
+                raise ConfigError(f"first_dense_layers must be in [0, num_layers), got {self.first_dense_layers}")
+        if self.ffn_per_layer < 0 or (not self.is_moe and self.ffn_per_layer == 0):
+            raise ConfigError("a dense architecture needs ffn_per_layer >= 1")
+        if self.sparse_topk < 0 or (self.index_heads and self.index_head_dim <= 0):
+            raise ConfigError("sparse attention needs sparse_topk >= 0 and index_head_dim > 0 with index_heads")
+
+    # --- derived sizes ------------------------------------------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        return self.n_routed_experts > 0
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def qk_dim(self) -> int:
+        """Per-head query/key size as attention computes it (MLA: expanded nope + rope)."""
+        if self.attention == "mla":
+            return self.qk_nope_head_dim + self.qk_rope_head_dim
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def v_dim(self) -> int:
+        if self.attention == "mla":
+            return self.v_head_dim
+        return self.v_head_dim or self.qk_dim
+
+    @property
+    def slots(self) -> float:
+        """Routed expert slots per token that land on FFN experts (zero experts cost nothing)."""
+        if not self.is_moe:
+            return 0.0
+        if self.ffn_slots_per_token > 0:
+            return self.ffn_slots_per_token
+        return self.moe_topk * self.n_routed_experts / (self.n_routed_experts + self.zero_experts)
+
+    @property
+    def moe_layers(self) -> int:
+        return self.num_layers - self.first_dense_layers if self.is_moe else 0
+
+    @property
+    def dense_ffns_in_layer(self) -> tuple[int, int]:
+        """Dense FFNs in a non-MoE block and in an MoE block."""
+        moe_block = self.ffn_per_layer if self.moe_style == "shortcut" else 0
+        return max(1, self.ffn_per_layer), moe_block
+
+    # --- parameters --------------------------------------------------------------------------------------
+    def _linear(self, n_in: int, n_out: int) -> int:
+        return n_in * n_out + (n_out if self.bias else 0)
+
+    def attention_params(self, with_indexer: bool = False) -> int:
+        H, a = self.hidden_size, self.num_heads
+        if self.attention == "mla":
+            if self.q_lora_rank:
+                q = H * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * a * self.qk_dim
+            else:
+                q = H * a * self.qk_dim
+            kv = H * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+            kv += self.kv_lora_rank * a * (self.qk_nope_head_dim + self.v_head_dim)
+            n = q + kv + a * self.v_dim * H
+        else:
+            d, kvh = self.qk_dim, self.kv_heads
+            n = self._linear(H, a * d) + self._linear(H, kvh * d) + self._linear(H, kvh * self.v_dim)
+            n += self._linear(a * self.v_dim, H)
+        if with_indexer and self.index_heads:
+            q_in = self.q_lora_rank or H
+            n += q_in * self.index_heads * self.index_head_dim + H * self.index_head_dim + self.index_head_dim
+            n += H * self.index_heads
+        return n
+
+    def ffn_params(self, inner: int) -> int:
+        H = self.hidden_size
+        if self.mlp == "swiglu":
+            return 3 * H * inner
+        return self._linear(H, inner) + self._linear(inner, H)
+
+    @property
+    def norm_params(self) -> int:
+        return self.hidden_size * (2 if self.norm == "layernorm" else 1)
+
+    def layer_params(self, moe: bool, *, active: bool) -> float:
+        """One block: attention sublayers, dense FFNs, MoE (routed experts all, or the active slots)."""
+        n = 0.0
+        for i in range(self.attn_per_layer):
+            n += self.attention_params(with_indexer=i < self.indexers_per_layer)
+        dense_plain, dense_moe = self.dense_ffns_in_layer
+        n += (dense_moe if moe else dense_plain) * self.ffn_params(self.ffn_hidden_size)
+        if moe:
+            expert = self.ffn_params(self.expert_ffn_hidden_size)
+            n += (self.slots if active else self.n_routed_experts) * expert
+            n += self.n_shared_experts * expert
+            n += self.hidden_size * (self.n_routed_experts + self.zero_experts)  # router
+        n += 2 * self.attn_per_layer * self.norm_params
+        return n
+
+    def mtp_params(self, *, active: bool) -> float:
+        """One MTP depth: two input norms, eh_proj (2H -> H), one block, a final norm."""
+        H = self.hidden_size
+        n = 2 * self.norm_params + 2 * H * H + self.attention_params() + 3 * self.norm_params
+        if self.mtp_ffn == "moe" and self.is_moe:
+            expert = self.ffn_params(self.expert_ffn_hidden_size)
+            n += (self.slots if active else self.n_routed_experts) * expert
+            n += self.n_shared_experts * expert + H * (self.n_routed_experts + self.zero_experts)
+        else:
+            n += self.ffn_params(self.ffn_hidden_size)
+        return n
+
+    def param_counts(self) -> dict[str, float]:
+        """Parameters by component (all experts counted; MTP listed separately)."""
+        H, V = self.hidden_size, self.vocab_size
+        dense_layers = self.num_layers - self.moe_layers
+        attention = self.num_layers * sum(
+            self.attention_params(with_indexer=i < self.indexers_per_layer) for i in range(self.attn_per_layer)
+        )
+        dense_plain, dense_moe = self.dense_ffns_in_layer
+        expert = self.ffn_params(self.expert_ffn_hidden_size) if self.is_moe else 0
+        return {
+            "embedding": V * H + self.learned_positions * H,
+            "lm_head": 0 if self.tied_embeddings else V * H,
+            "ngram": self.ngram_table_params + self.ngram_proj_params,
+            "attention": attention,
+            "dense_ffn": (dense_layers * dense_plain + self.moe_layers * dense_moe) * self.ffn_params(self.ffn_hidden_size),
+            "experts": self.moe_layers * (self.n_routed_experts + self.n_shared_experts) * expert,
+            "router": self.moe_layers * H * (self.n_routed_experts + self.zero_experts),
+            "norm": self.num_layers * 2 * self.attn_per_layer * self.norm_params + self.norm_params,
+            "mtp": self.mtp_layers * self.mtp_params(active=False),
+        }
+
+    @property
+    def total_params(self) -> float:
+        """All parameters without the MTP heads (how model sizes are usually published)."""
+        counts = self.param_counts()
+        return sum(counts.values()) - counts["mtp"]
+
+    @property
+    def active_params(self) -> float:
+        """Parameters a token touches in the main model, embeddings included (the usual '37B active')."""
+        counts = self.param_counts()
+        n = counts["embedding"] + counts["lm_head"] + self.ngram_proj_params + counts["norm"]
+        n += (self.num_layers - self.moe_layers) * self.layer_params(False, active=True)
+        n += self.moe_layers * self.layer_params(True, active=True)
+        return n - self.num_layers * 2 * self.attn_per_layer * self.norm_params  # norms counted once
+
+    # --- FLOPs (forward, per token) ----------------------------------------------------------------------
+    def gemm_params_per_token(self, moe: bool) -> float:
+        """Matrix parameters one token multiplies in one block (norms and biases excluded)."""
+        n = self.layer_params(moe, active=True) - 2 * self.attn_per_layer * self.norm_params
+        if self.bias:
+            n -= self._layer_bias_params(moe)
+        return n
+
+    def _layer_bias_params(self, moe: bool) -> int:
+        H, a, kvh = self.hidden_size, self.num_heads, self.kv_heads
+        attn = (a * self.qk_dim + kvh * self.qk_dim + kvh * self.v_dim + H) if self.attention == "gqa" else 0
+        dense_plain, dense_moe = self.dense_ffns_in_layer
+        ffn = (self.ffn_hidden_size + H) if self.mlp == "gelu" else 0
+        return self.attn_per_layer * attn + (dense_moe if moe else dense_plain) * ffn
+
+    def mtp_gemm_params_per_token(self) -> float:
+        return self.mtp_params(active=True) - 5 * self.norm_params
+
+    @staticmethod
+    def mean_context(seq_len: int, budget: int, causal: bool) -> float:
+        """Keys one query attends to on average: S (non-causal), (S+1)/2 (causal), capped by a budget."""
+        if not causal:
+            return float(min(seq_len, budget) if budget else seq_len)
+        if not budget or seq_len <= budget:
+            return (seq_len + 1) / 2
+        # sum_{t=1..S} min(t, k) / S
+        return (budget * (budget + 1) / 2 + (seq_len - budget) * budget) / seq_len
+
+    def attention_core_flops(self, seq_len: int, causal: bool) -> float:
+        """Forward QK^T and AV FLOPs per token for one block, plus the indexer's scoring."""
+        keys = self.mean_context(seq_len, self.sparse_topk, causal)
+        flops = self.attn_per_layer * 2 * keys * self.num_heads * (self.qk_dim + self.v_dim)
+        if self.index_heads:
+            scored = self.mean_context(seq_len, 0, causal)  # the indexer scores every past key
+            flops += self.indexers_per_layer * 2 * scored * self.index_heads * (self.index_head_dim + 1)
+        return flops
+
+    def mtp_attention_core_flops(self, seq_len: int, causal: bool) -> float:
+        keys = self.mean_context(seq_len, self.sparse_topk, causal)
+        return 2 * keys * self.num_heads * (self.qk_dim + self.v_dim)
+
+    def head_gemm_params(self) -> int:
+        """Output projection(s): the main head plus one per MTP depth (the head is shared)."""
+        return (1 + self.mtp_layers) * self.vocab_size * self.hidden_size
+
+    def flops_per_token(self, seq_len: int, causal: bool = True, *, training: bool = True) -> dict[str, float]:
+        """Forward FLOPs per token by part. x3 for a training step (forward + backward)."""
+        dense_layers = self.num_layers - self.moe_layers
+        layers = 2 * (dense_layers * self.gemm_params_per_token(False) + self.moe_layers * self.gemm_params_per_token(True))
+        out = {
+            "layers_gemm": layers + 2 * self.ngram_proj_params,
+            "attention_core": self.num_layers * self.attention_core_flops(seq_len, causal),
+            "head": 2 * self.vocab_size * self.hidden_size,
+            "mtp": 0.0,
+        }
+        if training and self.mtp_layers:
+            out["mtp"] = self.mtp_layers * (
+                2 * self.mtp_gemm_params_per_token() + self.mtp_attention_core_flops(seq_len, causal)
+                + 2 * self.vocab_size * self.hidden_size
+            )
+        return out
+
+    # --- memory per token of one block ---------------------------------------------------------------------
+    def layer_tensors(self, moe: bool, seq_len: int, *, flash: bool, mtp: bool = False) -> "LayerTensors":
+        """Saved activations and element-wise traffic of one block (bytes per token, forward).
+
+        Korthikanti et al. 2022 (GPT, no flash, dropout) gives 34*H + 5*a*S bytes saved per token
+        and layer; this generalises the same bookkeeping to GQA, MLA, SwiGLU, MoE and the indexer.
+        'rep' tensors sit outside the tensor-parallel region (split only by sequence parallelism),
+        'par' ones are split over TP ranks, 's2' ones scale with the attended context and exist only
+        without a fused (flash) attention kernel.
+        """
+        H, a, S = self.hidden_size, self.num_heads, seq_len
+        t = LayerTensors()
+        drop = 1 if self.dropout else 0
+        attn_keys = min(S, self.sparse_topk) if self.sparse_topk else S
+        attn_sublayers = 1 if mtp else self.attn_per_layer
+        for i in range(attn_sublayers):
+            # pre-norm input and output (the QKV GEMM input)
+            t.add("rep", saved=4 * H, traffic=4 * H)
+            if self.attention == "mla":
+                lat = self.q_lora_rank + self.kv_lora_rank
+                t.add("rep", saved=2 * (self.q_lora_rank + self.kv_lora_rank + self.qk_rope_head_dim) + 2 * lat,
+                      traffic=4 * lat)
+            t.add("par", saved=2 * a * self.qk_dim + 2 * (a if self.attention == "mla" else self.kv_heads) * (self.qk_dim + self.v_dim),
+                  traffic=4 * (a + self.kv_heads) * (self.qk_rope_head_dim or self.qk_dim))  # RoPE on q and k
+            t.add("par", saved=2 * a * self.v_dim + 4 * a, traffic=0)  # attention output (+ softmax stats)
+            if not flash:
+                # softmax output (2aS) [+ dropout mask aS and dropout output 2aS]; scale-mask-softmax
+                # reads and writes the scores, dropout reads the probabilities and writes both.
+                t.add("s2", saved=(2 + 3 * drop) * a * attn_keys, traffic=(4 + 5 * drop) * a * attn_keys)
+            if self.index_heads and i < self.indexers_per_layer and not mtp:
+                idx = self.index_heads * self.index_head_dim
+                t.add("par", saved=2 * idx + 2 * self.index_head_dim + 4 * self.index_heads, traffic=0)
+                # index scores over every past key (fp32), then a top-k over them, even with fused kernels
+                t.add("idx", saved=4 * S, traffic=8 * S)
+            t.add("rep", saved=drop * H, traffic=(6 + drop) * H)  # residual add (+ dropout)
+        dense_plain, dense_moe = self.dense_ffns_in_layer
+        n_dense = 1 if mtp and not (moe and self.mtp_ffn == "moe") else (dense_moe if moe else dense_plain)
+        for _ in range(n_dense):
+            t.add("rep", saved=4 * H + drop * H, traffic=(4 + 6 + drop) * H)  # norm in/out, residual
+            t.add("par", **self._ffn_tensors(self.ffn_hidden_size))
+        if moe:
+            E = self.n_routed_experts + self.zero_experts
+            slots = self.slots
+            if self.moe_style == "replace":
+                t.add("rep", saved=4 * H, traffic=(4 + 6) * H)  # its own pre-norm and residual
+            else:
+                t.add("rep", saved=0, traffic=6 * H)  # the delayed join adds one more residual term
+            # router logits and probabilities in fp32; softmax + top-k
+            t.add("exp", saved=8 * E, traffic=12 * E)
+            # each FFN slot: the permuted input and the expert output (kept for the weighted combine),
+            # plus the expert's own intermediates; permute and combine copy the rows.
+            ffn = self._ffn_tensors(self.expert_ffn_hidden_size)
+            t.add("exp", saved=slots * (4 * H + ffn["saved"]), traffic=slots * (10 * H + ffn["traffic"]))
+            for _ in range(self.n_shared_experts):
+                t.add("par", **self._ffn_tensors(self.expert_ffn_hidden_size))
+        return t
+
+    def _ffn_tensors(self, inner: int) -> dict[str, float]:
+        if self.mlp == "swiglu":  # gate, up, silu(gate)*up (the down-projection input)
+            return {"saved": 6 * inner, "traffic": 6 * inner}
+        return {"saved": 4 * inner, "traffic": 4 * inner}  # GELU input and output (bias fused)
+
+    def kv_bytes_per_token(self, dtype_bytes: float = 2, *, tp: int = 1) -> float:
+        """Decode cache per token over all attention sublayers on one device (MTP excluded).
+
+        MLA caches the latent (kv_lora + rope), which every TP rank needs whole; GQA caches K and V
+        per KV head, split over TP ranks while there are enough heads. The indexer keeps one key
+        per token per indexer."""
+        sub = self.num_layers * self.attn_per_layer
+        if self.attention == "mla":
+            per = sub * (self.kv_lora_rank + self.qk_rope_head_dim)
+        else:
+            heads = max(1, self.kv_heads // tp) if self.kv_heads >= tp else 1
+            per = sub * heads * (self.qk_dim + self.v_dim)
+        if self.index_heads:
+            per += self.num_layers * self.indexers_per_layer * self.index_head_dim
+        return per * dtype_bytes
+
+    # --- conversion ----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        kind = "MoE" if self.is_moe else "dense"
+        return (f"{self.name}: {self.total_params / 1e9:,.1f}B parameters ({kind}, "
+                f"{self.active_params / 1e9:,.1f}B active), {self.num_layers} layers, hidden {self.hidden_size}")
+
+
+@dataclass
+class LayerTensors:
+    """Per-token bytes of one block, by how they split across devices (see `layer_tensors`)."""
+
+    saved: dict[str, float] = dataclasses.field(default_factory=lambda: {"rep": 0.0, "par": 0.0, "s2": 0.0, "idx": 0.0, "exp": 0.0})
+    traffic: dict[str, float] = dataclasses.field(default_factory=lambda: {"rep": 0.0, "par": 0.0, "s2": 0.0, "idx": 0.0, "exp": 0.0})
+
+    def add(self, kind: str, *, saved: float, traffic: float) -> None:
+        self.saved[kind] += saved
+        self.traffic[kind] += traffic
+
+
+# ------------------------------------------------------------------------------------------------------
+# sources: LongCat presets, planner TOML files, LongCat model configs
+
+
+def from_longcat(config: ModelConfig, name: str = "longcat") -> Architecture:
+    """A LongCat ModelConfig (two MLA sublayers, two dense FFNs and a shortcut MoE per block)."""
+    c = config
+    ngram_tables = ngram_proj = 0
+    if c.ngram_enabled:
+        from ..model.ngram import branch_moduli
+
+        width = c.hidden_size // c.ngram_branches
+        ngram_tables = sum(m * width for m in branch_moduli(c))
+        ngram_proj = c.ngram_branches * width * c.hidden_size
+    return Architecture(
+        name=name, source="longcat.config preset / ModelConfig",
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_layers,
+        attention="mla", num_heads=c.num_attention_heads, q_lora_rank=c.q_lora_rank,
+        kv_lora_rank=c.kv_lora_rank, qk_nope_head_dim=c.qk_nope_head_dim, qk_rope_head_dim=c.qk_rope_head_dim,
+        v_head_dim=c.v_head_dim, attn_per_layer=2,
+        sparse_topk=c.index_topk if c.lsa_enabled else 0,
+        index_heads=c.index_n_heads if c.lsa_enabled else 0,
+        index_head_dim=c.index_head_dim if c.lsa_enabled else 0, indexers_per_layer=1,
+        mlp="swiglu", ffn_hidden_size=c.ffn_hidden_size, ffn_per_layer=2,
+        n_routed_experts=c.n_routed_experts, zero_experts=c.zero_expert_num, moe_topk=c.moe_topk,
+        expert_ffn_hidden_size=c.expert_ffn_hidden_size, ffn_slots_per_token=c.ffn_slots_per_token,
+        moe_style="shortcut", tied_embeddings=False,
+        ngram_table_params=ngram_tables, ngram_proj_params=ngram_proj,
+        mtp_layers=c.mtp_num_layers, mtp_ffn="dense", norm="rmsnorm",
+    )
+
+
+def repo_root() -> Path:
+    """The repository root of an editable install (src/longcat/plan/arch.py -> repo)."""
+    return Path(__file__).resolve().parents[3]
+
+
+def configs_dir(kind: str) -> Path:
+    path = repo_root() / "configs" / kind
+    if not path.is_dir():
+        raise ConfigError(
+            f"planner data folder not found: {path}. The catalogs live in the repository's configs/ "
+            f"folder (install with `pip install -e .` from a checkout), or pass a file with "
+            f"--{'hardware' if kind == 'hardware' else 'model'} FILE.toml"
+        )
+    return path
+
+
+def catalog_names() -> list[str]:
+    try:
+        return sorted(p.stem for p in configs_dir("plan").glob("*.toml"))
+    except ConfigError:
+        return []
+
+
+def from_dict(values: dict[str, Any], *, source: str) -> Architecture:
+    known = {f.name for f in fields(Architecture)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown architecture field(s) in {source}: {', '.join(unknown)}; "
+                          f"valid fields: {', '.join(sorted(known))}")
+    return Architecture(**values)
+
+
+def load_architecture(spec: str) -> Architecture:
+    """A LongCat preset, a name under configs/plan/, or a TOML file: either a planner file (an
+    [arch] table) or a LongCat model config ([model] table, our config.json, an HF config.json)."""
+    if spec in PRESETS:
+        return from_longcat(preset(spec), name=spec)
+    path = Path(spec)
+    if not path.exists():
+        names = catalog_names()
+        if spec in names:
+            path = configs_dir("plan") / f"{spec}.toml"
+        else:
+            raise ConfigError(
+                f"model '{spec}' is not a LongCat preset ({', '.join(PRESETS)}), a planner example "
+                f"({', '.join(names) or 'none found'}) or an existing file"
+            )
+    if path.suffix == ".toml":
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"cannot parse {path}: {exc}") from exc
+        if "arch" in data:
+            values = dict(data["arch"])
+            values.setdefault("name", data.get("name", path.stem))
+            values.setdefault("source", data.get("source", str(path)))
+            if "preset" in values:  # a LongCat preset with planner-level overrides
+                base = from_longcat(preset(values.pop("preset")), name=values["name"]).to_dict()
+                return from_dict({**base, **values}, source=str(path))
+            return from_dict(values, source=str(path))
+    return from_longcat(load_config(path), name=path.stem)
+
+
+__all__ = ["Architecture", "LayerTensors", "from_longcat", "load_architecture", "configs_dir", "repo_root", "catalog_names"]

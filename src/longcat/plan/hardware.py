@@ -1,0 +1,247 @@
+"""Accelerators (a TOML catalog under configs/hardware/) and software stacks (named profiles).
+
+Every hardware number lives in a TOML file, in a table that says where it comes from:
+`[vendor]` (published by the vendor), `[estimated]` (our estimate, with a reason in `[notes]`) or
+`[measured]` (`longcat plan calibrate`). Any field can be overridden from the command line
+(`--hw-set gemm_efficiency=0.6`), which marks it `override`. A file may start from another entry
+with `inherit = "h100"`.
+
+The efficiency factors are the planner's only free constants, and there is one set per
+accelerator: the same A100 factors serve every row of the Megatron validation table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError
+from .arch import configs_dir
+
+SOURCES = ("vendor", "estimated", "measured")
+
+
+@dataclass
+class Hardware:
+    name: str = "accelerator"
+    description: str = ""
+    # --- compute and memory ---------------------------------------------------------------------------
+    peak_tflops_bf16: float = 0.0  # dense, no sparsity
+    peak_tflops_fp8: float = 0.0  # 0 = no FP8 (FP8 runs at the BF16 rate)
+    hbm_gib: float = 0.0
+    hbm_bandwidth_gbs: float = 0.0
+    # --- interconnect (per chip, one direction) --------------------------------------------------------------
+    scaleup_domain: int = 1  # chips in one NVLink / HCCS / UB domain
+    scaleup_bandwidth_gbs: float = 0.0
+    scaleout_bandwidth_gbs: float = 0.0  # NIC bandwidth per chip
+    # --- efficiency factors: achieved fraction of the peaks above -----------------------------------------
+    gemm_efficiency: float = 0.7  # large bf16/fp8 GEMMs in a training step
+    attention_efficiency: float = 0.5  # attention core (flash kernels, or batched GEMMs over heads)
+    memory_efficiency: float = 0.7  # element-wise kernels vs HBM bandwidth
+    scaleup_efficiency: float = 0.75  # collective bus bandwidth vs link bandwidth
+    scaleout_efficiency: float = 0.8
+    collective_latency_us: float = 20.0  # fixed cost of one collective or point-to-point message
+    kernel_overhead_us: float = 4.0  # launch/dispatch cost per kernel (eager PyTorch on a CPU: ~10s of us)
+    reserved_gib: float = 3.0  # runtime context and allocator slack, not available to tensors
+    # --- reliability and storage -------------------------------------------------------------------------------
+    chip_mtbf_hours: float = 50000.0  # mean time between job-stopping failures, per chip
+    restart_minutes: float = 15.0  # detect, reschedule, reload after a failure
+    storage_write_gbs_per_chip: float = 1.0  # checkpoint write bandwidth each chip can drive
+    storage_write_gbs_max: float = 2000.0  # the file system's aggregate ceiling
+
+    provenance: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
+    notes: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
+
+    def validate(self) -> None:
+        for name in ("peak_tflops_bf16", "hbm_gib", "hbm_bandwidth_gbs"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"hardware '{self.name}': field '{name}' must be > 0 (set it in the TOML or with --hw-set)")
+        for name in ("gemm_efficiency", "attention_efficiency", "memory_efficiency", "scaleup_efficiency", "scaleout_efficiency"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"hardware '{self.name}': '{name}' must be in (0, 1], got {getattr(self, name)}")
+        if self.scaleup_domain < 1:
+            raise ConfigError(f"hardware '{self.name}': scaleup_domain must be >= 1")
+
+    def peak_tflops(self, precision: str) -> float:
+        if precision == "fp8" and self.peak_tflops_fp8 > 0:
+            return self.peak_tflops_fp8
+        return self.peak_tflops_bf16
+
+    def group_bandwidth(self, size: int, stride: int) -> float:
+        """Achieved per-chip bandwidth (bytes/s) of a collective over `size` ranks spaced `stride` apart.
+
+        Ranks are numbered with the tensor-parallel dimension innermost, so a group fits in one
+        scale-up domain when size * stride <= domain. A group that spans domains is limited by the
+        NICs: with k members per domain, rings run through k NICs at once (NCCL/HCCL use one ring
+        per NIC), so the bus bandwidth is k times the per-chip NIC rate, capped by the scale-up link.
+        """
+        if size <= 1:
+            return float("inf")
+        up = self.scaleup_bandwidth_gbs * self.scaleup_efficiency * 1e9
+        if size * stride <= self.scaleup_domain:
+            return up
+        per_domain = max(1, min(size, self.scaleup_domain // max(1, stride)))
+        return min(up, per_domain * self.scaleout_bandwidth_gbs * self.scaleout_efficiency * 1e9)
+
+    def fields_table(self) -> list[tuple[str, Any, str, str]]:
+        out = []
+        for f in fields(self):
+            if f.name in ("provenance", "notes", "name", "description"):
+                continue
+            out.append((f.name, getattr(self, f.name), self.provenance.get(f.name, "default"), self.notes.get(f.name, "")))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("provenance", "notes")}
+        d["provenance"] = dict(self.provenance)
+        return d
+
+
+_HW_FIELDS = {f.name for f in fields(Hardware)} - {"provenance", "notes", "name", "description"}
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    kind = typing.get_type_hints(Hardware)[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: hardware field '{name}' must be a number, got {value!r}")
+    if kind is int:
+        if float(value) != int(value):
+            raise ConfigError(f"{where}: hardware field '{name}' must be an integer, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def hardware_names() -> list[str]:
+    try:
+        return sorted(p.stem for p in configs_dir("hardware").glob("*.toml"))
+    except ConfigError:
+        return []
+
+
+def _resolve_path(spec: str) -> Path:
+    path = Path(spec)
+    if path.suffix == ".toml" and path.exists():
+        return path
+    folder = configs_dir("hardware")
+    candidate = folder / f"{spec.lower()}.toml"
+    if candidate.exists():
+        return candidate
+    hint = " (run `longcat plan calibrate` to create it)" if spec == "cpu-local" else ""
+    raise ConfigError(f"unknown hardware '{spec}'{hint}; choose one of: {', '.join(hardware_names())}, or pass a FILE.toml")
+
+
+def load_hardware(spec: str, overrides: dict[str, Any] | None = None, _seen: tuple[str, ...] = ()) -> Hardware:
+    """A catalog name (configs/hardware/NAME.toml) or a TOML file, then command-line overrides."""
+    path = _resolve_path(spec)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"cannot parse {path}: {exc}") from exc
+    if "inherit" in data:
+        parent = data["inherit"]
+        if parent in _seen:
+            raise ConfigError(f"{path}: 'inherit' loops through {parent}")
+        hw = load_hardware(parent, None, _seen + (spec,))
+    else:
+        hw = Hardware()
+    hw.name = data.get("name", path.stem)
+    hw.description = data.get("description", hw.description)
+    known_top = {"name", "description", "inherit", "notes", *SOURCES}
+    unknown_top = sorted(set(data) - known_top)
+    if unknown_top:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown_top)}; put fields under [vendor], [estimated] or [measured]")
+    for source in SOURCES:
+        for name, value in data.get(source, {}).items():
+            if name not in _HW_FIELDS:
+                raise ConfigError(f"{path}: unknown hardware field '{name}' in [{source}]; valid: {', '.join(sorted(_HW_FIELDS))}")
+            setattr(hw, name, _coerce(name, value, str(path)))
+            hw.provenance[name] = source
+    hw.notes.update({k: str(v) for k, v in data.get("notes", {}).items()})
+    for name, value in (overrides or {}).items():
+        if name not in _HW_FIELDS:
+            raise ConfigError(f"unknown hardware field '{name}' in --hw-set; valid: {', '.join(sorted(_HW_FIELDS))}")
+        setattr(hw, name, _coerce(name, value, "--hw-set"))
+        hw.provenance[name] = "override"
+    hw.validate()
+    return hw
+
+
+def parse_assignments(items: list[str] | None, what: str) -> dict[str, Any]:
+    """["gemm_efficiency=0.6", "flash_attention=false"] -> {name: number|bool}."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"{what} '{item}' must look like FIELD=VALUE")
+        name, raw = (s.strip() for s in item.split("=", 1))
+        name = name.replace("-", "_")
+        low = raw.lower()
+        if low in ("true", "false"):
+            out[name] = low == "true"
+            continue
+        try:
+            out[name] = float(raw)
+        except ValueError:
+            raise ConfigError(f"{what} '{item}': value must be a number or true/false") from None
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# software stacks: what the training framework overlaps and fuses. These are facts about the code
+# that ran, not tuning knobs: the Megatron-LM of 2021 had no flash attention, no sequence
+# parallelism and no communication overlap; a current stack has all three.
+
+
+@dataclass
+class Stack:
+    name: str = "modern"
+    flash_attention: bool = True  # fused attention: no S x S scores in memory; causal blocks skipped
+    sequence_parallel: bool = True  # norms/dropout regions split over TP ranks (Korthikanti 2022)
+    tp_overlap: float = 0.0  # share of TP collectives hidden behind GEMMs
+    overlap_grad_reduce: bool = True  # DP reduce in buckets during the last backward, param gather in the first forward
+    grad_reduce_bytes: float = 4.0  # gradient element size on the wire (fp32 reduce)
+    pp_scatter_gather: bool = True  # stage-boundary sends split across the TP ranks' links
+    balance_stages: bool = True  # uneven layer counts so the head/embedding stages are not slower
+    ep_overlap: float = 0.0  # share of expert all-to-all hidden for 'replace' MoE (DualPipe-style: ~1)
+    logits_bytes: float = 6.0  # per logit element kept: bf16 logits + fp32 log-probabilities
+    optimizer_traffic_bytes: float = 30.0  # AdamW step bytes per local parameter (fp32 master, m, v, grad, bf16 copy)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+STACKS: dict[str, Stack] = {
+    "modern": Stack(),
+    # Narayanan et al. 2021 (Megatron-LM at 3072 A100s): fp16, full masked softmax, no sequence
+    # parallelism, blocking TP all-reduces, DP all-reduce after the pipeline flush, scatter/gather
+    # stage-boundary sends, every stage holds L/p layers (embedding and head added on top).
+    "megatron-2021": Stack(
+        name="megatron-2021", flash_attention=False, sequence_parallel=False, tp_overlap=0.0,
+        overlap_grad_reduce=False, grad_reduce_bytes=2.0, pp_scatter_gather=True, balance_stages=False,
+    ),
+}
+
+
+def load_stack(name: str, overrides: dict[str, Any] | None = None) -> Stack:
+    if name not in STACKS:
+        raise ConfigError(f"unknown software stack '{name}'; choose one of: {', '.join(STACKS)}")
+    stack = dataclasses.replace(STACKS[name])
+    hints = typing.get_type_hints(Stack)
+    for key, value in (overrides or {}).items():
+        if key not in hints or key == "name":
+            raise ConfigError(f"unknown stack field '{key}' in --stack-set; valid: {', '.join(k for k in hints if k != 'name')}")
+        if hints[key] is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"--stack-set {key} must be true or false")
+        elif isinstance(value, bool):
+            raise ConfigError(f"--stack-set {key} must be a number")
+        else:
+            value = float(value)
+        setattr(stack, key, value)
+    return stack
+
+
+__all__ = ["Hardware", "Stack", "STACKS", "load_hardware", "load_stack", "hardware_names", "parse_assignments"]

@@ -1,0 +1,248 @@
+"""`longcat train` and `longcat demo`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+from pathlib import Path
+
+from ..config import PRESETS, ConfigError, describe_fields
+from .config import RunConfig, build_run_config, describe_train_fields
+
+# What `make demo` runs: the `small` preset on the embedded corpus for about six minutes.
+DEMO_TIME_BUDGET = 360.0
+DEMO_THREADS = 2
+DEMO_SEQ_LEN = 256
+DEMO_MICRO_BATCH = 16
+DEMO_VOCAB = 8192
+DEMO_MAX_BYTES = 12 * 2**20  # corpus bytes tokenized: more than six minutes of training can read
+DEMO_TOKENIZER_BYTES = 8 * 2**20
+# Chosen by measurement (README, "make demo"): the lower held-out loss within the demo budget.
+DEMO_OPTIMIZER = "muon"
+DEMO_LR = 3e-3
+DEMO_MARKER = ".longcat-demo"
+
+
+def _user_error(exc: Exception):
+    from ..cli import UserError
+
+    return UserError(str(exc))
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.FIELD=VALUE",
+                   help="override a config field, e.g. --set model.hidden_size=128 --set train.lr=1e-3 "
+                        "(repeatable; a bare FIELD works when it names one field)")
+    p.add_argument("--seed", type=int, default=None, help="seed for weights, data order and samples")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (exact resume needs the same value)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak TFLOP/s for MFU (default: measured with a GEMM benchmark at start)")
+    p.add_argument("--no-progress", action="store_true", help="log lines instead of a live progress bar")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a model (tokenizer, token cache, checkpoints, metrics)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a LongCat model. Config layers, lowest first: preset (or the resumed run's "
+                    "config), --config TOML ([model] and [train] tables), --set overrides, then the flags below.",
+        epilog="model fields:\n" + "\n".join("  model." + line.strip() for line in describe_fields().splitlines())
+               + "\ntrain fields:\n" + describe_train_fields(),
+    )
+    p.add_argument("--preset", choices=list(PRESETS), default=None, help="model preset (default: small)")
+    p.add_argument("--config", default=None, metavar="FILE.toml", help="run config with [model] and [train] tables")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="text/jsonl/parquet file or folder (default: the embedded corpus)")
+    p.add_argument("--text-field", default=None, help="jsonl/parquet field holding the text (default: text)")
+    p.add_argument("--tokenizer", default=None, metavar="FILE", help="tokenizer.json to use (default: train one)")
+    p.add_argument("--max-bytes", type=int, default=None, help="read at most this many bytes of the corpus")
+    p.add_argument("--out", default="runs/train", metavar="DIR", help="output directory (default: runs/train)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (an upper bound with --time-budget)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="stop after this much training time, with the LR decay fitted to it, and save")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    _add_common(p)
+    p.set_defaults(func=run_train)
+
+    d = subparsers.add_parser(
+        "demo", help="train a tokenizer and the small model on the embedded corpus (~6 min on 2 cores)",
+        description="The whole pipeline in one command: BPE tokenizer (8192) on the embedded corpus, token "
+                    "cache, the `small` preset trained for a time budget, held-out bits per byte against a "
+                    "unigram baseline, and a sample.",
+    )
+    d.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory (default: runs/demo)")
+    d.add_argument("--time-budget", type=float, default=DEMO_TIME_BUDGET, metavar="SECONDS",
+                   help=f"training time (default {DEMO_TIME_BUDGET:.0f})")
+    d.add_argument("--optimizer", choices=["adamw", "muon"], default=DEMO_OPTIMIZER)
+    d.add_argument("--max-bytes", type=int, default=DEMO_MAX_BYTES, help="corpus bytes to tokenize")
+    _add_common(d)
+    d.set_defaults(func=run_demo)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def _train_values(args: argparse.Namespace) -> dict:
+    values = {
+        "data": getattr(args, "data", None),
+        "text_field": getattr(args, "text_field", None),
+        "tokenizer": getattr(args, "tokenizer", None),
+        "max_bytes": getattr(args, "max_bytes", None),
+        "steps": getattr(args, "steps", None),
+        "time_budget": getattr(args, "time_budget", None),
+        "seed": args.seed,
+        "threads": args.threads,
+        "peak_tflops": args.peak_tflops,
+    }
+    if args.no_progress:
+        values["progress"] = False
+    return values
+
+
+def _with_data_errors(fn):
+    """Data, checkpoint and divergence problems reach the user as one line."""
+    from ..data import DataError
+    from .trainer import TrainingError
+
+    try:
+        return fn()
+    except (DataError, TrainingError) as exc:
+        raise _user_error(exc) from None
+    except OSError as exc:
+        raise _user_error(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else exc) from None
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .run import saved_run_config, train_run
+
+    console = Console(stderr=True, soft_wrap=True)
+    out = Path(args.out)
+    base = None
+    if args.resume:
+        try:
+            base = saved_run_config(out)
+        except ConfigError as exc:
+            raise ConfigError(f"--resume: {exc}") from None
+        if base is None:
+            raise ConfigError(f"--resume: no complete checkpoint in {out / 'checkpoints'}; start without --resume")
+    if args.config and not Path(args.config).is_file():
+        raise ConfigError(f"--config: file not found: {args.config}")
+    if args.data is not None and not Path(args.data).exists():
+        raise ConfigError(f"--data: path not found: {args.data}")
+    run = build_run_config(preset_name=args.preset, config_file=args.config, overrides=args.overrides,
+                           train_values=_train_values(args), base=base)
+    result, trainer, _ = _with_data_errors(lambda: train_run(run, out, resume=args.resume, console=console))
+    _print_summary(console, result, trainer)
+    return 0
+
+
+def _print_summary(console, result, trainer) -> None:
+    lines = [f"trained to step {result.step} ({result.tokens_seen:,} tokens, stopped by {result.stopped.replace('_', ' ')})"]
+    if result.bpb is not None:
+        lines.append(f"held-out loss {result.eval_loss:.4f} nats/token, {result.bpb:.4f} bits/byte")
+    lines.append(f"throughput {result.tokens_per_s:,.0f} tokens/s, MFU {result.mfu:.1%} "
+                 f"of {result.mfu_peak_flops / 1e9:,.0f} GFLOP/s ({result.mfu_peak_source})")
+    if result.skipped_steps:
+        lines.append(f"skipped {result.skipped_steps} non-finite step(s)")
+    lines.append(f"checkpoint: {result.checkpoint}")
+    lines.append(f"metrics:    {result.metrics}")
+    lines.append(f"loss curve: {result.plot}" if result.plot else f"loss curve: {result.plot_note}")
+    for line in lines:
+        console.print(line, highlight=False, markup=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def _prepare_demo_dir(out: Path) -> None:
+    """A previous demo run in OUT is replaced (its token cache is kept); anything else is refused."""
+    if not out.exists():
+        out.mkdir(parents=True)
+    elif any(out.iterdir()):
+        if not (out / DEMO_MARKER).exists():
+            raise ConfigError(f"{out} exists and is not a demo directory; choose another --out or remove it")
+        for child in out.iterdir():
+            if child.name in ("cache", DEMO_MARKER):
+                continue
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    (out / DEMO_MARKER).write_text("written by `longcat demo`; the next demo run replaces this directory\n")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from ..data import Tokenizer, iter_documents, train_tokenizer
+    from .run import build_trainer, prepare_data, unigram_bpb, with_tokenizer_ids
+
+    console = Console(stderr=True, soft_wrap=True)
+    wall0 = time.perf_counter()
+    out = Path(args.out)
+    threads = args.threads or DEMO_THREADS
+    run = build_run_config(
+        preset_name="small",
+        overrides=[f"model.vocab_size={DEMO_VOCAB}", *args.overrides],
+        train_values=dict(
+            steps=1_000_000, time_budget=args.time_budget, seq_len=DEMO_SEQ_LEN, micro_batch=DEMO_MICRO_BATCH,
+            precision="auto", optimizer=args.optimizer, lr=DEMO_LR, threads=threads, seed=args.seed,
+            peak_tflops=args.peak_tflops, max_bytes=args.max_bytes, eval_every=0, eval_batches=16,
+            checkpoint_every=0, sample_tokens=60, warmup_steps=30,
+            **({"progress": False} if args.no_progress else {}),
+        ),
+    )
+    _prepare_demo_dir(out)
+    cache = out / "cache"
+    cache.mkdir(exist_ok=True)
+    tok_path = cache / f"tokenizer-{DEMO_VOCAB}.json"
+
+    def prepare():
+        if tok_path.exists():
+            tokenizer = Tokenizer.load(tok_path)
+            console.print(f"[1/4] tokenizer: reusing {tok_path}", highlight=False)
+        else:
+            t0 = time.perf_counter()
+            docs = iter_documents(None, split="train", max_bytes=min(DEMO_TOKENIZER_BYTES, args.max_bytes))
+            tokenizer = train_tokenizer(docs, vocab_size=DEMO_VOCAB, show_progress=run.train.progress)
+            tokenizer.save(tok_path)
+            console.print(f"[1/4] tokenizer: {tokenizer.vocab_size}-token byte-level BPE trained on "
+                          f"{min(DEMO_TOKENIZER_BYTES, args.max_bytes) / 2**20:.0f} MiB of the embedded corpus "
+                          f"in {time.perf_counter() - t0:.1f} s", highlight=False)
+        local = RunConfig(run.model, run.train.replace(tokenizer=str(tok_path)))
+        t0 = time.perf_counter()
+        data = prepare_data(local, out, resume=False, console=console)
+        console.print(f"[2/4] tokens: {len(data.store.train):,} train / {len(data.store.heldout):,} held-out "
+                      f"({data.store.train_bytes / 2**20:.1f} MiB + {data.store.heldout_bytes / 2**20:.2f} MiB "
+                      f"of text) in {time.perf_counter() - t0:.1f} s", highlight=False)
+        return local, data
+
+    local, data = _with_data_errors(prepare)
+    local = with_tokenizer_ids(local, data.tokenizer)
+    baseline = unigram_bpb(data.store.train, data.store.train_bytes, local.model.vocab_size)
+    console.print(f"[3/4] training the small preset ({local.train.optimizer}, {threads} threads, "
+                  f"seq_len {local.train.seq_len}, micro-batch {local.train.micro_batch}) for "
+                  f"{local.train.time_budget:.0f} s", highlight=False)
+    trainer = _with_data_errors(lambda: build_trainer(local, out, data, resume=False, console=console))
+    result = _with_data_errors(trainer.train)
+    console.print("[4/4] done", highlight=False)
+
+    print()
+    print("sample (temperature 0.8):")
+    print("  " + (result.sample or "").replace("\n", "\n  "))
+    print()
+    if result.bpb is not None:
+        print(f"held-out: {result.bpb:.3f} bits/byte ({result.eval_loss:.3f} nats/token); "
+              f"unigram baseline {baseline:.3f} bits/byte")
+    print(f"trained {result.step} steps, {result.tokens_seen:,} tokens in {result.train_seconds:.0f} s: "
+          f"{result.tokens_per_s:,.0f} tokens/s, MFU {result.mfu:.1%} of {result.mfu_peak_flops / 1e9:,.0f} GFLOP/s "
+          f"({result.mfu_peak_source})")
+    print(f"checkpoint: {result.checkpoint}")
+    print(f"metrics:    {result.metrics}")
+    print(f"loss curve: {result.plot if result.plot else result.plot_note}")
+    print(f"wall time:  {time.perf_counter() - wall0:.0f} s")
+    return 0
+
+
+__all__ = ["register", "run_train", "run_demo"]

@@ -1,0 +1,565 @@
+"""The training loop. One optimizer step, top to bottom, is `Trainer._step`.
+
+Per optimizer step:
+1. LR from the warmup-stable-decay schedule (optim.py).
+2. `grad_accum` micro-batches: forward under bf16 autocast (fp32 master weights), loss =
+   lm + mtp_weight * mean(mtp_d) + z_loss * mean(h^2) + balance_loss * router balance loss
+   + indexer_loss_weight * LSA indexer KL; backward of loss / grad_accum.
+3. Global grad-norm clipping. A non-finite loss or grad norm skips the step (no update, no router
+   bias change), counts it, and stops the run after `max_skipped_steps` consecutive ones.
+4. Optimizer step, then the router bias update from the step's routing counts (`update_router_bias`).
+5. One metrics record; periodic held-out eval, sample text and checkpoint (in that order, so a
+   checkpoint at step N follows every record of step N).
+
+Exact resume: model, optimizer, schedule clock, sampler and RNG states are checkpointed, and
+nothing outside the training step draws from the global RNG (samples use their own generator).
+On CPU, with the same thread count, a resumed run repeats the uninterrupted run's losses bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Protocol
+
+import numpy as np
+import torch
+
+from ..config import ConfigError, ModelConfig, from_dict
+from ..model import build_model, lm_losses
+from . import checkpoint as ckpt
+from .config import RunConfig
+from .metrics import MetricsLog, flops_per_token, measure_peak_flops, peak_memory_gib, plot_loss_curve
+from .optim import WSDSchedule, build_optimizers
+from .sample import sample_text
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (diverged, checkpoint write failed, ...). The message says why."""
+
+
+class BatchSource(Protocol):
+    """What the trainer needs from longcat.data.PackedBatches."""
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class EvalData:
+    """Held-out data: a factory of (inputs, labels) batches and the token/byte sizes for bpb."""
+
+    batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+    tokens: int  # tokens in the held-out split
+    bytes: int  # UTF-8 bytes of the held-out split
+
+    @property
+    def tokens_per_byte(self) -> float:
+        return self.tokens / max(1, self.bytes)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    tokens_seen: int
+    stopped: str  # "steps", "time_budget"
+    eval_loss: float | None = None
+    bpb: float | None = None
+    tokens_per_s: float = 0.0
+    mfu: float = 0.0
+    mfu_peak_flops: float = 0.0
+    mfu_peak_source: str = ""
+    train_seconds: float = 0.0
+    checkpoint: Path | None = None
+    metrics: Path | None = None
+    plot: Path | None = None
+    plot_note: str | None = None
+    sample: str | None = None
+    skipped_steps: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------
+# router bias: auxiliary-loss-free balancing with the zero-expert budget
+
+
+def router_target_share(config: ModelConfig) -> torch.Tensor:
+    """Target share of the k slots per entry (N+Z,): K_e/(k*N) per FFN expert, (1 - K_e/k)/Z per
+    identity expert, with K_e = config.ffn_slots_per_token. Sums to 1."""
+    N, Z, k = config.n_routed_experts, config.zero_expert_num, config.moe_topk
+    ke = config.ffn_slots_per_token
+    target = torch.empty(N + Z)
+    target[:N] = ke / (k * N)
+    if Z:
+        target[N:] = (1.0 - ke / k) / Z
+    return target
+
+
+@torch.no_grad()
+def update_router_bias(model: torch.nn.Module, counts: torch.Tensor, rate: float, mode: str = "sign") -> torch.Tensor:
+    """bias += rate * f(target_share - observed_share), per layer; f = sign or identity.
+
+    counts (L, N+Z): slots per entry over the step (all micro-batches). "sign" (DeepSeek-V3) moves
+    every bias by exactly `rate`, so the rate is in units of router probability; "diff" (the raw
+    difference) moves far-off entries faster and needs a larger rate. Returns the (L, N+Z) deltas.
+    """
+    config = model.config
+    observed = counts.float() / counts.float().sum(-1, keepdim=True).clamp_min(1)  # (L, N+Z)
+    error = router_target_share(config).to(observed.device) - observed
+    delta = rate * (error.sign() if mode == "sign" else error)
+    for i, layer in enumerate(model.layers):
+        bias = layer.mlp.router.e_score_correction_bias
+        bias.add_(delta[i].to(bias.device, bias.dtype))
+    return delta
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    accel = getattr(torch, "accelerator", None)
+    if accel is not None and accel.is_available():
+        return torch.device(accel.current_accelerator().type)
+    return torch.device("cpu")
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if name == "fp32":
+        return None
+    if name == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_bf16() else None
+    return torch.bfloat16
+
+
+def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
+    da, db = a.to_dict(), b.to_dict()
+    return [f"{k}: checkpoint {db[k]!r} vs this run {da[k]!r}" for k in da if da[k] != db.get(k)]
+
+
+class Trainer:
+    def __init__(
+        self,
+        run: RunConfig,
+        out_dir: str | Path,
+        *,
+        batches: BatchSource,
+        eval_data: EvalData | None = None,
+        tokenizer=None,
+        resume: bool = False,
+        console=None,
+        on_step: Callable[["Trainer", dict], None] | None = None,
+    ) -> None:
+        self.run = run
+        self.cfg = run.train
+        self.out_dir = Path(out_dir)
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.batches = batches
+        self.eval_data = eval_data
+        self.tokenizer = tokenizer
+        self.on_step = on_step
+        if console is None:
+            from rich.console import Console
+
+            console = Console(stderr=True)
+        self.console = console
+        cfg = self.cfg
+        if cfg.seq_len > run.model.max_position_embeddings:
+            raise ConfigError(
+                f"train.seq_len ({cfg.seq_len}) exceeds model.max_position_embeddings "
+                f"({run.model.max_position_embeddings}); lower seq_len or raise max_position_embeddings"
+            )
+        if tokenizer is not None and tokenizer.vocab_size > run.model.vocab_size:
+            raise ConfigError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {run.model.vocab_size}; "
+                f"set model.vocab_size={tokenizer.vocab_size} or use a smaller tokenizer"
+            )
+
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.device = resolve_device(cfg.device)
+        self.autocast_dtype = resolve_precision(cfg.precision, self.device)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+
+        self.model = build_model(run.model, device=self.device, seed=cfg.seed)
+        self.model.train()
+        self.optimizers = build_optimizers(self.model, cfg)
+        self.schedule = WSDSchedule(cfg)
+        self.step = 0
+        self.tokens_seen = 0
+        self.elapsed = 0.0  # wall seconds of this run, across resumes (drives a time-based schedule)
+        self.train_time = 0.0  # seconds inside training steps only (tokens/s, MFU)
+        self.skipped_total = 0
+        self.consecutive_skips = 0
+        self.resumed_from: Path | None = None
+        self._saved_step: int | None = None
+
+        if resume:
+            self._resume()
+        elif ckpt.newest_complete(self.checkpoint_dir) is not None:
+            raise ConfigError(
+                f"{self.out_dir} already holds checkpoints of a run; pass --resume to continue it, "
+                "or choose another --out"
+            )
+        self.metrics = MetricsLog(self.out_dir, resume_step=self.step if resume else None, tensorboard=cfg.tensorboard)
+
+        if cfg.peak_tflops > 0:
+            self.peak_flops, self.peak_source = cfg.peak_tflops * 1e12, "--peak-tflops (user-given)"
+        else:
+            dtype = self.autocast_dtype or torch.float32
+            self.peak_flops, self.peak_source = measure_peak_flops(self.device, dtype)
+        self.with_mtp = cfg.mtp_weight > 0 and run.model.mtp_num_layers > 0
+        self.with_indexer = cfg.indexer_loss_weight > 0 and run.model.lsa_enabled
+
+    # -----------------------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        found = ckpt.newest_complete(self.checkpoint_dir)
+        if found is None:
+            raise ConfigError(
+                f"--resume: no complete checkpoint in {self.checkpoint_dir}; start without --resume"
+            )
+        state = ckpt.load_checkpoint(found)
+        saved = from_dict(state["run_config"]["model"], source=f"{found}/train_config.json")
+        diffs = config_differences(self.run.model, saved)
+        if diffs:
+            raise ConfigError(
+                f"--resume: the checkpoint {found} has a different architecture ({'; '.join(diffs)}); "
+                "use the same --preset/--config/--set model.* as the original run, or another --out"
+            )
+        ckpt.load_model_state(self.model, found)
+        try:
+            self.optimizers.load_state_dict(state["optimizer"])
+        except ValueError as exc:
+            raise ConfigError(
+                f"--resume: optimizer state in {found} does not fit this run ({exc}); "
+                f"use the original train.optimizer"
+            ) from None
+        ts = state["trainer_state"]
+        self.step = ts["step"]
+        self.tokens_seen = ts["tokens_seen"]
+        self.elapsed = ts["elapsed"]
+        self.train_time = ts["train_time"]
+        self.skipped_total = ts["skipped_total"]
+        self.consecutive_skips = ts["consecutive_skips"]
+        self.batches.load_state_dict(ts["sampler"])
+        ckpt.set_rng_state(state["rng"])
+        self.resumed_from = found
+        self._saved_step = self.step
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # -----------------------------------------------------------------------------------------------
+    def _step(self) -> dict[str, Any]:
+        """One optimizer step over grad_accum micro-batches. Returns its metrics record."""
+        cfg, model = self.cfg, self.model
+        t0 = time.perf_counter()
+        lr_scale = self.schedule.scale(self.step, self.elapsed)
+        self.optimizers.set_lr_scale(lr_scale)
+        self.optimizers.zero_grad()
+        model.lsa_mode = "dense" if self.step < cfg.lsa_dense_warmup_steps else "sparse"
+
+        parts: dict[str, float] = {}
+        counts = None
+        active = 0.0
+        tokens = 0
+        for _ in range(cfg.grad_accum):
+            inputs, labels = self.batches.next_batch()
+            inputs = torch.as_tensor(inputs, device=self.device)  # (B, T) int64
+            labels = torch.as_tensor(labels, device=self.device)
+            with self._autocast():
+                out = model(inputs, mtp=self.with_mtp, indexer_loss=self.with_indexer)
+            losses = lm_losses(out, labels)
+            total = losses["lm"]
+            mtp = [v for k, v in losses.items() if k.startswith("mtp")]
+            if mtp:
+                losses["mtp"] = torch.stack(mtp).mean()
+                total = total + cfg.mtp_weight * losses["mtp"]
+            if cfg.z_loss > 0:
+                losses["z_loss"] = out.pre_norm_hidden.float().pow(2).mean()
+                total = total + cfg.z_loss * losses["z_loss"]
+            if cfg.balance_loss > 0:
+                losses["balance_loss"] = out.router.balance_loss()
+                total = total + cfg.balance_loss * losses["balance_loss"]
+            if out.indexer_loss is not None and self.with_indexer:
+                losses["indexer_loss"] = out.indexer_loss
+                total = total + cfg.indexer_loss_weight * losses["indexer_loss"]
+            losses["loss_total"] = total
+            (total / cfg.grad_accum).backward()
+            for k, v in losses.items():
+                parts[k] = parts.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            counts = out.router.counts if counts is None else counts + out.router.counts
+            active += out.router.active_params_per_token / cfg.grad_accum
+            tokens += inputs.numel()
+
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        finite = math.isfinite(parts["loss_total"]) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizers.step()
+            if cfg.router_bias_rate > 0:
+                update_router_bias(model, counts, cfg.router_bias_rate, cfg.router_bias_update)
+            self.consecutive_skips = 0
+        else:
+            self.optimizers.zero_grad()
+            self.skipped_total += 1
+            self.consecutive_skips += 1
+        self.step += 1
+        self.tokens_seen += tokens
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        self.train_time += dt
+
+        tokens_per_s = tokens / dt
+        model_flops = flops_per_token(self.run.model, cfg.seq_len, active, self.with_mtp)
+        zero_share = float(counts[:, self.run.model.n_routed_experts :].sum() / counts.sum())
+        record = {
+            "kind": "train",
+            "step": self.step,
+            "loss": parts["lm"],
+            **{k: v for k, v in parts.items() if k != "lm"},
+            "lr": cfg.lr * lr_scale,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * model_flops / self.peak_flops,
+            "mfu_peak_flops": self.peak_flops,
+            "mfu_peak_source": self.peak_source,
+            "model_flops_per_token": model_flops,
+            "mem_peak_gib": peak_memory_gib(self.device),
+            "tokens_seen": self.tokens_seen,
+            "zero_expert_share": zero_share,
+            "ffn_slots_per_token": float(counts[:, : self.run.model.n_routed_experts].sum())
+            / (tokens * counts.shape[0]),
+            "active_params": active,
+            "skipped": not finite,
+            "elapsed_s": self.elapsed + dt,
+        }
+        if not finite and self.consecutive_skips >= cfg.max_skipped_steps:
+            self.metrics.write(record)
+            raise TrainingError(
+                f"stopped at step {self.step}: {self.consecutive_skips} consecutive steps with a non-finite "
+                f"loss or gradient (loss {parts['loss_total']}, grad norm {grad_norm}); lower train.lr, "
+                f"raise train.warmup_steps, or raise train.max_skipped_steps to tolerate more"
+            )
+        return record
+
+    # -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float] | None:
+        """Mean held-out loss (nats/token) and bits per byte."""
+        if self.eval_data is None:
+            return None
+        model = self.model
+        model.eval()
+        nats, count = 0.0, 0
+        try:
+            for inputs, labels in self.eval_data.batches():
+                inputs = torch.as_tensor(inputs, device=self.device)
+                labels = torch.as_tensor(labels, device=self.device)
+                with self._autocast():
+                    out = model(inputs, mtp=False, indexer_loss=False)
+                logits = out.logits.float()
+                nats += float(torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"))
+                count += labels.numel()
+        finally:
+            model.train()
+        if count == 0:
+            return None
+        loss = nats / count
+        # bpb = nats/token * tokens/byte / ln 2, with the held-out split's token/byte ratio
+        return {"eval_loss": loss, "bpb": loss * self.eval_data.tokens_per_byte / math.log(2), "eval_tokens": count}
+
+    def sample(self) -> str | None:
+        if self.tokenizer is None or self.cfg.sample_tokens <= 0:
+            return None
+        return sample_text(
+            self.model, self.tokenizer, self.cfg.sample_prompt, self.cfg.sample_tokens,
+            temperature=self.cfg.sample_temperature, seed=self.cfg.seed, context_len=self.cfg.seq_len,
+            autocast_dtype=self.autocast_dtype,
+        )
+
+    def save(self) -> Path:
+        trainer_state = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "elapsed": self.elapsed,
+            "train_time": self.train_time,
+            "skipped_total": self.skipped_total,
+            "consecutive_skips": self.consecutive_skips,
+            "sampler": self.batches.state_dict(),
+        }
+        try:
+            path = ckpt.save_checkpoint(
+                self.checkpoint_dir, self.step, model=self.model, optimizer_state=self.optimizers.state_dict(),
+                trainer_state=trainer_state, run_config_json=self.run.to_json(),
+                tokenizer_json=self.tokenizer.to_json() if self.tokenizer is not None else None,
+                keep=self.cfg.keep_checkpoints,
+            )
+        except ckpt.CheckpointSaveError as exc:
+            raise TrainingError(str(exc)) from exc
+        self._saved_step = self.step
+        return path
+
+    # -----------------------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        result = TrainResult(step=self.step, tokens_seen=self.tokens_seen, stopped="steps",
+                             mfu_peak_flops=self.peak_flops, mfu_peak_source=self.peak_source,
+                             metrics=self.metrics.path)
+        progress = _Progress(self, enabled=cfg.progress and self.console.is_terminal)
+        last_eval: dict | None = None
+        rates: list[tuple[float, float]] = []  # (tokens/s, mfu) of each step this session
+        try:
+            with progress:
+                while not self.schedule.done(self.step, self.elapsed):
+                    t0 = time.perf_counter()
+                    record = self._step()
+                    result.losses.append(record["loss"])
+                    if not record["skipped"]:
+                        rates.append((record["tokens_per_s"], record["mfu"]))
+                    self.metrics.write(record)
+                    if self.on_step is not None:
+                        self.on_step(self, record)
+                    self.elapsed += time.perf_counter() - t0
+                    finishing = self.schedule.done(self.step, self.elapsed)
+
+                    if (cfg.eval_every and self.step % cfg.eval_every == 0) or finishing:
+                        te = time.perf_counter()
+                        last_eval = self.evaluate()
+                        if last_eval is not None:
+                            self.metrics.write({"kind": "eval", "step": self.step, **last_eval})
+                            progress.note(f"step {self.step}: held-out loss {last_eval['eval_loss']:.4f}, "
+                                          f"{last_eval['bpb']:.4f} bits/byte")
+                        self.elapsed += time.perf_counter() - te
+                    if (cfg.sample_every and self.step % cfg.sample_every == 0) or finishing:
+                        te = time.perf_counter()
+                        text = self.sample()
+                        if text is not None:
+                            self.metrics.write({"kind": "sample", "step": self.step, "text": text})
+                            result.sample = text
+                            if not finishing:
+                                progress.note(f"step {self.step} sample: {text!r}")
+                        self.elapsed += time.perf_counter() - te
+                    if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or finishing:
+                        te = time.perf_counter()
+                        result.checkpoint = self.save()
+                        self.elapsed += time.perf_counter() - te
+                    progress.update(record)
+                    if not finishing and cfg.log_every and self.step % cfg.log_every == 0:
+                        progress.log_line(record)
+        finally:
+            self.metrics.close()
+        if self._saved_step != self.step or result.checkpoint is None:
+            # nothing ran (already at the end) or the loop ended on a resumed step: point at the newest
+            result.checkpoint = ckpt.newest_complete(self.checkpoint_dir)
+        result.step = self.step
+        result.tokens_seen = self.tokens_seen
+        result.stopped = "steps" if self.step >= cfg.steps else "time_budget"
+        result.train_seconds = self.train_time
+        result.skipped_steps = self.skipped_total
+        if last_eval is not None:
+            result.eval_loss, result.bpb = last_eval["eval_loss"], last_eval["bpb"]
+        if rates:
+            # steady state: skip the first steps (allocator warm-up, first-touch page faults)
+            steady = rates[min(len(rates) - 1, max(1, len(rates) // 10)):]
+            result.tokens_per_s = sum(r[0] for r in steady) / len(steady)
+            result.mfu = sum(r[1] for r in steady) / len(steady)
+        png = self.out_dir / "loss_curve.png"
+        result.plot_note = plot_loss_curve(self.metrics.path, png)
+        result.plot = None if result.plot_note else png
+        return result
+
+
+class _Progress:
+    """A live rich progress bar (loss, tokens/s, ETA) or, without a terminal, periodic log lines."""
+
+    def __init__(self, trainer: Trainer, enabled: bool) -> None:
+        self.trainer = trainer
+        self.enabled = enabled
+        self.console = trainer.console
+        self._progress = None
+        self._task = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+                TextColumn("step {task.fields[step]}"), TextColumn("loss {task.fields[loss]}"),
+                TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"),
+                TimeRemainingColumn(), console=self.console, transient=False,
+            )
+            self._progress.__enter__()
+            t = self.trainer
+            self._task = self._progress.add_task(
+                "train", total=1000, completed=1000 * t.schedule.progress(t.step, t.elapsed),
+                step=t.step, loss="-", tps="-",
+            )
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+        return False
+
+    def update(self, record: dict) -> None:
+        if self._progress is None:
+            return
+        t = self.trainer
+        loss = record["loss"]
+        self._progress.update(
+            self._task, completed=1000 * t.schedule.progress(t.step, t.elapsed), step=t.step,
+            loss=f"{loss:.3f}" if loss is not None and math.isfinite(loss) else "nan",
+            tps=f"{record['tokens_per_s']:,.0f}",
+        )
+
+    def note(self, text: str) -> None:
+        self.console.print(text, highlight=False, markup=False)
+
+    def log_line(self, record: dict) -> None:
+        if self._progress is not None:
+            return
+        t = self.trainer
+        loss = record["loss"]
+        self.console.print(
+            f"step {t.step}/{t.cfg.steps}  loss {loss:.4f}  lr {record['lr']:.2e}  "
+            f"grad {record['grad_norm']:.3f}  {record['tokens_per_s']:,.0f} tok/s  mfu {record['mfu']:.1%}",
+            highlight=False, markup=False,
+        )
+
+
+__all__ = [
+    "BatchSource", "EvalData", "Trainer", "TrainResult", "TrainingError", "router_target_share",
+    "update_router_bias", "resolve_device", "resolve_precision",
+]
