@@ -7,6 +7,7 @@ import json
 
 
 def run_model(args: argparse.Namespace) -> int:
+    from ..config import parse_overrides
     from .model_bench import run_model_bench
 
     results = run_model_bench(
@@ -18,12 +19,14 @@ def run_model(args: argparse.Namespace) -> int:
         precisions=tuple(args.precision),
         with_reference=not args.no_reference,
         threads=args.threads,
+        clock=args.clock,
+        overrides=parse_overrides(args.set),
         log=(lambda *_: None) if args.json else print,
     )
     if args.json:
         print(json.dumps([
             {
-                "preset": args.preset, "precision": r.precision, "tokens_per_step": r.tokens_per_step,
+                "preset": args.preset, "overrides": args.set, "clock": args.clock, "precision": r.precision, "tokens_per_step": r.tokens_per_step,
                 "ours_tokens_per_s": r.ours_tokens_per_s, "transformers_tokens_per_s": r.reference_tokens_per_s,
                 "speedup": r.speedup,
             }
@@ -48,6 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--warmup", type=int, default=2)
     m.add_argument("--precision", nargs="+", default=["fp32", "bf16-autocast"], choices=["fp32", "bf16-autocast"])
     m.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    m.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall",
+        help="wall: elapsed time; cpu: process CPU time, robust when other work shares the machine (use with --threads 1)",
+    )
+    m.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a model config field")
     m.add_argument("--no-reference", action="store_true", help="measure ours only")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=run_model)

@@ -41,9 +41,9 @@ class BenchResult:
         return None if self.reference_s is None else self.reference_s / self.ours_s
 
 
-def comparable_config(name: str) -> ModelConfig:
+def comparable_config(name: str, **overrides) -> ModelConfig:
     """The preset without the parts transformers lacks (n-grams, LSA, MTP)."""
-    return preset(name, oe_vocab_size_ratio=0.0, index_n_heads=0, mtp_num_layers=0)
+    return preset(name, **{**overrides, "oe_vocab_size_ratio": 0.0, "index_n_heads": 0, "mtp_num_layers": 0})
 
 
 def _step(loss_fn, x: torch.Tensor, precision: str, clock) -> float:
@@ -66,13 +66,14 @@ def run_model_bench(
     with_reference: bool = True,
     threads: int | None = None,
     clock: str = "wall",
+    overrides: dict | None = None,
     log=print,
 ) -> list[BenchResult]:
     if threads:
         torch.set_num_threads(threads)
     # "cpu" (process CPU time) is robust to other load on a shared machine; use it with threads=1.
     timer = time.perf_counter if clock == "wall" else time.process_time
-    config = comparable_config(name)
+    config = comparable_config(name, **(overrides or {}))
     ours = build_model(config, seed=0).train()
     reference = None
     if with_reference:

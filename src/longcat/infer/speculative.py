@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model import AttentionContext, LongCatForCausalLM
+from ..model import LongCatForCausalLM
 from .batch import DecodeBatch, token_history
 from .sampling import BatchSampler
 
@@ -74,10 +74,13 @@ def rejection_accept(
 class MTPDrafter:
     """Proposes `num_draft` tokens per row with the model's MTP heads, over the latent cache."""
 
-    def __init__(self, model: LongCatForCausalLM, num_draft: int, batch_size: int, max_len: int, chunk: int) -> None:
+    def __init__(self, model: LongCatForCausalLM, runner, num_draft: int, batch_size: int, max_len: int,
+                 chunk: int) -> None:
+        """runner: FastDecoder or ModelForward (decode.py), whose mtp() runs one head over the cache."""
         if not model.mtp:
             raise ValueError("this model has no MTP heads (mtp_num_layers = 0): speculative decoding needs them")
         self.model = model
+        self.runner = runner
         self.k = num_draft
         self.depths = min(num_draft, len(model.mtp))  # heads used; the last one also runs on
         self.chunk = chunk
@@ -114,10 +117,7 @@ class MTPDrafter:
         if self.history:
             history = token_history(batch.tokens, positions[:, 0] + depth, self.history)
         emb = model.embed(ids, history)
-        cos, sin = model.rotary(positions, emb.dtype)
-        batch.cache.begin(positions)
-        ctx = AttentionContext(cos, sin, positions, batch.cache, sparse=model.lsa_mode == "sparse")
-        return model.mtp[depth - 1](emb, prev, ctx)  # (hidden, normed hidden)
+        return self.runner.mtp(depth, emb, prev, positions, batch.cache)  # (hidden, normed hidden)
 
     def draft(self, batch: DecodeBatch, sampler: BatchSampler) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Write k drafts per row into batch.tokens at n+1..n+k.

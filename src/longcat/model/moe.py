@@ -87,12 +87,22 @@ class GroupedExperts(nn.Module):
         offsets = counts.cumsum(0).to(torch.int32)
         gate_up = self.gate_up_proj.to(dtype).transpose(-2, -1)  # (N, H, 2F)
         down = self.down_proj.to(dtype).transpose(-2, -1)  # (N, F, H)
-        h = torch._grouped_mm(x.to(dtype), gate_up, offs=offsets)
-        h = _ContiguousGrad.apply(h)
+        h = _grouped_mm(x.to(dtype), gate_up, offsets, counts)
         gate, up = h.split(self.inner, dim=-1)
         h = (F.silu(gate) * up).contiguous()
-        out = torch._grouped_mm(h, down, offs=offsets)
-        return _ContiguousGrad.apply(out)
+        return _grouped_mm(h, down, offsets, counts)
+
+
+# Devices where torch._grouped_mm is known to work; elsewhere (e.g. Ascend NPU) loop over experts.
+_GROUPED_MM_DEVICES = {"cpu", "cuda"}
+
+
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """rows of x grouped by expert (offsets = cumulative counts) @ w[e] (E, K, N) -> (M, N)."""
+    if hasattr(torch, "_grouped_mm") and x.device.type in _GROUPED_MM_DEVICES:
+        return _ContiguousGrad.apply(torch._grouped_mm(x, w, offs=offsets))
+    chunks = x.split(counts.tolist())
+    return torch.cat([chunk @ w[e] for e, chunk in enumerate(chunks)])
 
 
 @dataclass

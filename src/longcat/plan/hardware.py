@@ -40,6 +40,7 @@ class Hardware:
     scaleout_bandwidth_gbs: float = 0.0  # NIC bandwidth per chip
     # --- efficiency factors: achieved fraction of the peaks above -----------------------------------------
     gemm_efficiency: float = 0.7  # large bf16/fp8 GEMMs in a training step
+    expert_gemm_efficiency: float = 0.0  # grouped GEMMs over many small experts (0: same as gemm_efficiency)
     attention_efficiency: float = 0.5  # attention core (flash kernels, or batched GEMMs over heads)
     memory_efficiency: float = 0.7  # element-wise kernels vs HBM bandwidth
     scaleup_efficiency: float = 0.75  # collective bus bandwidth vs link bandwidth
@@ -60,7 +61,9 @@ class Hardware:
         for name in ("peak_tflops_bf16", "hbm_gib", "hbm_bandwidth_gbs"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"hardware '{self.name}': field '{name}' must be > 0 (set it in the TOML or with --hw-set)")
-        for name in ("gemm_efficiency", "attention_efficiency", "memory_efficiency", "scaleup_efficiency", "scaleout_efficiency"):
+        if self.expert_gemm_efficiency == 0:
+            self.expert_gemm_efficiency = self.gemm_efficiency
+        for name in ("gemm_efficiency", "expert_gemm_efficiency", "attention_efficiency", "memory_efficiency", "scaleup_efficiency", "scaleout_efficiency"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"hardware '{self.name}': '{name}' must be in (0, 1], got {getattr(self, name)}")
         if self.scaleup_domain < 1:
@@ -207,7 +210,9 @@ class Stack:
     balance_stages: bool = True  # uneven layer counts so the head/embedding stages are not slower
     ep_overlap: float = 0.0  # share of expert all-to-all hidden for 'replace' MoE (DualPipe-style: ~1)
     logits_bytes: float = 6.0  # per logit element kept: bf16 logits + fp32 log-probabilities
-    optimizer_traffic_bytes: float = 30.0  # AdamW step bytes per local parameter (fp32 master, m, v, grad, bf16 copy)
+    logits_backward_bytes: float = 6.0  # transient per logit element in the loss backward (fused: fp32 grad + bf16 grad)
+    optimizer_traffic_bytes: float = 30.0  # AdamW step bytes per local parameter: fused kernel (fp32 master, m, v, grad, bf16 copy)
+    persistent_grads: bool = True  # gradients live in a buffer for the whole step (Megatron, FSDP), not set to None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -221,6 +226,14 @@ STACKS: dict[str, Stack] = {
     "megatron-2021": Stack(
         name="megatron-2021", flash_attention=False, sequence_parallel=False, tp_overlap=0.0,
         overlap_grad_reduce=False, grad_reduce_bytes=2.0, pp_scatter_gather=True, balance_stages=False,
+    ),
+    # One PyTorch process as `longcat train` runs it: SDPA (flash kernels), torch.optim.AdamW in
+    # its single-tensor form (about ten passes over the state: ~80 bytes per parameter), gradients
+    # set to None between steps, an unfused cross-entropy (fp32 log-probabilities kept; the backward
+    # holds two fp32 gradients and a bf16 one per logit).
+    "pytorch-eager": Stack(
+        name="pytorch-eager", flash_attention=True, sequence_parallel=False, overlap_grad_reduce=True,
+        optimizer_traffic_bytes=80.0, logits_backward_bytes=10.0, persistent_grads=False,
     ),
 }
 

@@ -148,6 +148,8 @@ def _print_summary(console, result, trainer) -> None:
                  f"of {result.mfu_peak_flops / 1e9:,.0f} GFLOP/s ({result.mfu_peak_source})")
     if result.skipped_steps:
         lines.append(f"skipped {result.skipped_steps} non-finite step(s)")
+    if result.sample:
+        lines.append(f"sample: {result.sample!r}")
     lines.append(f"checkpoint: {result.checkpoint}")
     lines.append(f"metrics:    {result.metrics}")
     lines.append(f"loss curve: {result.plot}" if result.plot else f"loss curve: {result.plot_note}")

@@ -219,6 +219,7 @@ class Trainer:
         self.consecutive_skips = 0
         self.resumed_from: Path | None = None
         self._saved_step: int | None = None
+        self._throughput: list[tuple[int, float, float]] = []  # (tokens, seconds, flops/token) per finite step
 
         if resume:
             self._resume()
@@ -341,6 +342,8 @@ class Trainer:
 
         tokens_per_s = tokens / dt
         model_flops = flops_per_token(self.run.model, cfg.seq_len, active, self.with_mtp)
+        if finite:
+            self._throughput.append((tokens, dt, model_flops))
         zero_share = float(counts[:, self.run.model.n_routed_experts :].sum() / counts.sum())
         record = {
             "kind": "train",
@@ -438,15 +441,12 @@ class Trainer:
                              metrics=self.metrics.path)
         progress = _Progress(self, enabled=cfg.progress and self.console.is_terminal)
         last_eval: dict | None = None
-        rates: list[tuple[float, float]] = []  # (tokens/s, mfu) of each step this session
         try:
             with progress:
                 while not self.schedule.done(self.step, self.elapsed):
                     t0 = time.perf_counter()
                     record = self._step()
                     result.losses.append(record["loss"])
-                    if not record["skipped"]:
-                        rates.append((record["tokens_per_s"], record["mfu"]))
                     self.metrics.write(record)
                     if self.on_step is not None:
                         self.on_step(self, record)
@@ -489,11 +489,13 @@ class Trainer:
         result.skipped_steps = self.skipped_total
         if last_eval is not None:
             result.eval_loss, result.bpb = last_eval["eval_loss"], last_eval["bpb"]
-        if rates:
-            # steady state: skip the first steps (allocator warm-up, first-touch page faults)
-            steady = rates[min(len(rates) - 1, max(1, len(rates) // 10)):]
-            result.tokens_per_s = sum(r[0] for r in steady) / len(steady)
-            result.mfu = sum(r[1] for r in steady) / len(steady)
+        if self._throughput:
+            # steady state: total tokens over total step time, without the first 10% of the steps
+            # (allocator warm-up, first-touch page faults)
+            steady = self._throughput[min(len(self._throughput) - 1, max(1, len(self._throughput) // 10)):]
+            seconds = sum(s for _, s, _ in steady)
+            result.tokens_per_s = sum(t for t, _, _ in steady) / seconds
+            result.mfu = sum(t * f for t, _, f in steady) / seconds / self.peak_flops
         png = self.out_dir / "loss_curve.png"
         result.plot_note = plot_loss_curve(self.metrics.path, png)
         result.plot = None if result.plot_note else png

@@ -1,0 +1,154 @@
+"""Planner vs reality on this machine: the demo's training configuration, predicted and measured.
+
+Configuration (what `make demo` trains): preset `small`, sequence length 256, micro-batch 16
+sequences, no gradient accumulation, bf16 autocast on the CPU, AdamW (single-tensor form, as the
+trainer builds it), fp32 master weights, one process.
+
+1. Measure the machine (`longcat plan calibrate --model small --tokens 4096 --seq-len 256`),
+   written to configs/hardware/cpu-local.toml unless --hardware names an existing entry.
+2. In a fresh child process (so its peak RSS is the training's own), run --warmup + --steps real
+   training steps and record the mean step time and the peak resident memory.
+3. Ask the planner for the same configuration (`--stack pytorch-eager --precision autocast`) and
+   print predicted vs measured with the error.
+
+Run once, on an otherwise idle machine if you can: other processes on the same cores slow the
+training and the calibration alike but not necessarily equally.
+
+    .venv/bin/python benchmarks/plan_vs_measured.py [--steps 10] [--hardware cpu-local] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+PRESET, SEQ_LEN, MICRO_BATCH = "small", 256, 16
+
+
+def child(steps: int, warmup: int) -> None:
+    """Train for warmup + steps steps; print one JSON line with the measurements."""
+    from longcat.plan.calibrate import current_rss_bytes, peak_rss_bytes
+
+    import torch
+
+    from longcat.config import preset
+    from longcat.model import build_model, lm_losses
+
+    baseline = current_rss_bytes()
+    config = preset(PRESET)
+    model = build_model(config)  # fp32 weights: the master copy
+    model.train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=3e-4, betas=(0.9, 0.95), eps=1e-8, foreach=False,
+    )
+    gen = torch.Generator().manual_seed(0)
+    times = []
+    for step in range(warmup + steps):
+        tokens = torch.randint(0, config.vocab_size, (MICRO_BATCH, SEQ_LEN + 1), generator=gen)
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(inputs)
+        losses = lm_losses(out, labels)
+        loss = losses["lm"] + 0.3 * sum(v for k, v in losses.items() if k != "lm")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        del out, losses, loss
+        elapsed = time.perf_counter() - start
+        if step >= warmup:
+            times.append(elapsed)
+    mean = sum(times) / len(times)
+    spread = (sum((t - mean) ** 2 for t in times) / len(times)) ** 0.5
+    print(json.dumps({
+        "step_time_s": mean, "step_time_std_s": spread, "steps": len(times),
+        "peak_rss_gib": peak_rss_bytes() / 2**30, "baseline_rss_gib": baseline / 2**30,
+        "threads": torch.get_num_threads(),
+    }))
+
+
+def predict(hardware: str) -> tuple[object, object]:
+    from longcat.config import preset
+    from longcat.plan.arch import from_longcat
+    from longcat.plan.hardware import load_hardware, load_stack
+    from longcat.plan.layout import Layout
+    from longcat.plan.train import Planner, TrainSetup
+
+    arch = from_longcat(preset(PRESET), name=PRESET)
+    hw = load_hardware(hardware)
+    setup = TrainSetup(arch, hw, load_stack("pytorch-eager"), chips=1, seq_len=SEQ_LEN,
+                       global_batch_tokens=SEQ_LEN * MICRO_BATCH, optimizer="adamw", precision="autocast")
+    layout = Layout(tp=1, pp=1, ep=1, cp=1, dp=1, zero=0, recompute="none", microbatch=MICRO_BATCH, schedule="1f1b")
+    return Planner(setup).evaluate(layout), hw
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--hardware", default=None, help="use this hardware entry instead of calibrating now")
+    parser.add_argument("--output", default=None, help="where calibration writes (default configs/hardware/cpu-local.toml)")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.steps, args.warmup)
+        return 0
+
+    hardware = args.hardware
+    measured_hw = None
+    if hardware is None:
+        from pathlib import Path
+
+        from longcat.plan.arch import from_longcat
+        from longcat.plan.calibrate import default_output, measure, to_toml
+        from longcat.config import preset
+
+        print("calibrating (longcat plan calibrate --model small --tokens 4096 --seq-len 256) ...", file=sys.stderr)
+        measured_hw = measure(arch=from_longcat(preset(PRESET), name=PRESET), tokens=SEQ_LEN * MICRO_BATCH, seq_len=SEQ_LEN)
+        path = Path(args.output) if args.output else default_output()
+        path.write_text(to_toml(measured_hw))
+        hardware = str(path)
+    print(f"training {args.warmup}+{args.steps} steps in a child process ...", file=sys.stderr)
+    proc = subprocess.run([sys.executable, __file__, "--child", "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode:
+        print(proc.stderr, file=sys.stderr)
+        return proc.returncode
+    real = json.loads(proc.stdout.strip().splitlines()[-1])
+    plan, hw = predict(hardware)
+    predicted_time, predicted_mem = plan.step_time_s, plan.memory_gib["total"]
+    result = {
+        "config": {"preset": PRESET, "seq_len": SEQ_LEN, "micro_batch": MICRO_BATCH, "precision": "bf16 autocast, fp32 master",
+                   "optimizer": "AdamW (single-tensor)", "processes": 1},
+        "hardware": hw.to_dict(),
+        "measured": real,
+        "predicted": {"step_time_s": predicted_time, "peak_memory_gib": predicted_mem,
+                      "step_breakdown_s": plan.step, "memory_gib": plan.memory_gib},
+        "error": {"step_time": predicted_time / real["step_time_s"] - 1, "peak_memory": predicted_mem / real["peak_rss_gib"] - 1},
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"machine: {hw.description}")
+    print(f"  bf16 peak {hw.peak_tflops_bf16 * 1e3:.0f} GFLOP/s, GEMM eff {hw.gemm_efficiency:.2f}, expert GEMM eff "
+          f"{hw.expert_gemm_efficiency:.2f}, attention eff {hw.attention_efficiency:.2f}, memory {hw.hbm_bandwidth_gbs:.1f} GB/s, "
+          f"{hw.kernel_overhead_us:.1f} us/op, runtime {hw.reserved_gib:.2f} GiB")
+    print(f"{'':22s}{'predicted':>12s}{'measured':>12s}{'error':>9s}")
+    print(f"{'step time (s)':22s}{predicted_time:12.3f}{real['step_time_s']:12.3f}{result['error']['step_time']:+9.1%}"
+          f"   (measured +- {real['step_time_std_s']:.3f} s over {real['steps']} steps)")
+    print(f"{'peak memory (GiB)':22s}{predicted_mem:12.3f}{real['peak_rss_gib']:12.3f}{result['error']['peak_memory']:+9.1%}"
+          f"   (peak RSS; torch runtime alone {real['baseline_rss_gib']:.2f} GiB)")
+    print("predicted step time by category: " + ", ".join(f"{k} {v:.3f}" for k, v in plan.step.items() if v))
+    print("predicted memory by category (GiB): " + ", ".join(f"{k} {v:.3f}" for k, v in plan.memory_gib.items() if v))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""`longcat generate`: text generation from a model directory, streamed to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate", help="generate text with the latent-cache engine (optionally MTP speculative decoding)",
+        description="Generate a continuation of one or more prompts. --model is a model directory "
+                    "(ours or Hugging Face LongcatFlash) or a training run directory (its newest complete "
+                    "checkpoint is used).",
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="model, HF or training run directory")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
+                   help="prompt as comma-separated token ids, e.g. 1,17,42 (repeatable; no tokenizer needed)")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="tokenizer.json or a folder with one (default: the one next to the model)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (default: 0 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the likeliest (default: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="default: 1.0 = off")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="default: 0 = off")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="default: 0 = off")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same output)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
+    p.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="report each token's logprob and the N likeliest alternatives (with --json)")
+    p.add_argument("--speculative", type=int, default=0, metavar="N",
+                   help="draft N tokens per step with the MTP heads (default: 0 = plain decoding)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per prompt (text, token_ids, ttft_s, tokens_per_s, acceptance_rate, ...)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="context for prompt plus new tokens (default: the model's max_position_embeddings)")
+    p.add_argument("--truncate-prompt", action="store_true",
+                   help="keep the end of a prompt that does not fit the context instead of failing")
+    p.add_argument("--no-bos", action="store_true", help="do not put the beginning-of-text token before text prompts")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weights and cache dtype (default: as stored)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=run)
+
+
+def _user_error(message: str):
+    from ..cli import UserError
+
+    return UserError(message)
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """The directory `longcat.load` reads for `path` (a run directory -> its newest checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise _user_error(f"model path {path} does not exist")
+    if path.is_dir() and not (path / "config.json").exists():
+        from ..interop.native import newest_checkpoint
+
+        found = newest_checkpoint(path)
+        if found is None:
+            raise _user_error(f"{path} has no config.json and no complete checkpoint under it")
+        return found
+    return path
+
+
+def find_tokenizer(model_dir: Path, given: Path | None = None) -> Path | None:
+    """tokenizer.json in the model directory, or in the folders above it up to `given`."""
+    candidates = [model_dir, model_dir.parent, model_dir.parent.parent]
+    if given is not None:
+        candidates.append(given)
+    for folder in candidates:
+        if (folder / "tokenizer.json").is_file():
+            return folder / "tokenizer.json"
+    return None
+
+
+def load_tokenizer(path: str | Path):
+    """longcat.data.Tokenizer when available, else a minimal adapter over `tokenizers`."""
+    try:
+        from ..data import Tokenizer
+    except ImportError:  # the data package is optional for inference
+        return _TokenizersAdapter(Path(path))
+    try:
+        return Tokenizer.load(path)
+    except Exception as exc:  # DataError and friends: a one-line message is enough
+        raise _user_error(str(exc)) from exc
+
+
+class _TokenizersAdapter:
+    """encode/decode/eos_id/bos_id over a raw tokenizer.json."""
+
+    def __init__(self, path: Path) -> None:
+        import tokenizers
+
+        file = path / "tokenizer.json" if path.is_dir() else path
+        self.hf = tokenizers.Tokenizer.from_file(str(file))
+        vocab = self.hf.get_vocab(with_added_tokens=True)
+        self.eos_id = next((vocab[t] for t in ("<eos>", "</s>", "<|endoftext|>") if t in vocab), None)
+        self.bos_id = next((vocab[t] for t in ("<bos>", "<s>", "<|begin_of_text|>") if t in vocab), self.eos_id)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=True)
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise _user_error(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import load
+    from ..interop.safetensors_io import CheckpointError
+    from .engine import Engine
+    from .sampling import GenerationError, SamplingParams
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompts: list = list(args.prompt) + [_parse_ids(s) for s in args.prompt_ids]
+    if not prompts:
+        raise _user_error("give a prompt: --prompt TEXT or --prompt-ids 1,2,3")
+    model_dir = resolve_model_dir(args.model)
+    tokenizer = None
+    tok_path = Path(args.tokenizer) if args.tokenizer else find_tokenizer(model_dir, Path(args.model))
+    if tok_path is not None:
+        tokenizer = load_tokenizer(tok_path)
+    elif args.prompt:
+        raise _user_error(f"no tokenizer.json next to {model_dir}: pass --tokenizer PATH, or give --prompt-ids")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    try:
+        model = load(model_dir, device=args.device, dtype=dtype)
+    except CheckpointError as exc:
+        raise _user_error(str(exc)) from exc
+    model.eval()
+    try:
+        params = SamplingParams(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+            frequency_penalty=args.frequency_penalty, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
+            logprobs=args.logprobs,
+        )
+        engine = Engine(model, tokenizer, max_seq_len=args.max_seq_len, speculative=args.speculative,
+                        add_bos=not args.no_bos)
+        events = engine.stream(prompts, params, truncate_prompt=args.truncate_prompt)
+    except GenerationError as exc:
+        raise _user_error(str(exc)) from exc
+
+    results = {}
+    live = args.stream and len(prompts) == 1  # several prompts: each printed when it is done
+    if live and not args.json and isinstance(prompts[0], str):
+        print(prompts[0], end="", flush=True)
+    for event in events:
+        if live:
+            if args.json:
+                print(json.dumps({"index": event.index, "token_ids": event.token_ids, "text": event.text}), flush=True)
+            else:
+                print(event.text if tokenizer is not None else "".join(f" {t}" for t in event.token_ids),
+                      end="", flush=True)
+        if event.result is not None:
+            results[event.index] = event.result
+            if not live and not args.json:
+                _print_result(prompts[event.index], event.result, tokenizer is not None, many=len(prompts) > 1)
+    if live and not args.json:
+        print()
+    for i in sorted(results):
+        r = results[i]
+        if args.json:
+            print(json.dumps({"index": i, **r.to_dict()}))
+        else:
+            _print_stats(r, many=len(prompts) > 1)
+    return 0
+
+
+def _print_result(prompt, result, has_text: bool, many: bool) -> None:
+    if many:
+        print(f"--- prompt {result.index}")
+    if has_text and isinstance(prompt, str):
+        print(prompt + (result.text or ""))
+    elif has_text:
+        print(result.text or "")
+    else:
+        print(" ".join(str(t) for t in result.token_ids))
+
+
+def _print_stats(r, many: bool) -> None:
+    label = f"[{r.index}] " if many else ""
+    line = (f"{label}{len(r.token_ids)} tokens ({r.finish_reason}), first token {r.ttft_s * 1000:.0f} ms, "
+            f"{r.tokens_per_s:.1f} tokens/s")
+    if r.acceptance_rate is not None:
+        line += f", draft acceptance {r.acceptance_rate:.0%}"
+    print(line, file=sys.stderr)

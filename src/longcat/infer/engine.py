@@ -1,0 +1,502 @@
+"""Batched generation over the latent MLA cache, with optional MTP speculative decoding.
+
+    engine = Engine(model, tokenizer)
+    results = engine.generate(["Once upon a time", "The cat"], SamplingParams(max_new_tokens=64))
+    for event in engine.stream("Hello", SamplingParams(temperature=0)):  # tokens as they come
+        print(event.text, end="")
+
+One `generate` call runs its prompts as one batch:
+
+- prefill: every prompt goes through the model in chunks of `prefill_chunk` positions (rows
+  right-padded to the longest prompt), writing `[c_kv, k_rope]` per token per attention sublayer
+  into a preallocated `LatentCache` that the engine keeps between calls;
+- decode: every step feeds each row's newest token at that row's own position, so prompts of
+  different lengths decode together; attention runs in the absorbed form directly over the
+  cached latents (MLA._absorbed_path), LongCat sparse attention over the cached indexer keys, and
+  the n-gram embedding reads each row's last n-1 tokens from the token buffer;
+- speculative decoding (`speculative=k`): the MTP heads draft k tokens, one main-model forward
+  verifies them (speculative.py);
+- finished rows leave the batch at once (the last live rows move into their slots).
+
+Nothing is allocated per step except the small tensors the model itself creates; prompts that do
+not fit the configured context (`max_seq_len`) are refused before any compute, or truncated from
+the left when asked.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model import LatentCache, LongCatForCausalLM
+from .batch import DecodeBatch, token_history
+from .decode import FastDecoder, ModelForward
+from .sampling import BatchSampler, GenerationError, SamplingParams, top_logprobs
+from .speculative import MTPDrafter, greedy_accept, rejection_accept
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the likeliest alternatives (token id, logprob), best first
+
+
+@dataclass
+class GenerationResult:
+    index: int  # position of the prompt in the request
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated tokens only (including the stop token that ended them)
+    text: str | None  # the generated text (tokenizer present), without the stop token or string
+    finish_reason: str  # "stop" (end-of-text, a stop token or a stop string) or "length"
+    stop_reason: int | str | None  # the stop token id or stop string, when finish_reason is "stop"
+    logprobs: list[TokenLogprob] | None
+    ttft_s: float  # request start to first token (prefill included)
+    total_s: float  # request start to last token
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    speculative: int = 0  # drafts per step (0 = plain decoding)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed: tokens after the first one over the time after the first one."""
+        n, span = len(self.token_ids), self.total_s - self.ttft_s
+        if n > 1 and span > 0:
+            return (n - 1) / span
+        return n / self.total_s if self.total_s > 0 else 0.0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted drafts over proposed drafts; None without speculative decoding."""
+        if not self.speculative:
+            return None
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    def to_dict(self) -> dict:
+        out = {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "prompt_tokens": len(self.prompt_token_ids),
+            "finish_reason": self.finish_reason,
+            "stop_reason": self.stop_reason,
+            "ttft_s": self.ttft_s,
+            "total_s": self.total_s,
+            "tokens_per_s": self.tokens_per_s,
+            "acceptance_rate": self.acceptance_rate,
+            "speculative": self.speculative,
+        }
+        if self.logprobs is not None:
+            out["logprobs"] = [
+                {"token_id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]} for lp in self.logprobs
+            ]
+        return out
+
+
+@dataclass
+class StreamEvent:
+    index: int  # which prompt
+    token_ids: list[int]  # tokens new in this event
+    text: str  # text new in this event ("" without a tokenizer)
+    result: GenerationResult | None = None  # set on the event that finishes the prompt
+
+    @property
+    def finished(self) -> bool:
+        return self.result is not None
+
+
+class _Text:
+    """Incremental detokenization with stop strings.
+
+    Text that could still turn out to be the start of a stop string, or a partial UTF-8 character,
+    is held back until the next tokens decide it.
+    """
+
+    def __init__(self, tokenizer, stops: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.text = ""
+        self.sent = 0
+
+    def update(self, ids: list[int], final: bool) -> tuple[str, str | None]:
+        """All text ids so far -> (text new since the last call, the stop string found or None)."""
+        text = self.tokenizer.decode(ids)
+        hit = None
+        if self.stops:
+            begin = max(0, len(self.text) - self.hold)
+            found = [(i, s) for s in self.stops if (i := text.find(s, begin)) >= 0]
+            if found:
+                cut, hit = min(found)
+                text, final = text[:cut], True
+        self.text = text
+        end = len(text)
+        if not final:
+            end -= self.hold
+            while end > self.sent and text[end - 1] == "\ufffd":
+                end -= 1
+        end = max(end, self.sent)
+        delta, self.sent = text[self.sent : end], end
+        return delta, hit
+
+
+@dataclass
+class _Sequence:
+    """Host-side state of one prompt."""
+
+    index: int
+    prompt: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    text: _Text | None
+    stream_text: bool
+    t_start: float
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    t_first: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    drafted: int = 0
+    accepted: int = 0
+
+    def add(self, tokens: list[int], logprobs: list[TokenLogprob] | None, now: float) -> tuple[list[int], str]:
+        """Commit tokens in order until a stop condition; returns (tokens taken, new text)."""
+        if not self.token_ids:
+            self.t_first = now
+        start = len(self.token_ids)
+        # with stop strings the text is checked after every token, so nothing past one is kept
+        per_token = self.text is not None and bool(self.params.stop)
+        delta = ""
+        for j, t in enumerate(tokens):
+            self.token_ids.append(t)
+            if logprobs is not None:
+                self.logprobs.append(logprobs[j])
+            if t in self.stop_ids:
+                self.finish_reason, self.stop_reason = "stop", t
+            elif len(self.token_ids) >= self.params.max_new_tokens:
+                self.finish_reason = "length"
+            if per_token:
+                piece, hit = self.text.update(self._text_ids(), final=self.finish_reason is not None)
+                delta += piece
+                if hit is not None:
+                    self.finish_reason, self.stop_reason = "stop", hit
+            if self.finish_reason is not None:
+                break
+        if self.text is not None and self.stream_text and not per_token:
+            delta, _ = self.text.update(self._text_ids(), final=self.finish_reason is not None)
+        return self.token_ids[start:], delta
+
+    def _text_ids(self) -> list[int]:
+        ended_by_token = self.finish_reason == "stop" and isinstance(self.stop_reason, int)
+        return self.token_ids[:-1] if ended_by_token else self.token_ids
+
+    def result(self, now: float, speculative: int) -> GenerationResult:
+        text = None
+        if self.text is not None:
+            text = self.text.text if (self.stream_text or self.params.stop) else self.text.tokenizer.decode(self._text_ids())
+        return GenerationResult(
+            index=self.index, prompt_token_ids=self.prompt, token_ids=list(self.token_ids), text=text,
+            finish_reason=self.finish_reason or "length", stop_reason=self.stop_reason, logprobs=self.logprobs,
+            ttft_s=self.t_first - self.t_start, total_s=now - self.t_start, num_draft_tokens=self.drafted,
+            num_accepted_tokens=self.accepted, speculative=speculative,
+        )
+
+
+class Engine:
+    """Generation for a `LongCatForCausalLM` (any device, any dtype).
+
+    tokenizer: any object with encode(str) -> ids, decode(ids) -> str and eos_id (and bos_id);
+        needed for text prompts, text output and stop strings.
+    max_seq_len: the context a request may use, prompt plus new tokens (default: the model's
+        max_position_embeddings). The cache is allocated for what a batch needs, up to this.
+    prefill_chunk: prompt positions per prefill forward (bounds the prefill's attention memory).
+    speculative: MTP draft tokens per step by default (0 = plain decoding; a call can override).
+    add_bos: put the tokenizer's beginning-of-text token before text prompts (as training samples do).
+    fast: decode steps through `FastDecoder` (same math, fewer operations); False runs
+        model.forward for every step (the reference path).
+    """
+
+    def __init__(
+        self,
+        model: LongCatForCausalLM,
+        tokenizer=None,
+        *,
+        max_seq_len: int | None = None,
+        prefill_chunk: int = 512,
+        speculative: int = 0,
+        add_bos: bool = True,
+        fast: bool = True,
+    ) -> None:
+        self.model = model
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.max_seq_len = int(max_seq_len or self.config.max_position_embeddings)
+        if self.max_seq_len < 2:
+            raise GenerationError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+        if prefill_chunk < 1:
+            raise GenerationError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
+        self.speculative = self._check_speculative(speculative)
+        self.add_bos = add_bos
+        weight = model.embed_tokens.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.eos_id = getattr(tokenizer, "eos_id", None)
+        if self.eos_id is None:
+            self.eos_id = self.config.eos_token_id
+        self.bos_id = getattr(tokenizer, "bos_id", None)
+        if self.bos_id is None:
+            self.bos_id = self.config.bos_token_id
+        self._cache: LatentCache | None = None
+        self.runner = FastDecoder(model) if fast else ModelForward(model)
+
+    # --- public API ------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        speculative: int | None = None,
+        truncate_prompt: bool = False,
+    ) -> list[GenerationResult]:
+        """One result per prompt, in prompt order (a single prompt gives a one-element list)."""
+        results: dict[int, GenerationResult] = {}
+        for event in self.stream(prompts, params, speculative=speculative, truncate_prompt=truncate_prompt,
+                                 _stream_text=False):
+            if event.result is not None:
+                results[event.index] = event.result
+        return [results[i] for i in sorted(results)]
+
+    def stream(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        speculative: int | None = None,
+        truncate_prompt: bool = False,
+        _stream_text: bool = True,
+    ) -> Iterator[StreamEvent]:
+        """Like generate, but yields a StreamEvent whenever a prompt gets new tokens.
+
+        Everything is checked (prompt lengths, parameters) before the first forward, so a request
+        that cannot run fails before it starts, never half-way.
+        """
+        t_start = time.perf_counter()
+        k = self.speculative if speculative is None else self._check_speculative(speculative)
+        seqs = self._sequences(prompts, params, truncate_prompt, _stream_text, t_start)
+        return _Generation(self, seqs, k).run()
+
+    # --- request checks ----------------------------------------------------------------------------
+    def _check_speculative(self, k: int) -> int:
+        if k < 0:
+            raise GenerationError(f"speculative must be >= 0 draft tokens, got {k}")
+        if k and not self.model.mtp:
+            raise GenerationError(
+                "speculative decoding drafts with the MTP heads, and this model has none "
+                "(mtp_num_layers = 0); use speculative=0"
+            )
+        return k
+
+    def _sequences(self, prompts, params, truncate: bool, stream_text: bool, t_start: float) -> list[_Sequence]:
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise GenerationError("no prompts given")
+        if params is None:
+            params = SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        params = list(params)
+        if len(params) != len(prompts):
+            raise GenerationError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; give one, or one per prompt")
+        V = self.config.vocab_size
+        seqs = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            if isinstance(prompt, str):
+                if self.tokenizer is None:
+                    raise GenerationError("text prompts need a tokenizer: pass Engine(model, tokenizer) or token ids")
+                ids = list(self.tokenizer.encode(prompt))
+                if self.add_bos and (not ids or ids[0] != self.bos_id):
+                    ids = [self.bos_id] + ids
+            else:
+                ids = [int(t) for t in prompt]
+            if not ids:
+                raise GenerationError(f"prompt {i} is empty; give at least one token")
+            bad = [t for t in ids if not 0 <= t < V]
+            if bad:
+                raise GenerationError(f"prompt {i} has token ids outside the vocabulary [0, {V}): {bad[:5]}")
+            if p.stop and self.tokenizer is None:
+                raise GenerationError("stop strings need a tokenizer; use stop_token_ids with token-id prompts")
+            room = self.max_seq_len - p.max_new_tokens
+            if len(ids) > room:
+                if not truncate or room < 1:
+                    raise GenerationError(
+                        f"prompt {i} has {len(ids)} tokens and asks for {p.max_new_tokens} new ones, but the "
+                        f"context holds {self.max_seq_len} (max_seq_len): shorten the prompt, lower max_new_tokens, "
+                        "raise max_seq_len" + ("" if truncate else ", or allow truncation (truncate_prompt=True / "
+                                               "--truncate-prompt keeps the prompt's end)")
+                    )
+                ids = ids[len(ids) - room :]
+            stops = set(p.stop_token_ids)
+            if not p.ignore_eos:
+                stops.add(self.eos_id)
+            text = _Text(self.tokenizer, list(p.stop)) if self.tokenizer is not None else None
+            logprobs = [] if p.logprobs is not None else None
+            seqs.append(_Sequence(i, ids, p, frozenset(stops), text, stream_text, t_start, logprobs=logprobs))
+        return seqs
+
+    def cache_for(self, batch_size: int, max_len: int) -> LatentCache:
+        """The engine's preallocated latent cache, grown (never shrunk) to fit, narrowed to the batch."""
+        c = self._cache
+        if c is None or c.c_kv.shape[1] < batch_size or c.max_len < max_len or c.c_kv.dtype != self.dtype:
+            rows = max(batch_size, c.c_kv.shape[1] if c is not None else 0)
+            length = max(max_len, c.max_len if c is not None else 0)
+            self._cache = None  # free the old one first
+            self._cache = LatentCache(self.config, rows, length, dtype=self.dtype, device=self.device,
+                                      with_mtp=bool(self.model.mtp))
+        return self._cache.narrow(batch_size)
+
+
+class _Generation:
+    """One batch of sequences from prefill to the last token."""
+
+    def __init__(self, engine: Engine, seqs: list[_Sequence], k: int) -> None:
+        self.engine, self.model, self.seqs, self.k = engine, engine.model, seqs, k
+        self.history = self.model.config.oe_neighbor_num - 1 if self.model.config.ngram_enabled else 0
+
+    def run(self) -> Iterator[StreamEvent]:
+        engine, seqs, k = self.engine, self.seqs, self.k
+        B = len(seqs)
+        lengths = [len(s.prompt) for s in seqs]
+        max_len = max(len(s.prompt) + s.params.max_new_tokens for s in seqs) + k
+        with torch.inference_mode():
+            cache = engine.cache_for(B, max_len)
+            tokens = torch.zeros(B, max_len, dtype=torch.long, device=engine.device)
+            for i, s in enumerate(seqs):
+                tokens[i, : len(s.prompt)] = torch.tensor(s.prompt, device=engine.device)
+            n = torch.tensor(lengths, device=engine.device)
+            self.batch = DecodeBatch(cache, tokens, n)
+            self.sampler = BatchSampler([s.params for s in seqs], [s.prompt for s in seqs],
+                                        self.model.config.vocab_size, engine.device)
+            self.batch.extra.append(self.sampler)
+            self.drafter = None
+            if k:
+                self.drafter = MTPDrafter(self.model, engine.runner, k, B, max_len, engine.prefill_chunk)
+                self.batch.extra.append(self.drafter)
+            self.rows = list(seqs)  # the sequence in each batch row
+            logits = self._prefill(n, max(lengths))
+            first = self._commit_first(logits)
+        yield from self._emit(first)
+        while self.rows:
+            with torch.inference_mode():
+                events = self._step()
+            yield from self._emit(events)
+
+    # --- prefill -------------------------------------------------------------------------------
+    def _prefill(self, lengths: torch.Tensor, longest: int) -> torch.Tensor:
+        """Prompts -> cache; returns the logits (B, 1, V) after each prompt's last token."""
+        batch, model, chunk = self.batch, self.model, self.engine.prefill_chunk
+        B = batch.size
+        last = None
+        for s in range(0, longest, chunk):
+            e = min(longest, s + chunk)
+            ids = batch.tokens[:, s:e]
+            positions = torch.arange(s, e, device=ids.device).expand(B, -1)
+            history = None
+            if self.history:
+                history = token_history(batch.tokens, torch.full((B,), s, device=ids.device), self.history)
+            out = model(ids, positions=positions, cache=batch.cache, ngram_history=history, mtp=False,
+                        indexer_loss=False, logits_to_keep=1)
+            if self.drafter is not None:
+                self.drafter.store_main_hidden(positions, out.pre_norm_hidden)
+            col = lengths - 1 - s  # each row's last prompt position, relative to this chunk
+            here = ((col >= 0) & (col < e - s)).unsqueeze(-1)
+            H = out.hidden_states.shape[-1]
+            normed = out.hidden_states.gather(1, col.clamp(0, e - s - 1).view(B, 1, 1).expand(B, 1, H)).squeeze(1)
+            last = normed if last is None else torch.where(here, normed, last)
+        return model.lm_head(last).unsqueeze(1)
+
+    def _commit_first(self, logits: torch.Tensor):
+        x = self.sampler.process(logits)
+        tokens, _ = self.sampler.choose(x)  # (B, 1)
+        self.batch.tokens.scatter_(1, self.batch.n.unsqueeze(1), tokens)
+        return self._finish_step(tokens, [1] * len(self.rows), logits, None)
+
+    # --- one decode step ------------------------------------------------------------------------
+    def _step(self):
+        batch, sampler, k = self.batch, self.sampler, self.k
+        drafts = q = None
+        if k:
+            drafts, q = self.drafter.draft(batch, sampler)
+            positions = batch.n.unsqueeze(1) + torch.arange(k + 1, device=batch.n.device)  # (B, k+1)
+        else:
+            positions = batch.n.unsqueeze(1)
+        ids = batch.tokens.gather(1, positions)
+        history = token_history(batch.tokens, batch.n, self.history) if self.history else None
+        raw, hidden = self.engine.runner.forward(ids, positions, batch.cache, history, last_only=not k)  # (B, k+1, V)
+        x = sampler.process(raw, drafts)
+        if not k:
+            tokens, _ = sampler.choose(x)  # (B, 1)
+            batch.tokens.scatter_(1, positions + 1, tokens)
+            batch.n += 1
+            return self._finish_step(tokens, None, raw, None)
+        self.drafter.store_main_hidden(positions, hidden)
+        targets = x.argmax(-1)  # (B, k+1)
+        accepted = greedy_accept(targets, drafts)
+        following = targets.gather(1, accepted.unsqueeze(1)).squeeze(1)
+        if not sampler.all_greedy:
+            s_acc, s_next = rejection_accept(x.softmax(-1), q, drafts, sampler.uniforms(k),
+                                             sampler.exponential_noise(1, x.shape[-1])[:, 0])
+            accepted = torch.where(sampler.greedy, accepted, s_acc)
+            following = torch.where(sampler.greedy, following, s_next)
+        # emitted tokens: drafts[:a] then `following`, laid out in a (B, k+1) row
+        emitted = torch.cat([drafts, drafts[:, :1]], 1).scatter_(1, accepted.unsqueeze(1), following.unsqueeze(1))
+        batch.tokens.scatter_(1, (batch.n + accepted + 1).unsqueeze(1), following.unsqueeze(1))
+        batch.n += accepted + 1
+        counts = (accepted + 1).tolist()
+        return self._finish_step(emitted, counts, raw, accepted.tolist())
+
+    def _finish_step(self, emitted: torch.Tensor, counts, raw: torch.Tensor, accepted):
+        """Host side: commit tokens to each sequence, check stops; returns (sequence, tokens, text)."""
+        now = time.perf_counter()
+        ids = emitted.tolist()
+        lp = None
+        if self.sampler.max_logprobs is not None:
+            chosen, values, top_ids = top_logprobs(raw, emitted, self.sampler.max_logprobs)
+            lp = (chosen.tolist(), values.tolist(), top_ids.tolist())
+        events, alive, committed = [], [], []
+        for i, seq in enumerate(self.rows):
+            count = counts[i] if counts is not None else 1
+            row = ids[i][:count]
+            logprobs = None
+            if seq.logprobs is not None:
+                n = seq.params.logprobs
+                logprobs = [TokenLogprob(row[j], lp[0][i][j], list(zip(lp[2][i][j][:n], lp[1][i][j][:n])))
+                            for j in range(count)]
+            if accepted is not None:
+                seq.drafted += self.k
+                seq.accepted += accepted[i]
+            new, delta = seq.add(row, logprobs, now)
+            committed.append(new)
+            events.append((seq, new, delta))
+            alive.append(seq.finish_reason is None)
+        self.sampler.record(committed)
+        if not all(alive):
+            src, dst = self.batch.keep(alive)
+            for s, d in zip(src, dst):
+                self.rows[d] = self.rows[s]
+            self.rows = self.rows[: sum(alive)]
+        return events, now
+
+    def _emit(self, step) -> Iterator[StreamEvent]:
+        events, now = step
+        for seq, new, delta in events:
+            result = seq.result(now, self.k) if seq.finish_reason is not None else None
+            yield StreamEvent(seq.index, new, delta, result)
+
+
+__all__ = ["Engine", "GenerationResult", "StreamEvent", "TokenLogprob", "SamplingParams", "GenerationError"]

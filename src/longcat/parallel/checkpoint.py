@@ -1,0 +1,93 @@
+"""Distributed checkpoints (torch.distributed.checkpoint) that move between layouts.
+
+A checkpoint is a directory `step_00000010/` holding DCP shards of the model and optimizer state
+(keyed by the full model's parameter names, each tensor stored with its global shape), plus
+`train_state.json` (step, data position, anything JSON) and a `COMPLETE` marker written last.
+Because DCP records global shapes and `get_state_dict`/`set_state_dict` translate to and from
+FSDP/TP/EP shards, a run saved on one layout resumes on another: 2 ranks -> 1, 1 -> 2,
+FSDP -> FSDP+EP, pipelined <-> flat. Loading reads only the bytes each rank needs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+MARKER = "COMPLETE"
+STATE_FILE = "train_state.json"
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under root (a crash mid-save leaves no marker)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.glob("step_*") if (p / MARKER).exists())
+    return done[-1] if done else None
+
+
+def save_checkpoint(root: str | Path, step: int, module: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    train_state: dict | None = None, *, keep: int = 0) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory."""
+    path = step_dir(root, step)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0 and path.exists():
+        shutil.rmtree(path)  # a stale, incomplete save of the same step
+    _barrier()
+    model_sd, optim_sd = _state(module, optimizer)
+    state = {"model": model_sd}
+    if optim_sd is not None:
+        state["optim"] = optim_sd
+    dcp.save(state, checkpoint_id=str(path))
+    if rank == 0:
+        (path / STATE_FILE).write_text(json.dumps({"step": step, **(train_state or {})}, indent=1))
+        (path / MARKER).write_text("ok\n")
+        if keep > 0:
+            done = sorted(p for p in Path(root).glob("step_*") if (p / MARKER).exists())
+            for old in done[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return path
+
+
+def load_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Collective: fill the (already parallelized) module and optimizer; returns train_state.json."""
+    path = Path(path)
+    if not (path / MARKER).exists():
+        raise FileNotFoundError(f"{path} is not a complete distributed checkpoint (no {MARKER} marker)")
+    model_sd, optim_sd = _state(module, optimizer)
+    state = {"model": model_sd}
+    if optim_sd is not None:
+        state["optim"] = optim_sd
+    dcp.load(state, checkpoint_id=str(path))
+    if optimizer is not None:
+        set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        set_state_dict(module, [], model_state_dict=state["model"], optim_state_dict={})
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def _state(module: nn.Module, optimizer):
+    if optimizer is None:
+        model_sd, _ = get_state_dict(module, [])
+        return model_sd, None
+    return get_state_dict(module, optimizer)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "step_dir", "MARKER", "STATE_FILE"]

@@ -1,0 +1,351 @@
+"""Set up the world, parallelize a model, and run one distributed training step.
+
+What a training loop calls, in order (see docs/PARALLEL.md for a complete loop):
+
+    dims = setup(layout, config, seq_len=T, global_batch=B, ...)   # validate, init, mesh
+    model = build_model(config, device=dims.device, seed=seed)       # same seed on every rank
+    pm = parallelize(model, dims, seq_len=T)                         # TP -> EP -> CP -> PP -> FSDP
+    optimizer = build_adamw(pm.module, lr=...)
+    each step:
+        optimizer.zero_grad()
+        result = pm.forward_backward(inputs, labels, weights)        # the GLOBAL batch, every rank
+        norm = pm.clip_grad_norm_(max_norm)
+        if pm.all_finite(result.loss_total, norm): optimizer.step(); pm.update_router_bias(...)
+    shutdown_distributed()
+
+Every rank passes the same global batch (B, T); `forward_backward` takes this rank's rows (data
+parallel) and zig-zag chunks (context parallel). Loss values and router counts come back
+averaged/summed over all data ranks, so they equal a single-process run on the same batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from ..config import ModelConfig
+from ..model.lm import LongCatForCausalLM, lm_losses
+from .layout import ParallelDims, ParallelLayout, build_mesh, device_type_for, init_distributed
+from .modules import indexed_layers
+
+
+@dataclass
+class LossWeights:
+    """Weights of the auxiliary losses (0 = not computed). Mirrors the trainer's recipe."""
+
+    mtp: float = 0.0
+    z_loss: float = 0.0
+    balance: float = 0.0
+    indexer: float = 0.0
+
+    @property
+    def any_aux(self) -> bool:
+        return self.z_loss > 0 or self.balance > 0
+
+
+@dataclass
+class StepResult:
+    losses: dict[str, float]  # global means over all data ranks ("lm", "mtp", ..., "loss_total")
+    counts: torch.Tensor  # (L, N+Z) router slots per entry, summed over all data ranks
+    tokens: int  # tokens in the global batch
+
+    @property
+    def loss_total(self) -> float:
+        return self.losses["loss_total"]
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def setup(
+    layout: ParallelLayout,
+    config: ModelConfig,
+    *,
+    device: str = "auto",
+    seq_len: int | None = None,
+    global_batch: int | None = None,
+    weights: LossWeights | None = None,
+) -> ParallelDims:
+    """Validate the layout against the model and the world (before any work), then init and mesh."""
+    weights = weights or LossWeights()
+    layout.validate(
+        config, world_size_from_env(), seq_len=seq_len, global_batch=global_batch,
+        with_mtp=weights.mtp > 0 and config.mtp_num_layers > 0,
+        with_indexer_loss=weights.indexer > 0 and config.lsa_enabled, with_aux_losses=weights.any_aux,
+    )
+    device_type = device_type_for(device)
+    init_distributed(device_type)
+    return build_mesh(layout, device_type)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+class ParallelModel:
+    """A LongCat model parallelized over a mesh, with the pieces of a training step.
+
+    `module` holds this rank's parameters under the full model's names: the model itself, or a
+    `PipelineRankModel` with the rank's stages. Build the optimizer over `module.parameters()`.
+    """
+
+    def __init__(self, dims: ParallelDims, module: nn.Module, *, seq_len: int | None, cp_kv=None,
+                 stages=None, schedule=None, autocast_dtype: torch.dtype | None = None) -> None:
+        self.dims = dims
+        self.layout = dims.layout
+        self.module = module
+        self.config: ModelConfig = module.config
+        self.seq_len = seq_len
+        self.cp_kv = cp_kv
+        self.stages = stages or []
+        self.schedule = schedule
+        self.autocast_dtype = autocast_dtype
+        self._loss_scale = 1.0
+
+    # --- data ---------------------------------------------------------------------------------
+    def shard_batch(self, inputs: torch.Tensor, labels: torch.Tensor):
+        """Global (B, T) -> this rank's rows (data parallel) and zig-zag chunks (context parallel)."""
+        B = inputs.shape[0]
+        dp, dp_rank = self.layout.dp, self.dims.dp_rank
+        if B % dp:
+            raise ValueError(f"global batch {B} is not divisible by dp_replicate*dp_shard = {dp}")
+        rows = slice(dp_rank * B // dp, (dp_rank + 1) * B // dp)
+        x, y = inputs[rows], labels[rows]
+        positions = None
+        if self.cp_kv is not None:
+            positions = self.cp_kv.positions(self.dims.local_rank("cp")).to(x.device)
+            index = positions[0]
+            x, y = x[:, index], y[:, index]
+        device = self.dims.device
+        return x.to(device), y.to(device), None if positions is None else positions.to(device)
+
+    def _autocast(self):
+        import contextlib
+
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.dims.device.type, dtype=self.autocast_dtype)
+
+    def _all_reduce(self, t: torch.Tensor, mesh_name: str, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        if self.dims.size(mesh_name) > 1:
+            dist.all_reduce(t, op=op, group=self.dims.group(mesh_name))
+        return t
+
+    # --- forward and backward -----------------------------------------------------------------
+    def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor, weights: LossWeights | None = None,
+                         *, scale: float = 1.0) -> StepResult:
+        """Forward and backward of one global micro-batch; gradients accumulate (times `scale`,
+        e.g. 1/grad_accum). Losses are global means; counts are global sums."""
+        weights = weights or LossWeights()
+        if self.schedule is not None:
+            return self._pipeline_forward_backward(inputs, labels, scale)
+        x, y, positions = self.shard_batch(inputs, labels)
+        with_mtp = weights.mtp > 0 and self.config.mtp_num_layers > 0
+        with_indexer = weights.indexer > 0 and self.config.lsa_enabled
+        with self._autocast():
+            out = self.module(x, positions=positions, cache=self.cp_kv, mtp=with_mtp, indexer_loss=with_indexer)
+        losses = lm_losses(out, y)
+        counts = self._all_reduce(out.router.counts.clone(), "dp_cp")
+        total = losses["lm"]
+        mtp = [v for k, v in losses.items() if k.startswith("mtp")]
+        if with_mtp and mtp:
+            losses["mtp"] = torch.stack(mtp).mean()
+            total = total + weights.mtp * losses["mtp"]
+        if weights.z_loss > 0:
+            losses["z_loss"] = out.pre_norm_hidden.float().pow(2).mean()
+            total = total + weights.z_loss * losses["z_loss"]
+        if weights.balance > 0:
+            losses["balance_loss"] = global_balance_loss(counts, out.router.mean_probs, self.config.n_routed_experts)
+            total = total + weights.balance * losses["balance_loss"]
+        if with_indexer and out.indexer_loss is not None:
+            losses["indexer_loss"] = out.indexer_loss
+            total = total + weights.indexer * losses["indexer_loss"]
+        losses["loss_total"] = total
+        (total * scale).backward()
+        names = list(losses)
+        values = torch.stack([losses[k].detach().float() for k in names])
+        values = self._all_reduce(values, "dp_cp") / self.dims.size("dp_cp")
+        return StepResult(dict(zip(names, values.tolist())), counts, inputs.numel())
+
+    def _pipeline_forward_backward(self, inputs, labels, scale: float) -> StepResult:
+        x, y, _ = self.shard_batch(inputs, labels)
+        for stage in self.stages:
+            stage.router_counts = {}
+        has_first = any(s.first for s in self.stages)
+        has_last = any(s.last for s in self.stages)
+        losses: list[torch.Tensor] = []
+        self._loss_scale = scale
+        args = (x,) if has_first else ()
+        kwargs = {"target": y, "losses": losses} if has_last else {}
+        with self._autocast():
+            self.schedule.step(*args, **kwargs)
+        # the schedule's losses carry the gradient scale; report the plain mean
+        loss = torch.stack(losses).mean().detach().float() / scale if has_last else torch.zeros((), device=x.device)
+        loss = self._all_reduce(loss.reshape(1), "pp")
+        loss = self._all_reduce(loss, "dp_cp") / self.dims.size("dp_cp")
+        L, E = self.config.num_layers, self.config.num_experts_total
+        counts = torch.zeros(L, E, dtype=torch.long, device=x.device)
+        for stage in self.stages:
+            for i, c in stage.router_counts.items():
+                counts[i] += c.to(counts.device)
+        counts = self._all_reduce(self._all_reduce(counts, "pp"), "dp_cp")
+        value = float(loss[0])
+        return StepResult({"lm": value, "loss_total": value}, counts, inputs.numel())
+
+    def pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        from .pipeline import next_token_loss
+
+        return next_token_loss(logits, labels) * self._loss_scale
+
+    # --- after backward -----------------------------------------------------------------------
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Global gradient norm over every parameter shard (FSDP, TP, EP, PP); clips if max_norm > 0."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        by_mesh: dict[object, list[torch.Tensor]] = {}
+        for p in params:
+            key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+            by_mesh.setdefault(key, []).append(p.grad)
+        total_sq = torch.zeros((), dtype=torch.float32, device=self.dims.device)
+        for mesh, grads in by_mesh.items():
+            norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=False)
+            if isinstance(norm, DTensor):
+                norm = norm.full_tensor()
+            total_sq = total_sq + norm.float() ** 2
+        total_sq = self._all_reduce(total_sq.reshape(1), "pp")
+        total = float(total_sq.sqrt())
+        if max_norm > 0 and math.isfinite(total) and total > max_norm:
+            coef = max_norm / (total + 1e-6)
+            for p in params:
+                p.grad.mul_(coef)
+        return total
+
+    def all_finite(self, *values: float) -> bool:
+        """True on every rank, or False on every rank: a non-finite value anywhere is seen everywhere."""
+        bad = torch.tensor([0.0 if all(math.isfinite(v) for v in values) else 1.0], device=self.dims.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bool(bad.item() == 0.0)
+
+    @torch.no_grad()
+    def update_router_bias(self, counts: torch.Tensor, rate: float, mode: str = "sign") -> None:
+        """Aux-loss-free balancing on this rank's layers from the global counts (L, N+Z).
+
+        Same rule as longcat.train.trainer.update_router_bias: bias += rate * f(target - observed).
+        """
+        if rate <= 0:
+            return
+        delta = router_bias_delta(self.config, counts, rate, mode)
+        for i, layer in indexed_layers(self.module):
+            bias = layer.mlp.router.e_score_correction_bias
+            bias.add_(delta[i].to(bias.device, bias.dtype))
+
+    def set_lsa_mode(self, mode: str) -> None:
+        for target in [self.module, *self.stages]:
+            if hasattr(target, "lsa_mode"):
+                target.lsa_mode = mode
+
+    def train(self, mode: bool = True) -> "ParallelModel":
+        self.module.train(mode)
+        for stage in self.stages:
+            stage.train(mode)
+        return self
+
+
+def global_balance_loss(counts: torch.Tensor, mean_probs: list[torch.Tensor], num_experts: int) -> torch.Tensor:
+    """Switch balance loss N * sum_i f_i * P_i with f from the GLOBAL counts and P this rank's mean
+    router probability. Averaging it over data ranks (as gradients are) gives the global loss."""
+    ffn = counts[:, :num_experts].float()
+    f = ffn / ffn.sum(-1, keepdim=True).clamp_min(1)
+    losses = [num_experts * (f[i].to(p.device) * p[:num_experts]).sum() for i, p in enumerate(mean_probs)]
+    return torch.stack(losses).mean()
+
+
+def router_bias_delta(config: ModelConfig, counts: torch.Tensor, rate: float, mode: str) -> torch.Tensor:
+    """(L, N+Z) bias change: target share K_e/(k*N) per FFN expert, (1-K_e/k)/Z per identity expert."""
+    N, Z, k = config.n_routed_experts, config.zero_expert_num, config.moe_topk
+    ke = config.ffn_slots_per_token
+    target = torch.empty(N + Z)
+    target[:N] = ke / (k * N)
+    if Z:
+        target[N:] = (1.0 - ke / k) / Z
+    observed = counts.float().cpu() / counts.float().cpu().sum(-1, keepdim=True).clamp_min(1)
+    error = target - observed
+    return rate * (error.sign() if mode == "sign" else error)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def parallelize(
+    model: LongCatForCausalLM,
+    dims: ParallelDims,
+    *,
+    seq_len: int | None = None,
+    precision: str = "auto",
+    autocast_dtype: torch.dtype | None = None,
+) -> ParallelModel:
+    """Apply the layout to a fully built model (identical on every rank), in TorchTitan's order:
+    pipeline split, tensor parallel, expert parallel, context parallel, then FSDP.
+
+    `precision` sets FSDP's MixedPrecisionPolicy ("auto": bf16 params with fp32 reduction on
+    accelerators, fp32 on CPU); `autocast_dtype` wraps the forward in torch.autocast.
+    """
+    from .context import apply_context_parallel
+    from .expert import apply_expert_parallel
+    from .fsdp import apply_fsdp, mixed_precision_policy
+    from .tensor import apply_tensor_parallel
+
+    layout = dims.layout
+    if layout.cp > 1 and seq_len is None:
+        raise ValueError("context parallelism needs seq_len")
+    stages, schedule = [], None
+    if layout.pp > 1:
+        from .pipeline import PipelineRankModel, build_schedule, split_model
+
+        stages, indices = split_model(model, dims.local_rank("pp"), layout.pp, layout.pp_stages_per_rank)
+        parts: list[nn.Module] = list(stages)
+    else:
+        parts = [model]
+    cp_kv = None
+    for part in parts:
+        if layout.tp > 1:
+            apply_tensor_parallel(part, dims.mesh["tp"])
+        if layout.ep > 1:
+            apply_expert_parallel(part, dims.mesh["ep"])
+        if layout.cp > 1:
+            cp_kv = apply_context_parallel(part, dims.mesh["cp"], seq_len)
+        if layout.fsdp:
+            policy = mixed_precision_policy(precision, dims.device.type)
+            # Under PP every micro-batch would re-gather: keep the parameters between them.
+            apply_fsdp(part, dims, policy, reshard_after_forward=layout.pp == 1)
+    if layout.pp > 1:
+        pm = ParallelModel(dims, PipelineRankModel(model, stages), seq_len=seq_len, stages=stages,
+                           autocast_dtype=autocast_dtype)
+        pm.schedule = build_schedule(stages, indices, layout.num_stages, dims.mesh["pp"], dims.device,
+                                     layout.pp_schedule, layout.microbatches, pm.pipeline_loss)
+        return pm
+    return ParallelModel(dims, model, seq_len=seq_len, cp_kv=cp_kv, autocast_dtype=autocast_dtype)
+
+
+def build_adamw(module: nn.Module, *, lr: float, betas=(0.9, 0.95), eps: float = 1e-8,
+                weight_decay: float = 0.1) -> torch.optim.AdamW:
+    """AdamW with decoupled weight decay on matrices only (not on norms or other 1-D tensors).
+
+    Works on FSDP/TP/EP shards (DTensors). Muon needs whole matrices, so it is not offered on
+    sharded layouts yet.
+    """
+    decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False)
+
+
+__all__ = [
+    "LossWeights", "StepResult", "ParallelModel", "setup", "parallelize", "build_adamw",
+    "global_balance_loss", "router_bias_delta", "world_size_from_env",
+]

@@ -1,0 +1,63 @@
+"""FSDP2 (`fully_shard`) per decoder layer, per MTP layer and at the root, with mixed precision.
+
+Dense parameters are sharded over dp_shard x cp (HSDP: replicated over dp_replicate). With expert
+parallelism the experts are already split over ep, so FSDP shards them over the remaining data
+ranks (dp_shard/ep x cp) in their own group. Their gradients arrive summed over the ep ranks by
+the all-to-all backward, so their reduction divides by the full data-parallel size, like the
+dense gradients (TorchTitan does the same).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
+
+from .layout import ParallelDims
+from .modules import decoder_layers, mtp_layers
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def mixed_precision_policy(precision: str, device_type: str) -> MixedPrecisionPolicy:
+    """bf16 parameters with fp32 gradient reduction on accelerators ("auto"), fp32 on CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got '{precision}'")
+    if precision == "fp32" or (precision == "auto" and device_type == "cpu"):
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def apply_fsdp(
+    module: nn.Module,
+    dims: ParallelDims,
+    mp_policy: MixedPrecisionPolicy,
+    *,
+    reshard_after_forward: bool = True,
+) -> None:
+    """fully_shard every decoder layer (experts in their own group under EP), MTP layer, then the root."""
+    mesh = dims.fsdp_mesh
+    layout = dims.layout
+    data_ranks = layout.dp * layout.cp
+    for layer in decoder_layers(module):
+        if layout.ep > 1:
+            experts = layer.mlp.experts
+            edp = layout.dp_shard_mod_ep * layout.cp
+            placement = None
+            if edp > experts.num_experts:
+                # fewer local experts than shard ranks: shard the hidden dim instead
+                placement = lambda _p: Shard(1)  # noqa: E731
+            fully_shard(
+                experts, mesh=dims.expert_fsdp_mesh, mp_policy=mp_policy,
+                reshard_after_forward=reshard_after_forward, shard_placement_fn=placement,
+            )
+            experts.set_gradient_divide_factor(float(data_ranks))
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    for head in mtp_layers(module):
+        fully_shard(head, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    # The root's parameters (embeddings, norm, head) are needed right at the start of backward.
+    fully_shard(module, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
+
+
+__all__ = ["apply_fsdp", "mixed_precision_policy", "PRECISIONS"]

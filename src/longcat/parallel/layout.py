@@ -1,0 +1,384 @@
+"""The parallel layout: degrees of every parallelism, checked before any process group exists.
+
+A layout string names degrees: "dp_shard=2,ep=2,tp=1,cp=1,pp=1,dp_replicate=1" (plus the pipeline
+options pp_schedule=1f1b|interleaved|gpipe, pp_microbatches=M, pp_stages_per_rank=V). The
+product pp * dp_replicate * dp_shard * cp * tp is the world size. Expert parallelism does not add
+ranks: like TorchTitan, it borrows them from the data-parallel shard dimension (every EP rank also
+reads its own data), so ep must divide dp_shard.
+
+`ParallelLayout.validate(config, world_size, ...)` runs before any work and raises `ConfigError`
+naming the degree to change and the values that would work. `build_mesh` then makes one
+`DeviceMesh` with named dimensions and the flattened views the parallelisms need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+
+import torch
+
+from ..config import ConfigError, ModelConfig
+
+# Degrees, in mesh order (outermost first). ep is carved out of dp_shard.
+DEGREES = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep")
+SCHEDULES = ("1f1b", "interleaved", "gpipe")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    dp_shard: int = 1  # FSDP: parameters, gradients and optimizer state sharded over these ranks
+    dp_replicate: int = 1  # HSDP/DDP: whole replicas (each sharded over dp_shard)
+    ep: int = 1  # expert parallelism: experts split over ep ranks taken from dp_shard
+    tp: int = 1  # tensor parallelism: attention heads and dense-FFN columns split
+    cp: int = 1  # context parallelism: the sequence split (zig-zag) with all-gathered latent KV
+    pp: int = 1  # pipeline parallelism: layers split into stages
+    pp_schedule: str = "1f1b"
+    pp_microbatches: int = 0  # 0 = pp * pp_stages_per_rank
+    pp_stages_per_rank: int = 1  # > 1 for the interleaved schedule (virtual stages)
+
+    # --------------------------------------------------------------------------------------------
+    @classmethod
+    def parse(cls, text: str | None) -> "ParallelLayout":
+        """"dp_shard=2,ep=2" -> ParallelLayout. Empty or None means one rank, no parallelism."""
+        if not text:
+            return cls()
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, object] = {}
+        for item in text.replace(" ", "").split(","):
+            if not item:
+                continue
+            if "=" not in item:
+                raise ConfigError(f"--parallel item '{item}' must look like NAME=VALUE, e.g. dp_shard=2")
+            name, raw = item.split("=", 1)
+            name = name.replace("-", "_")
+            if name not in known:
+                raise ConfigError(
+                    f"unknown --parallel name '{name}'; valid names: {', '.join(known)}"
+                )
+            if name == "pp_schedule":
+                values[name] = raw.lower()
+                continue
+            try:
+                values[name] = int(raw)
+            except ValueError:
+                raise ConfigError(f"--parallel {name} must be an integer, got '{raw}'") from None
+        layout = cls(**values)
+        layout._check_values()
+        return layout
+
+    def __str__(self) -> str:
+        parts = [f"{d}={getattr(self, d)}" for d in ("dp_replicate", "dp_shard", "ep", "tp", "cp", "pp")]
+        if self.pp > 1:
+            parts += [f"pp_schedule={self.pp_schedule}", f"pp_microbatches={self.microbatches}"]
+            if self.pp_stages_per_rank > 1:
+                parts.append(f"pp_stages_per_rank={self.pp_stages_per_rank}")
+        return ",".join(parts)
+
+    def replace(self, **kw) -> "ParallelLayout":
+        return dataclasses.replace(self, **kw)
+
+    # --------------------------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
+
+    @property
+    def dp(self) -> int:
+        """Ranks that read different sequences."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def dp_shard_mod_ep(self) -> int:
+        return self.dp_shard // self.ep if self.ep and self.dp_shard % self.ep == 0 else 0
+
+    @property
+    def num_stages(self) -> int:
+        return self.pp * self.pp_stages_per_rank
+
+    @property
+    def microbatches(self) -> int:
+        return self.pp_microbatches or self.num_stages
+
+    @property
+    def fsdp(self) -> bool:
+        """Whether parameters are sharded/replicated over data ranks (FSDP/HSDP)."""
+        return self.dp_shard * self.cp > 1 or self.dp_replicate > 1
+
+    def _check_values(self) -> None:
+        for name in ("dp_shard", "dp_replicate", "ep", "tp", "cp", "pp", "pp_stages_per_rank"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--parallel {name} must be >= 1, got {getattr(self, name)}")
+        if self.pp_microbatches < 0:
+            raise ConfigError(f"--parallel pp_microbatches must be >= 0 (0 = automatic), got {self.pp_microbatches}")
+        if self.pp_schedule not in SCHEDULES:
+            raise ConfigError(f"--parallel pp_schedule must be one of {', '.join(SCHEDULES)}, got '{self.pp_schedule}'")
+        if self.pp_schedule == "interleaved" and self.pp_stages_per_rank < 2:
+            raise ConfigError(
+                "--parallel pp_schedule=interleaved needs pp_stages_per_rank >= 2 (virtual stages per rank); "
+                "set pp_stages_per_rank=2 or use pp_schedule=1f1b"
+            )
+        if self.pp_schedule != "interleaved" and self.pp_stages_per_rank > 1:
+            raise ConfigError(
+                f"--parallel pp_stages_per_rank={self.pp_stages_per_rank} needs pp_schedule=interleaved"
+            )
+
+    # --------------------------------------------------------------------------------------------
+    def validate(
+        self,
+        config: ModelConfig,
+        world_size: int,
+        *,
+        seq_len: int | None = None,
+        global_batch: int | None = None,
+        with_mtp: bool = False,
+        with_indexer_loss: bool = False,
+        with_aux_losses: bool = False,
+    ) -> None:
+        """Raise ConfigError for the first degree that cannot work; the message says what to set.
+
+        `global_batch` is the number of sequences per micro-step over all ranks; `with_mtp`,
+        `with_indexer_loss` and `with_aux_losses` (z-loss/balance loss) say which losses the run
+        trains, since some parallelisms do not support all of them yet.
+        """
+        self._check_values()
+        others = self.world_size // self.dp_shard
+        if self.world_size != world_size:
+            hint = ""
+            if world_size % others == 0:
+                hint = f"; with the other degrees as they are, set dp_shard={world_size // others}"
+            raise ConfigError(
+                f"--parallel {self}: pp*dp_replicate*dp_shard*cp*tp = {self.world_size} but the world size "
+                f"(--nproc * nodes) is {world_size}{hint}. Every rank must have exactly one place in the mesh"
+            )
+        if self.dp_shard % self.ep:
+            good = [d for d in _divisors(self.dp_shard) if config.n_routed_experts % d == 0]
+            raise ConfigError(
+                f"--parallel ep={self.ep} must divide dp_shard={self.dp_shard} (expert-parallel ranks are taken "
+                f"from the data-shard ranks); valid ep: {good}, or raise dp_shard"
+            )
+        if config.n_routed_experts % self.ep:
+            good = [d for d in _divisors(self.dp_shard) if config.n_routed_experts % d == 0]
+            raise ConfigError(
+                f"--parallel ep={self.ep} must divide the {config.n_routed_experts} routed experts "
+                f"(n_routed_experts); valid ep: {good}"
+            )
+        if self.tp > 1:
+            for field_name in ("num_attention_heads", "ffn_hidden_size"):
+                value = getattr(config, field_name)
+                if value % self.tp:
+                    good = [d for d in _divisors(world_size) if config.num_attention_heads % d == 0
+                            and config.ffn_hidden_size % d == 0]
+                    raise ConfigError(
+                        f"--parallel tp={self.tp} must divide {field_name}={value}; valid tp: {good}"
+                    )
+            if with_indexer_loss:
+                raise ConfigError(
+                    f"--parallel tp={self.tp}: the LSA indexer loss needs every attention head on one rank; "
+                    "set tp=1, or train without the indexer loss (train.indexer_loss_weight=0 or model.index_n_heads=0)"
+                )
+            if self.cp > 1:
+                raise ConfigError("--parallel tp and cp cannot both be > 1 yet; set cp=1 or tp=1")
+        if config.num_layers % self.num_stages:
+            good = [d for d in _divisors(config.num_layers) if d % self.pp_stages_per_rank == 0 and world_size % (d // self.pp_stages_per_rank) == 0]
+            raise ConfigError(
+                f"--parallel pp={self.pp} with {self.pp_stages_per_rank} stage(s) per rank makes {self.num_stages} stages, "
+                f"which must divide num_layers={config.num_layers}; valid pp*pp_stages_per_rank: {good}"
+            )
+        if self.pp > 1:
+            if self.microbatches % self.pp:
+                raise ConfigError(
+                    f"--parallel pp_microbatches={self.microbatches} must be a multiple of pp={self.pp}"
+                )
+            unsupported = [name for name, on in (("MTP heads", with_mtp), ("the LSA indexer loss", with_indexer_loss),
+                                                 ("z-loss / balance loss", with_aux_losses)) if on]
+            if unsupported:
+                raise ConfigError(
+                    f"--parallel pp={self.pp} trains only the next-token loss; {', '.join(unsupported)} would be dropped. "
+                    "Set pp=1, or turn them off (train.mtp_weight=0, train.indexer_loss_weight=0, train.z_loss=0, "
+                    "train.balance_loss=0)"
+                )
+        if self.cp > 1:
+            if with_mtp:
+                raise ConfigError(
+                    f"--parallel cp={self.cp}: the MTP heads shift the sequence across context shards; "
+                    "set cp=1 or train.mtp_weight=0"
+                )
+            if seq_len is not None and seq_len % (2 * self.cp):
+                good = [d for d in _divisors(world_size) if seq_len % (2 * d) == 0]
+                raise ConfigError(
+                    f"--parallel cp={self.cp} splits each sequence into 2*cp={2 * self.cp} chunks, so seq_len={seq_len} "
+                    f"must be divisible by {2 * self.cp}; valid cp: {good}"
+                )
+        if global_batch is not None:
+            per_micro = self.dp * (self.microbatches if self.pp > 1 else 1)
+            if global_batch % per_micro:
+                what = f"dp_replicate*dp_shard={self.dp}" + (f" times pp_microbatches={self.microbatches}" if self.pp > 1 else "")
+                raise ConfigError(
+                    f"the global batch of {global_batch} sequences must be divisible by {what} = {per_micro}; "
+                    f"change the batch size or the data-parallel degrees"
+                )
+
+
+# ------------------------------------------------------------------------------------------------
+# backend and device
+
+
+def device_type_for(device: str | torch.device | None = None) -> str:
+    """'cpu', 'cuda', 'npu', ... from a device name ('auto' picks the accelerator if any)."""
+    name = str(device or "auto")
+    if name != "auto":
+        return torch.device(name).type
+    if torch.cuda.is_available():
+        return "cuda"
+    try:
+        import torch_npu  # noqa: F401  (registers the 'npu' device)
+
+        if torch.npu.is_available():  # type: ignore[attr-defined]
+            return "npu"
+    except ImportError:
+        pass
+    accel = getattr(torch, "accelerator", None)
+    if accel is not None and accel.is_available():
+        return accel.current_accelerator().type
+    return "cpu"
+
+
+def backend_for(device_type: str) -> str:
+    """The collective backend for a device: gloo (CPU), nccl (CUDA), hccl (Ascend NPU via torch_npu)."""
+    if device_type == "cpu":
+        return "gloo"
+    if device_type == "cuda":
+        return "nccl"
+    if device_type == "npu":
+        try:
+            import torch_npu  # noqa: F401  (registers the hccl backend)
+        except ImportError:
+            raise ConfigError("device 'npu' needs the torch_npu package (pip install torch-npu)") from None
+        return "hccl"
+    # Other accelerators register their own backend with the device; let torch pick it.
+    return torch.distributed.get_default_backend_for_device(device_type)
+
+
+# ------------------------------------------------------------------------------------------------
+# the mesh
+
+
+@dataclass
+class ParallelDims:
+    """The layout bound to a live world: the DeviceMesh and its named views.
+
+    Mesh dims (outermost first): pp, dp_replicate, dp_shard_mod_ep, ep, cp, tp. Flattened views:
+    dp_shard = (dp_shard_mod_ep, ep), dp = (dp_replicate, dp_shard), dp_shard_cp = (dp_shard, cp)
+    where dense parameters are sharded, dp_cp = (dp, cp) over which losses and router counts are
+    averaged, and edp = (dp_shard_mod_ep, cp) where expert parameters are sharded.
+    """
+
+    layout: ParallelLayout
+    mesh: torch.distributed.device_mesh.DeviceMesh
+    device: torch.device
+
+    @property
+    def rank(self) -> int:
+        return torch.distributed.get_rank()
+
+    def size(self, name: str) -> int:
+        return self.mesh[name].size()
+
+    def local_rank(self, name: str) -> int:
+        return self.mesh[name].get_local_rank()
+
+    def group(self, name: str):
+        return self.mesh[name].get_group()
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh["dp"].get_local_rank()
+
+    @property
+    def fsdp_mesh(self):
+        """Mesh for the dense parameters: 1-D (dp_shard_cp) or 2-D HSDP (dp_replicate, dp_shard_cp)."""
+        if self.layout.dp_replicate > 1:
+            return self.mesh["dp_replicate", "dp_shard_cp"]
+        return self.mesh["dp_shard_cp"]
+
+    @property
+    def expert_fsdp_mesh(self):
+        if self.layout.dp_replicate > 1:
+            return self.mesh["dp_replicate", "edp"]
+        return self.mesh["edp"]
+
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "cp", "tp")
+
+
+def build_mesh(layout: ParallelLayout, device_type: str) -> ParallelDims:
+    """One DeviceMesh over the whole (already initialised) world, with the flattened views."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    sizes = (layout.pp, layout.dp_replicate, layout.dp_shard // layout.ep, layout.ep, layout.cp, layout.tp)
+    mesh = init_device_mesh(device_type, sizes, mesh_dim_names=MESH_DIMS)
+    mesh["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
+    mesh["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp")
+    mesh["dp_shard_mod_ep", "ep", "cp"]._flatten("dp_shard_cp")
+    mesh["dp_replicate", "dp_shard_mod_ep", "ep", "cp"]._flatten("dp_cp")
+    mesh["dp_shard_mod_ep", "cp"]._flatten("edp")
+    if device_type == "cpu":
+        device = torch.device("cpu")
+    else:
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device(device_type, index)
+    return ParallelDims(layout, mesh, device)
+
+
+def init_distributed(device_type: str, *, timeout_s: float = 600.0) -> None:
+    """Initialise the default process group from torchrun's environment (or a world of one)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if device_type not in ("cpu",):
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        module = getattr(torch, device_type, None)
+        if module is not None and hasattr(module, "set_device"):
+            module.set_device(local_rank)
+    if "RANK" not in os.environ:
+        # A single process without torchrun: a world of one on a free local port.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+    dist.init_process_group(backend_for(device_type), timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def shutdown_distributed() -> None:
+    """Every distributed entry point ends here: a barrier, then destroy (else gloo may abort at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+__all__ = [
+    "ParallelLayout", "ParallelDims", "DEGREES", "SCHEDULES", "MESH_DIMS", "build_mesh", "backend_for",
+    "device_type_for", "init_distributed", "shutdown_distributed", "free_port",
+]

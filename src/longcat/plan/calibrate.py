@@ -1,0 +1,221 @@
+"""`longcat plan calibrate`: measure this machine into a hardware entry (default `cpu-local`).
+
+What is measured, and how it maps to the planner's fields:
+- peak_tflops_bf16 / fp32: the best rate of a large square matmul (the machine's practical peak);
+- gemm_efficiency: the mean rate of transformer-shaped GEMMs (many tokens x a few hundred
+  features) over that peak;
+- attention_efficiency: causal `scaled_dot_product_attention` forward+backward, counted as
+  2 + 4 matmuls of causal FLOPs, over the bf16 peak;
+- hbm_bandwidth_gbs: an element-wise kernel on a buffer far larger than the caches (read + write);
+  memory_efficiency is then 1 by construction;
+- kernel_overhead_us: the time of a tiny eager op with autograd (dispatch, not work);
+- hbm_gib: physical memory; reserved_gib: this process's resident memory once torch is loaded
+  (the runtime's own share, which a training process pays before any tensor).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+GiB = 2**30
+
+
+def _best_time(fn, repeats: int, min_time: float = 0.0) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    start = time.perf_counter()
+    for i in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+        if min_time and time.perf_counter() - start > min_time and i >= 1:
+            break
+    return best
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if os.uname().sysname == "Darwin" else rss * 1024
+
+
+def current_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return peak_rss_bytes()
+
+
+def physical_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+
+
+def _gemm_shapes(arch, tokens: int) -> tuple[list[tuple[int, int, int]], tuple[int, int, int, int] | None]:
+    """Forward GEMM shapes (M, K, N) of one block and the head, and the routed-expert shape
+    (rows, experts, hidden, expert inner) of an architecture, at `tokens` tokens."""
+    H, a = arch.hidden_size, arch.num_heads
+    shapes = []
+    if arch.attention == "mla":
+        if arch.q_lora_rank:
+            shapes += [(tokens, H, arch.q_lora_rank), (tokens, arch.q_lora_rank, a * arch.qk_dim)]
+        else:
+            shapes.append((tokens, H, a * arch.qk_dim))
+        shapes += [(tokens, H, arch.kv_lora_rank + arch.qk_rope_head_dim),
+                   (tokens, arch.kv_lora_rank, a * (arch.qk_nope_head_dim + arch.v_head_dim))]
+    else:
+        shapes += [(tokens, H, (a + 2 * arch.kv_heads) * arch.qk_dim)]
+    shapes.append((tokens, a * arch.v_dim, H))
+    inner = arch.ffn_hidden_size
+    shapes += [(tokens, H, (2 if arch.mlp == "swiglu" else 1) * inner), (tokens, inner, H), (tokens, H, arch.vocab_size)]
+    expert = None
+    if arch.is_moe:
+        rows = int(tokens * arch.slots)
+        expert = (rows, arch.n_routed_experts, H, arch.expert_ffn_hidden_size)
+    return shapes, expert
+
+
+def measure(quick: bool = False, threads: int | None = None, arch=None, tokens: int = 4096, seq_len: int = 512) -> dict[str, Any]:
+    """Measure this machine. With `arch`, the GEMM and attention efficiencies are measured on that
+    model's own shapes at `tokens` tokens per step (and `seq_len` for attention)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    baseline_rss = current_rss_bytes()
+    n = 512 if quick else 2048
+    reps = 2 if quick else 5
+    out: dict[str, Any] = {"threads": torch.get_num_threads(), "model": getattr(arch, "name", None), "tokens": tokens}
+
+    def matmul_time(m: int, k: int, nn: int, dtype) -> float:
+        a = torch.randn(m, k, dtype=dtype)
+        b = torch.randn(k, nn, dtype=dtype)
+        return _best_time(lambda: torch.mm(a, b), reps)
+
+    out["peak_tflops_fp32"] = 2 * n**3 / matmul_time(n, n, n, torch.float32) / 1e12
+    out["peak_tflops_bf16"] = 2 * n**3 / matmul_time(n, n, n, torch.bfloat16) / 1e12
+    peak = out["peak_tflops_bf16"] * 1e12
+    if quick:
+        tokens = min(tokens, 1024)
+    if arch is not None:
+        shapes, expert = _gemm_shapes(arch, tokens)
+    else:
+        shapes, expert = [(tokens, 256, 1024), (tokens, 1024, 256), (tokens, 512, 512)], None
+    flops = sum(2 * m * k * nn for m, k, nn in shapes)
+    seconds = sum(matmul_time(m, k, nn, torch.bfloat16) for m, k, nn in shapes)
+    out["gemm_efficiency"] = min(1.0, flops / seconds / peak)
+    out["gemm_shapes"] = shapes
+    if expert is not None:
+        rows, experts, hidden, inner = expert
+        x = torch.randn(rows, hidden, dtype=torch.bfloat16)
+        w1 = torch.randn(experts, hidden, 2 * inner, dtype=torch.bfloat16)
+        w2 = torch.randn(experts, inner, hidden, dtype=torch.bfloat16)
+        h = torch.randn(rows, inner, dtype=torch.bfloat16)
+        counts = torch.full((experts,), rows // experts)
+        counts[: rows - int(counts.sum())] += 1
+        offsets = counts.cumsum(0).to(torch.int32)
+        t = _best_time(lambda: (torch._grouped_mm(x, w1, offs=offsets), torch._grouped_mm(h, w2, offs=offsets)), reps)
+        out["expert_gemm_efficiency"] = min(1.0, 2 * rows * hidden * 3 * inner / t / peak)
+        out["expert_shape"] = expert
+
+    # attention: causal SDPA forward + backward in bf16, at the model's head sizes when given
+    if arch is not None:
+        h_, d_qk, d_v = arch.num_heads, arch.qk_dim, arch.v_dim
+        T = min(seq_len, 256 if quick else seq_len)
+        B = max(1, tokens // T)
+    else:
+        (B, h_, T, d_qk), d_v = ((2, 4, 256, 64) if quick else (8, 8, 512, 64)), 64
+    q, k = (torch.randn(B, h_, T, d_qk, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    v = torch.randn(B, h_, T, max(d_v, d_qk), dtype=torch.bfloat16, requires_grad=True)  # padded as the model does
+
+    def attention():
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        o.sum().backward()
+
+    flops = 3 * 2 * B * h_ * T * (T + 1) / 2 * (d_qk + d_v)  # causal QK^T + AV, x3 for forward + backward
+    out["attention_efficiency"] = min(1.0, flops / _best_time(attention, reps) / peak)
+    out["attention_shape"] = (B, h_, T, d_qk, d_v)
+
+    # memory bandwidth: an element-wise kernel on buffers much larger than the caches
+    size = (32 if quick else 256) * 2**20 // 4
+    x = torch.ones(size)
+    y = torch.empty(size)
+    t = _best_time(lambda: torch.mul(x, 1.0001, out=y), reps)
+    out["hbm_bandwidth_gbs"] = 2 * size * 4 / t / 1e9
+    del x, y
+
+    # per-op dispatch cost of eager PyTorch with autograd
+    small = torch.ones(8, requires_grad=True)
+    count = 200 if quick else 2000
+
+    def tiny_ops():
+        z = small
+        for _ in range(count):
+            z = z * 1.0
+        return z
+
+    out["kernel_overhead_us"] = _best_time(tiny_ops, 3) / count * 1e6
+    out["hbm_gib"] = physical_memory_bytes() / GiB
+    out["reserved_gib"] = baseline_rss / GiB
+    return out
+
+
+def to_toml(measured: dict[str, Any], name: str = "cpu-local") -> str:
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    lines = [
+        f'name = "{name}"',
+        f'description = "this machine, measured by `longcat plan calibrate` ({cpu}, {os.cpu_count()} cores, {measured["threads"]} threads)"',
+        "",
+        "[measured]",
+    ]
+    order = ["peak_tflops_bf16", "gemm_efficiency", "expert_gemm_efficiency", "attention_efficiency", "hbm_bandwidth_gbs", "kernel_overhead_us", "hbm_gib", "reserved_gib"]
+    for key in order:
+        if key in measured:
+            lines.append(f"{key} = {measured[key]:.6g}")
+    lines += [
+        "",
+        "[estimated]",
+        "peak_tflops_fp8 = 0",
+        "memory_efficiency = 1.0        # hbm_bandwidth_gbs is already an achieved element-wise rate",
+        "scaleup_domain = 1",
+        f"scaleup_bandwidth_gbs = {measured['hbm_bandwidth_gbs']:.6g}   # processes on one host talk through memory",
+        "scaleout_bandwidth_gbs = 1.0",
+        "scaleup_efficiency = 0.5",
+        "scaleout_efficiency = 0.8",
+        "collective_latency_us = 50",
+        "chip_mtbf_hours = 50000",
+        "restart_minutes = 1",
+        "storage_write_gbs_per_chip = 1.0",
+        "storage_write_gbs_max = 1.0",
+        "",
+        "[notes]",
+        f'peak_tflops_bf16 = "best square bf16 matmul; fp32 reached {measured["peak_tflops_fp32"] * 1e3:.0f} GFLOP/s"',
+        f'gemm_efficiency = "bf16 matmuls of shapes (M, K, N) {measured["gemm_shapes"]} over the peak'
+        + (f' ({measured["model"]} at {measured["tokens"]} tokens)' if measured.get("model") else " (generic)") + '"',
+        f'attention_efficiency = "causal SDPA forward+backward, bf16, (B, heads, T, d_qk, d_v) = {measured["attention_shape"]}"',
+        'reserved_gib = "resident memory of a process with torch loaded, before any model tensor"',
+    ]
+    if "expert_shape" in measured:
+        lines.append(f'expert_gemm_efficiency = "torch._grouped_mm gate_up + down, (rows, experts, hidden, inner) = {measured["expert_shape"]}"')
+    lines += [
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def default_output() -> Path:
+    from .arch import configs_dir
+
+    return configs_dir("hardware") / "cpu-local.toml"
+
+
+__all__ = ["measure", "to_toml", "default_output", "peak_rss_bytes", "current_rss_bytes"]

@@ -1,0 +1,852 @@
+"""Training cost model: memory per device, step time, MFU, days, checkpoints and failures.
+
+Everything is arithmetic on an `Architecture`, a `Hardware` entry, a software `Stack` and a
+`Layout`; nothing is fitted per model. The formulas (DESIGN §5, docs/PLANNER.md):
+
+- FLOPs: each matrix parameter a token touches costs 2 FLOPs forward and 4 backward; attention
+  adds 2*keys*heads*(d_qk+d_v) per sublayer and token (keys = S/2 causal, S non-causal, capped by
+  the sparse budget), plus the indexer scoring every past key. Recomputation repeats the forward.
+- Compute time: GEMM FLOPs at gemm_efficiency of peak, attention at attention_efficiency,
+  element-wise traffic (norms, activations, softmax, permutes) at memory_efficiency of HBM
+  bandwidth, plus a launch overhead per kernel.
+- Communication: ring collectives move 2(n-1)/n * S (all-reduce) or (n-1)/n * S (gather or
+  scatter) per chip at the group's bandwidth (`Hardware.group_bandwidth`) plus a fixed latency.
+  TP collectives are exposed (minus Stack.tp_overlap); the expert all-to-all of a shortcut
+  (ScMoE) block hides behind the block's dense work; context-parallel K/V exchange hides behind
+  attention; DP gradient reduction hides behind the last backward when the stack overlaps it.
+- Pipeline: step = (m + (p-1)/v) * slowest stage micro-batch time (1F1B bubble (p-1)/m,
+  interleaved (p-1)/(v*m)).
+- Memory: weights, gradients and optimizer state by ZeRO stage; activations by
+  `Architecture.layer_tensors` under the recompute policy, times the micro-batches in flight on
+  the first stage (p for 1F1B, p + (p-1)/v interleaved, m for GPipe); logits on the last stage.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from ..config import ConfigError
+from .arch import Architecture
+from .hardware import Hardware, Stack
+from .layout import RECOMPUTE, Layout
+
+GiB = 2**30
+OPTIMIZERS = ("adamw", "muon")
+PRECISIONS = ("bf16", "fp8", "autocast")
+# Kernels launched per forward of one part (eager PyTorch / Megatron without CUDA graphs). Only
+# matters where the per-kernel overhead is large against the work (small models, CPUs).
+KERNELS = {"attention": 14, "indexer": 10, "ffn": 6, "moe": 22, "norm_residual": 4}
+
+
+@dataclass
+class TrainSetup:
+    arch: Architecture
+    hw: Hardware
+    stack: Stack
+    chips: int
+    seq_len: int
+    global_batch_tokens: float
+    tokens: float = 0.0  # training budget (0: no days estimate)
+    optimizer: str = "adamw"
+    precision: str = "bf16"  # bf16 (fp32 master), fp8 (fp8 GEMMs, bf16 weights, fp32 master), autocast (fp32 weights)
+
+    def validate(self) -> None:
+        if self.chips < 1:
+            raise ConfigError(f"--chips must be >= 1, got {self.chips}")
+        if self.seq_len < 1:
+            raise ConfigError(f"--seq-len must be >= 1, got {self.seq_len}")
+        if self.global_batch_tokens < self.seq_len:
+            raise ConfigError(f"--global-batch-tokens ({self.global_batch_tokens:g}) must hold at least one sequence of --seq-len {self.seq_len}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}")
+
+    @property
+    def sequences(self) -> float:
+        return self.global_batch_tokens / self.seq_len
+
+
+@dataclass
+class TrainPlan:
+    layout: Layout
+    fits: bool
+    memory: dict[str, float]  # bytes per device on the fullest stage, by category
+    memory_stage: str
+    step: dict[str, float]  # seconds per step by category
+    step_time_s: float
+    microbatches: int
+    global_batch_tokens: float
+    chips_used: int
+    tokens_per_s: float
+    model_flops_per_token: float  # causal
+    model_flops_per_token_noncausal: float
+    hw_flops_per_token: float  # as executed, with recomputation
+    peak_tflops: float
+    peak_name: str
+    stages: dict[str, int]
+    checkpoint: dict[str, float]
+    reliability: dict[str, float]
+    tokens_budget: float
+    problems: list[str] = field(default_factory=list)
+
+    # --- derived -------------------------------------------------------------------------------------
+    @property
+    def tokens_per_day(self) -> float:
+        return self.tokens_per_s * 86400
+
+    @property
+    def days(self) -> float:
+        return self.tokens_budget / self.tokens_per_day if self.tokens_budget else 0.0
+
+    @property
+    def tflops_per_device(self) -> float:
+        return self.tokens_per_s * self.model_flops_per_token / self.chips_used / 1e12
+
+    @property
+    def hw_tflops_per_device(self) -> float:
+        return self.tokens_per_s * self.hw_flops_per_token / self.chips_used / 1e12
+
+    @property
+    def mfu(self) -> float:
+        return self.tflops_per_device / self.peak_tflops
+
+    @property
+    def mfu_noncausal(self) -> float:
+        return self.tokens_per_s * self.model_flops_per_token_noncausal / self.chips_used / 1e12 / self.peak_tflops
+
+    @property
+    def memory_gib(self) -> dict[str, float]:
+        out = {k: v / GiB for k, v in self.memory.items()}
+        out["total"] = sum(self.memory.values()) / GiB
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        days = self.days
+        goodput = self.reliability.get("goodput", 1.0)
+        return {
+            "layout": str(self.layout),
+            "layout_fields": self.layout.to_dict(),
+            "fits": self.fits,
+            "problems": self.problems,
+            "chips_used": self.chips_used,
+            "memory_gib": {k: round(v, 3) for k, v in self.memory_gib.items()},
+            "memory_stage": self.memory_stage,
+            "stages": self.stages,
+            "step_time_s": self.step_time_s,
+            "step_breakdown_s": self.step,
+            "microbatches": self.microbatches,
+            "global_batch_tokens": self.global_batch_tokens,
+            "tokens_per_s": self.tokens_per_s,
+            "tokens_per_day": self.tokens_per_day,
+            "days": days,
+            "days_with_failures": days / goodput if goodput > 0 else float("inf"),
+            "accelerator_days": days * self.chips_used,
+            "tflops_per_device": self.tflops_per_device,
+            "hw_tflops_per_device": self.hw_tflops_per_device,
+            "mfu": self.mfu,
+            "mfu_noncausal": self.mfu_noncausal,
+            "hfu": self.hw_tflops_per_device / self.peak_tflops,
+            "mfu_denominator": f"{self.peak_name} dense peak, {self.peak_tflops:g} TFLOP/s per device",
+            "model_flops_per_token": self.model_flops_per_token,
+            "model_flops_per_token_noncausal": self.model_flops_per_token_noncausal,
+            "hw_flops_per_token": self.hw_flops_per_token,
+            "checkpoint": self.checkpoint,
+            "reliability": self.reliability,
+        }
+
+
+# ------------------------------------------------------------------------------------------------------
+
+
+def ring_bytes(kind: str, size: int, nbytes: float) -> float:
+    """Bytes each rank sends in a ring collective over `size` ranks on a buffer of `nbytes`."""
+    if size <= 1:
+        return 0.0
+    factor = 2 * (size - 1) / size if kind == "all_reduce" else (size - 1) / size
+    return factor * nbytes
+
+
+class Planner:
+    """Evaluates layouts for one `TrainSetup`; per-layer quantities are cached across layouts."""
+
+    def __init__(self, setup: TrainSetup) -> None:
+        setup.validate()
+        self.s = setup
+        a = setup.arch
+        self.params = a.param_counts()
+        self.total_params = sum(self.params.values())
+        H = a.hidden_size
+        # matrix parameters a token touches per part of a block
+        self.attn_gemm = [a.attention_params(with_indexer=i < a.indexers_per_layer) for i in range(a.attn_per_layer)]
+        self.ffn_gemm = a.ffn_params(a.ffn_hidden_size)
+        self.expert_gemm = a.ffn_params(a.expert_ffn_hidden_size) if a.is_moe else 0
+        self.router_gemm = H * (a.n_routed_experts + a.zero_experts)
+        # training FLOPs per token: x3 forward (model), executed attention and recompute (hardware)
+        flash = setup.stack.flash_attention
+        causal = a.flops_per_token(setup.seq_len, causal=True)
+        full = a.flops_per_token(setup.seq_len, causal=False)
+        self.causal = causal
+        self.model_flops = 3 * sum(causal.values())
+        self.model_flops_noncausal = 3 * sum(full.values())
+        self.executed = causal if flash else full
+        self.peak = setup.hw.peak_tflops(setup.precision)
+        self.peak_name = "FP8" if setup.precision == "fp8" and setup.hw.peak_tflops_fp8 > 0 else "BF16"
+        # parameter groups (counts, not bytes)
+        p = self.params
+        self.layer_dense_params = (p["attention"] + p["dense_ffn"] + p["router"] + p["norm"]
+                                   + (p["experts"] - a.moe_layers * a.n_routed_experts * self.expert_gemm)) / a.num_layers
+        self.layer_expert_params = a.moe_layers * a.n_routed_experts * self.expert_gemm / a.num_layers
+        self.mtp_dense = a.mtp_layers * a.mtp_params(active=False)
+        self.mtp_expert = 0.0
+        if a.mtp_ffn == "moe" and a.is_moe:
+            self.mtp_expert = a.mtp_layers * a.n_routed_experts * self.expert_gemm
+            self.mtp_dense -= self.mtp_expert
+        # share of parameters Muon updates (hidden matrices); embeddings, head, norms stay on AdamW
+        non_matrix = p["embedding"] + p["lm_head"] + p["norm"] + a.ngram_table_params
+        self.muon_share = max(0.0, 1 - non_matrix / self.total_params)
+        self._layer_time_cache: dict[tuple, dict[str, float]] = {}
+        self._extras_cache: dict[tuple, tuple[dict[str, float], dict[str, float]]] = {}
+
+    # --- per-layer quantities ------------------------------------------------------------------------
+    @lru_cache(maxsize=None)
+    def _layer(self, moe: bool, tp: int, cp: int, b: int, mtp: bool = False) -> dict[str, float]:
+        """Forward quantities of one block for one micro-batch on one device."""
+        s, a, hw, stack = self.s, self.s.arch, self.s.hw, self.s.stack
+        S = s.seq_len
+        tokens = b * S / cp  # tokens each device of the TP group works on
+        H = a.hidden_size
+        sp = stack.sequence_parallel or a.is_moe  # MoE with TP needs sequence parallelism
+        flash = stack.flash_attention
+        dense_plain, dense_moe = a.dense_ffns_in_layer
+        if mtp:
+            n_attn, n_ffn = 1, (0 if moe else 1)
+            attn = [a.attention_params()]
+            gemm_extra = 2 * H * H  # eh_proj
+            core = a.mtp_attention_core_flops(S, causal=flash)
+        else:
+            n_attn, n_ffn = a.attn_per_layer, (dense_moe if moe else dense_plain)
+            attn = self.attn_gemm
+            gemm_extra = 0
+            core = a.attention_core_flops(S, causal=flash)
+        routed_gemm = a.slots * self.expert_gemm if moe else 0.0
+        moe_gemm = routed_gemm + (a.n_shared_experts * self.expert_gemm + self.router_gemm if moe else 0.0)
+        gemm_params = sum(attn) + n_ffn * self.ffn_gemm + moe_gemm + gemm_extra
+        gemm_flops = 2 * gemm_params * tokens / tp
+        expert_flops = 2 * routed_gemm * tokens / tp  # grouped GEMMs over the routed experts
+        core_flops = core * tokens / tp
+        t = a.layer_tensors(moe, S, flash=flash, mtp=mtp)
+        if s.precision == "autocast":
+            # autocast keeps the residual stream (embedding output, norms, residual adds) in fp32
+            t.saved["rep"] *= 2
+            t.traffic["rep"] *= 2
+        rep_div = tp if sp else 1
+        saved = {k: v * tokens for k, v in t.saved.items()}
+        traffic = {k: v * tokens for k, v in t.traffic.items()}
+        saved_dev = saved["rep"] / rep_div + (saved["par"] + saved["s2"] * (not flash) + saved["exp"]) / tp + saved["idx"] / rep_div
+        s2_dev = saved["s2"] * (not flash) / tp
+        traffic_dev = traffic["rep"] / rep_div + (traffic["par"] + traffic["s2"] * (not flash) + traffic["exp"]) / tp + traffic["idx"] / rep_div
+        s2_traffic = traffic["s2"] * (not flash) / tp
+        peak = self.peak * 1e12
+        t_gemm = (gemm_flops - expert_flops) / (peak * hw.gemm_efficiency) + expert_flops / (peak * hw.expert_gemm_efficiency)
+        t_core = core_flops / (s.hw.peak_tflops_bf16 * 1e12 * hw.attention_efficiency)
+        t_mem = traffic_dev / (hw.hbm_bandwidth_gbs * 1e9 * hw.memory_efficiency)
+        kernels = n_attn * (KERNELS["attention"] + KERNELS["norm_residual"]) + n_ffn * (KERNELS["ffn"] + KERNELS["norm_residual"])
+        if a.index_heads and not mtp:
+            kernels += a.indexers_per_layer * KERNELS["indexer"]
+        if moe:
+            kernels += KERNELS["moe"]
+        t_launch = kernels * hw.kernel_overhead_us * 1e-6
+        # share of the block's GEMM work that can hide a shortcut-MoE all-to-all (FFN0, Attn1, FFN1)
+        hide_params = sum(attn[1:]) + n_ffn * self.ffn_gemm
+        overlap_share = hide_params / gemm_params if (moe and a.moe_style == "shortcut") else 0.0
+        fwd = t_gemm + t_core + t_mem + t_launch
+        # backward: GEMMs and element-wise work twice the forward; a flash backward recomputes the
+        # scores inside the kernel (5 matmuls against 2 forward)
+        bwd = 2 * t_gemm + (2.5 if flash else 2.0) * t_core + 2 * t_mem + 2 * t_launch
+        # communication volumes (bytes per device per pass)
+        act_bytes = tokens * H * 2  # one (b, S/cp, H) bf16 tensor
+        tp_collectives = n_attn + n_ffn + (a.n_shared_experts > 0 and moe and not sp)
+        cp_bytes = 0.0
+        if cp > 1:
+            if a.attention == "mla":
+                kv_token = (a.kv_lora_rank + a.qk_rope_head_dim) * 2
+            else:
+                kv_token = 2 * max(1, a.kv_heads // tp) * (a.qk_dim + a.v_dim)
+            cp_bytes = n_attn * (cp - 1) / cp * b * S * kv_token
+        a2a = 0.0
+        if moe:
+            a2a = 2 * tokens / tp * a.slots * H * 2  # dispatch + combine rows, bf16
+        return {
+            "gemm_flops": gemm_flops, "core_flops": core_flops,
+            "t_gemm": t_gemm, "t_core": t_core, "t_mem": t_mem, "t_launch": t_launch,
+            "t_s2_mem": s2_traffic / (hw.hbm_bandwidth_gbs * 1e9 * hw.memory_efficiency),
+            "fwd": fwd, "bwd": bwd, "overlap_share": overlap_share,
+            "saved": saved_dev, "saved_s2": s2_dev,
+            "input": act_bytes / (tp if sp else 1),
+            "act_bytes": act_bytes, "tp_collectives": tp_collectives, "cp_bytes": cp_bytes, "a2a_bytes": a2a,
+            "tokens": tokens,
+        }
+
+    def _collective_time(self, nbytes: float, size: int, stride: int) -> float:
+        if size <= 1 or nbytes <= 0:
+            return 0.0
+        return nbytes / self.s.hw.group_bandwidth(size, stride) + self.s.hw.collective_latency_us * 1e-6
+
+    def _a2a_time(self, nbytes: float, ep: int) -> float:
+        """All-to-all over ep consecutive ranks: the in-domain share rides the scale-up links, the
+        rest leaves through each chip's own NIC; both run at once."""
+        if ep <= 1 or nbytes <= 0:
+            return 0.0
+        hw = self.s.hw
+        local = min(ep, hw.scaleup_domain)
+        up = hw.scaleup_bandwidth_gbs * hw.scaleup_efficiency * 1e9
+        out = hw.scaleout_bandwidth_gbs * hw.scaleout_efficiency * 1e9
+        sent = nbytes * (ep - 1) / ep
+        in_domain = sent * (local - 1) / max(1, ep - 1)
+        remote = sent - in_domain
+        t = in_domain / up
+        if remote > 0:
+            t = max(t, remote / out)
+        return t + hw.collective_latency_us * 1e-6
+
+    # --- one layer-microbatch, all passes, with communication ------------------------------------------
+    def _layer_time(self, moe: bool, L: Layout, mtp: bool = False) -> dict[str, float]:
+        key = (moe, L.tp, L.cp, L.microbatch, L.recompute, L.ep, mtp)
+        cached = self._layer_time_cache.get(key)
+        if cached is None:
+            cached = self._layer_time_cache[key] = self._layer_time_uncached(moe, L, mtp)
+        return cached
+
+    def _layer_time_uncached(self, moe: bool, L: Layout, mtp: bool) -> dict[str, float]:
+        q = self._layer(moe, L.tp, L.cp, L.microbatch, mtp)
+        stack = self.s.stack
+        passes = 3 if L.recompute == "full" else 2
+        compute = (q["t_gemm"] + q["t_core"]) * 3 + 0.5 * q["t_core"] * (self.s.stack.flash_attention)
+        mem = q["t_mem"] * 3
+        launch = q["t_launch"] * 3
+        if L.recompute == "full":
+            compute += q["t_gemm"] + q["t_core"]
+            mem += q["t_mem"]
+            launch += q["t_launch"]
+        elif L.recompute == "selective":
+            compute += 0.5 * q["t_core"] * (not stack.flash_attention)  # QK^T again for the softmax
+            mem += q["t_s2_mem"]
+        tp = 0.0
+        if L.tp > 1:
+            one = self._collective_time(ring_bytes("all_reduce", L.tp, q["act_bytes"]), L.tp, 1)
+            tp = passes * q["tp_collectives"] * one * (1 - stack.tp_overlap)
+        cp = 0.0
+        if L.cp > 1:
+            # K/V gathered forward, their gradients reduce-scattered backward, hidden behind attention
+            one = self._collective_time(q["cp_bytes"], L.cp, L.tp)
+            cp = max(0.0, one - q["t_core"]) * (passes - 1) + max(0.0, one - 2 * q["t_core"])
+        ep = 0.0
+        if moe and L.ep > 1:
+            one = self._a2a_time(q["a2a_bytes"], L.ep)
+            if self.s.arch.moe_style == "shortcut":
+                window_f = q["fwd"] * q["overlap_share"]
+                exposed = max(0.0, one - window_f) * (passes - 1) + max(0.0, one - 2 * window_f)
+            else:
+                exposed = passes * one * (1 - stack.ep_overlap)
+            ep = exposed
+        return {"compute": compute, "memory_bound": mem, "overhead": launch, "tp_comm": tp, "ep_comm": ep, "cp_comm": cp}
+
+    def _extras(self, L: Layout) -> tuple[dict[str, float], dict[str, float]]:
+        """Work outside the blocks: the embedding (first stage), head, loss and MTP (last stage)."""
+        key = (L.tp, L.cp, L.microbatch, L.recompute, L.ep)
+        if key not in self._extras_cache:
+            self._extras_cache[key] = self._extras_uncached(L)
+        return self._extras_cache[key]
+
+    def _extras_uncached(self, L: Layout) -> tuple[dict[str, float], dict[str, float]]:
+        s, a, hw = self.s, self.s.arch, self.s.hw
+        tokens = L.microbatch * s.seq_len / L.cp
+        H, V = a.hidden_size, a.vocab_size
+        bw = hw.hbm_bandwidth_gbs * 1e9 * hw.memory_efficiency
+        first = {"compute": 0.0, "memory_bound": 0.0, "overhead": 0.0}
+        # embedding rows written and their gradient scattered back; n-gram lookups and projection
+        first["memory_bound"] = 3 * tokens * H * 2 / bw
+        if a.ngram_proj_params:
+            branches_width = a.ngram_proj_params / H
+            first["memory_bound"] += 3 * tokens * branches_width * 2 / bw
+            first["compute"] += 3 * 2 * a.ngram_proj_params * tokens / L.tp / (self.peak * 1e12 * hw.gemm_efficiency)
+        first["overhead"] = 3 * 6 * hw.kernel_overhead_us * 1e-6
+        if s.precision == "autocast":
+            # every forward casts the stage's fp32 weights to bf16 (read 4, write 2 bytes) and the
+            # backward casts their bf16 gradients back (read 2, write 4)
+            local = self.total_params / (L.tp * L.pp)
+            first["memory_bound"] += 12 * local / bw
+        last = {"compute": 0.0, "memory_bound": 0.0, "overhead": 0.0}
+        heads = 1 + a.mtp_layers
+        last["compute"] = 3 * 2 * heads * V * H * tokens / L.tp / (self.peak * 1e12 * hw.gemm_efficiency)
+        # cross-entropy on V/tp logits per token and head: upcast, log-softmax, gradient (~14 B/elem forward)
+        last["memory_bound"] = 3 * 14 * heads * tokens * V / L.tp / bw + 3 * tokens * H * 4 / bw
+        last["overhead"] = 3 * 8 * heads * hw.kernel_overhead_us * 1e-6
+        if a.mtp_layers:
+            m = self._layer_time(a.mtp_ffn == "moe" and a.is_moe, L, mtp=True)
+            for k in ("compute", "memory_bound", "overhead"):
+                last[k] += a.mtp_layers * m[k]
+            last["tp_comm"] = a.mtp_layers * m["tp_comm"]
+            last["ep_comm"] = a.mtp_layers * m["ep_comm"]
+            last["cp_comm"] = a.mtp_layers * m["cp_comm"]
+        return first, last
+
+    # --- stages -------------------------------------------------------------------------------------------
+    def _stages(self, L: Layout, t_layer: float, t_first: float, t_last: float) -> tuple[int, int, int] | None:
+        """Layers on the first, each middle and the last stage; None when the layout cannot split.
+
+        Balanced stacks move layers off the first and last stages until the embedding and the head
+        (plus MTP) no longer make those stages the slowest; otherwise every stage holds L/p layers."""
+        n, p = self.s.arch.num_layers, L.pp
+        if p == 1:
+            return n, 0, 0
+        if p > n:
+            return None
+        if not self.s.stack.balance_stages:
+            if n % (p * L.vpp):
+                return None
+            k = n // p
+            return k, (k if p > 2 else 0), k
+        for k in range(math.ceil(n / p), n + 1):
+            cap = k * t_layer
+            f_max = min(k, max(0, math.floor((cap - t_first) / t_layer + 1e-9)))
+            l_max = min(k, max(0, math.floor((cap - t_last) / t_layer + 1e-9)))
+            middles = min(k, n // max(1, p - 2)) if p > 2 else 0
+            rest = n - (p - 2) * middles
+            if rest < 0 or rest > f_max + l_max:
+                continue
+            f = min(f_max, rest)
+            return f, middles, rest - f
+        k = math.ceil(n / p)  # the extras outweigh whole stages: plain split
+        return k, (k if p > 2 else 0), n - k * (p - 1) if n - k * (p - 1) > 0 else k
+
+    # --- evaluate -----------------------------------------------------------------------------------------
+    def evaluate(self, L: Layout, detail: bool = True) -> TrainPlan | None:
+        """The full plan of one layout, or None when the layout is not valid for this setup.
+        `detail=False` skips the checkpoint/failure figures (the search adds them to its winners)."""
+        if self.check(L):
+            return None
+        s, a, hw, stack = self.s, self.s.arch, self.s.hw, self.s.stack
+        m = self.microbatches(L)
+        # per-layer time, averaged over dense and MoE blocks
+        L_moe, L_dense = a.moe_layers, a.num_layers - a.moe_layers
+        parts = [(self._layer_time(moe, L), count / a.num_layers) for moe, count in ((True, L_moe), (False, L_dense)) if count]
+        keys = ("compute", "memory_bound", "overhead", "tp_comm", "ep_comm", "cp_comm")
+        layer = {k: sum(t[k] * w for t, w in parts) for k in keys}
+        t_layer = sum(layer.values())
+        first, last = self._extras(L)
+        stages = self._stages(L, t_layer, sum(first.values()), sum(last.values()))
+        if stages is None:
+            return None
+        n_first, n_mid, n_last = stages
+        held = self._stage_params(L, n_first, n_last)
+        memory, where = self._memory(L, m, stages, held)
+        total_mem = sum(memory.values())
+        fits = total_mem <= hw.hbm_gib * GiB
+        if not fits and not detail:  # the search only needs the memory of layouts that do not fit
+            return TrainPlan(layout=L, fits=False, memory=memory, memory_stage=where, step={}, step_time_s=float("inf"),
+                             microbatches=m, global_batch_tokens=0.0, chips_used=L.chips, tokens_per_s=0.0,
+                             model_flops_per_token=self.model_flops, model_flops_per_token_noncausal=self.model_flops_noncausal,
+                             hw_flops_per_token=0.0, peak_tflops=self.peak, peak_name=self.peak_name, stages={},
+                             checkpoint={}, reliability={}, tokens_budget=s.tokens)
+        # pipeline p2p per micro-batch and stage: activation forward, its gradient backward
+        p2p = 0.0
+        if L.pp > 1:
+            q = self._layer(bool(L_moe), L.tp, L.cp, L.microbatch)
+            nbytes = q["act_bytes"] / (L.tp if (stack.pp_scatter_gather or stack.sequence_parallel) else 1)
+            bw = hw.group_bandwidth(2, L.tp * L.cp * L.dp)
+            p2p = 2 * L.vpp * (nbytes / bw + hw.collective_latency_us * 1e-6)
+        if L.pp == 1:
+            candidates = [{k: layer[k] * n_first + first.get(k, 0) + last.get(k, 0) for k in keys}]
+        else:
+            candidates = [{k: layer[k] * n_first + first.get(k, 0) for k in keys},
+                          {k: layer[k] * n_last + last.get(k, 0) for k in keys}]
+            if n_mid:
+                candidates.append({k: layer[k] * n_mid for k in keys})
+        stage = max(candidates, key=lambda c: sum(c.values()))
+        stage["pp_p2p"] = p2p
+        t_stage = sum(stage.values())
+        step = {k: v * m for k, v in stage.items()}
+        step["pipeline_bubble"] = ((L.pp - 1) / L.vpp) * t_stage if L.pp > 1 else 0.0
+        # data-parallel gradient synchronisation and the optimizer step, for the fullest stage
+        dense_max = max(d for d, _, _ in held.values())
+        expert_max = max(e for _, e, _ in held.values())
+        step["dp_comm"] = self._dp_time(L, m, dense_max, expert_max, t_stage)
+        step["optimizer"] = self._optimizer_time(L, dense_max, expert_max)
+        step_time = sum(step.values())
+        tokens_per_step = m * L.microbatch * s.seq_len * L.dp
+        hw_flops = self.model_flops + 3 * (sum(self.executed.values()) - sum(self.causal.values())) + self._recompute_flops(L)
+        plan = TrainPlan(
+            layout=L, fits=fits, memory=memory, memory_stage=where,
+            step=step, step_time_s=step_time, microbatches=m, global_batch_tokens=tokens_per_step,
+            chips_used=L.chips, tokens_per_s=tokens_per_step / step_time,
+            model_flops_per_token=self.model_flops, model_flops_per_token_noncausal=self.model_flops_noncausal,
+            hw_flops_per_token=hw_flops, peak_tflops=self.peak, peak_name=self.peak_name,
+            stages={"first": n_first, "middle": n_mid, "last": n_last} if L.pp > 1 else {"only": n_first},
+            checkpoint={}, reliability={}, tokens_budget=s.tokens,
+        )
+        if not plan.fits:
+            plan.problems.append(f"needs {total_mem / GiB:,.1f} GiB per device on the {where} stage; the chip has {hw.hbm_gib:g} GiB")
+        if detail:
+            self._reliability(plan)
+        return plan
+
+    def microbatches(self, L: Layout) -> int:
+        return max(1, round(self.s.sequences / (L.dp * L.microbatch)))
+
+    def check(self, L: Layout) -> list[str]:
+        """Why a layout is invalid for this setup (empty when it is valid)."""
+        s, a = self.s, self.s.arch
+        out = []
+        if L.chips > s.chips:
+            out.append(f"tp*pp*cp*dp = {L.chips} exceeds --chips {s.chips}")
+        if a.num_heads % L.tp:
+            out.append(f"tp={L.tp} must divide the {a.num_heads} attention heads")
+        if s.seq_len % L.cp:
+            out.append(f"cp={L.cp} must divide --seq-len {s.seq_len}")
+        if L.pp > a.num_layers:
+            out.append(f"pp={L.pp} exceeds the {a.num_layers} layers")
+        elif not s.stack.balance_stages and a.num_layers % L.pp:
+            out.append(f"pp={L.pp} must divide the {a.num_layers} layers (stack '{s.stack.name}' splits evenly)")
+        if L.ep > 1:
+            if not a.is_moe:
+                out.append("ep > 1 needs an MoE model")
+            elif a.n_routed_experts % L.ep:
+                out.append(f"ep={L.ep} must divide the {a.n_routed_experts} routed experts")
+            elif (L.tp * L.cp * L.dp) % L.ep:
+                out.append(f"ep={L.ep} must divide tp*cp*dp = {L.tp * L.cp * L.dp} (experts fold over those ranks)")
+        if L.schedule == "interleaved":
+            if L.pp == 1 or L.vpp < 2:
+                out.append("the interleaved schedule needs pp > 1 and vpp >= 2")
+            elif a.num_layers % (L.pp * L.vpp) and not s.stack.balance_stages:
+                out.append(f"interleaved: pp*vpp = {L.pp * L.vpp} must divide the {a.num_layers} layers (stack '{s.stack.name}' splits evenly)")
+            elif a.num_layers < L.pp * L.vpp:
+                out.append(f"interleaved: pp*vpp = {L.pp * L.vpp} exceeds the {a.num_layers} layers")
+            elif self.microbatches(L) < L.pp:
+                out.append(f"interleaved: needs at least pp={L.pp} micro-batches, has {self.microbatches(L)}")
+        elif L.vpp != 1:
+            out.append("vpp > 1 needs schedule=interleaved")
+        if L.microbatch * L.dp > s.sequences * 1.5:
+            out.append(f"microbatch*dp = {L.microbatch * L.dp} sequences exceeds the global batch of {s.sequences:g} sequences")
+        return out
+
+    # --- parameters, memory ---------------------------------------------------------------------------------
+    def _stage_params(self, L: Layout, n_first: int, n_last: int) -> dict[str, tuple[float, float, float]]:
+        """Per stage kind: (dense, expert, fully sharded n-gram) parameters on one device, before ZeRO."""
+        a, p = self.s.arch, self.params
+        embed = p["embedding"] / L.tp
+        head = (p["embedding"] if a.tied_embeddings else p["lm_head"]) / L.tp
+        # n-gram tables sharded row-wise over every device of the first stage, like an embedding
+        ngram = a.ngram_table_params / (L.tp * L.cp * L.dp)
+        ngram_proj = a.ngram_proj_params / L.tp
+        mtp = self.mtp_dense / L.tp
+        if L.pp == 1:
+            dense = self.layer_dense_params * a.num_layers / L.tp + embed + ngram_proj + mtp + (0 if a.tied_embeddings else head)
+            return {"only": (dense, (self.layer_expert_params * a.num_layers + self.mtp_expert) / L.ep, ngram)}
+        return {
+            "first": (self.layer_dense_params * n_first / L.tp + embed + ngram_proj, self.layer_expert_params * n_first / L.ep, ngram),
+            "last": (self.layer_dense_params * n_last / L.tp + head + mtp, (self.layer_expert_params * n_last + self.mtp_expert) / L.ep, 0.0),
+        }
+
+    def _state_bytes(self) -> tuple[float, float, float]:
+        """(weights, gradients, optimizer incl. fp32 master) bytes per parameter."""
+        s = self.s
+        adam = 8.0
+        opt = adam if s.optimizer == "adamw" else self.muon_share * 4.0 + (1 - self.muon_share) * adam
+        if s.precision == "autocast":
+            return 4.0, 4.0, opt  # fp32 weights are the master copy
+        return 2.0, 4.0, opt + 4.0
+
+    def _activations(self, L: Layout) -> tuple[float, float]:
+        """(stored per layer and micro-batch, working set of the layer being recomputed)."""
+        a = self.s.arch
+        stored, working = 0.0, 0.0
+        share_moe = a.moe_layers / a.num_layers
+        for moe, share in ((True, share_moe), (False, 1 - share_moe)):
+            if share <= 0:
+                continue
+            q = self._layer(moe, L.tp, L.cp, L.microbatch)
+            if L.recompute == "full":
+                stored += share * q["input"]
+                working = max(working, q["saved"])
+            elif L.recompute == "selective":
+                stored += share * (q["saved"] - q["saved_s2"])
+            else:
+                stored += share * q["saved"]
+        return stored, working
+
+    def _memory(self, L: Layout, m: int, stages: tuple[int, int, int], held: dict):
+        s, a, hw, stack = self.s, self.s.arch, self.s.hw, self.s.stack
+        w_b, g_b, o_b = self._state_bytes()
+        dp_group = L.dp * L.cp
+        edp_group = L.tp * L.cp * L.dp // L.ep
+        stored, working = self._activations(L)
+        if L.schedule == "gpipe":
+            inflight = m
+        elif L.schedule == "interleaved":
+            inflight = min(m, L.pp + (L.pp - 1) / L.vpp)
+        else:
+            inflight = min(m, L.pp)
+        tokens = L.microbatch * s.seq_len / L.cp
+        heads = 1 + a.mtp_layers
+        logits = tokens * a.vocab_size / L.tp * (stack.logits_bytes * heads + stack.logits_backward_bytes)
+        mtp_act = 0.0
+        if a.mtp_layers:
+            q = self._layer(a.mtp_ffn == "moe" and a.is_moe, L.tp, L.cp, L.microbatch, True)
+            mtp_act = a.mtp_layers * (q["input"] if L.recompute == "full" else q["saved"])
+        q = self._layer(bool(a.moe_layers), L.tp, L.cp, L.microbatch)
+        comm = 0.0
+        if L.tp > 1:
+            comm += 2 * q["act_bytes"]
+        if L.ep > 1:
+            comm += 2 * q["a2a_bytes"]
+        if dp_group > 1:
+            comm += 2 * 40e6 * stack.grad_reduce_bytes  # two gradient buckets in flight
+        if L.pp > 1:
+            comm += 2 * q["act_bytes"] / L.tp
+        if L.zero >= 3 and dp_group > 1:
+            per_layer = self.layer_dense_params / L.tp + self.layer_expert_params / L.ep
+            comm += 2 * w_b * per_layer  # the next layers' gathered weights
+        n_first, _, n_last = stages
+        best = None
+        for where, (dense, experts, ngram) in held.items():
+            def sharded(on: bool) -> float:
+                return (dense / dp_group + experts / edp_group) if on else dense + experts
+            weights = w_b * (sharded(L.zero >= 3) + ngram)
+            if s.precision == "autocast":
+                weights += 2.0 * (dense + experts)  # bf16 copies autocast keeps for the backward
+            memory = {
+                "weights": weights,
+                "gradients": g_b * (sharded(L.zero >= 2) + ngram),
+                "optimizer": o_b * (sharded(L.zero >= 1) + ngram),
+            }
+            if where == "only":
+                memory.update(activations=stored * n_first + mtp_act + working, pipeline_inflight=0.0, logits=logits)
+            elif where == "first":
+                memory.update(activations=stored * n_first + working, pipeline_inflight=stored * n_first * (inflight - 1), logits=0.0)
+            else:
+                memory.update(activations=stored * n_last + mtp_act + working, pipeline_inflight=0.0, logits=logits)
+            if not stack.persistent_grads:
+                # gradients set to None between steps appear while the backward frees activations:
+                # the peak is the larger phase, so count only what exceeds the freed activations
+                freed = memory["activations"] + memory["pipeline_inflight"] + memory["logits"]
+                memory["gradients"] = max(0.0, memory["gradients"] - freed)
+            memory["comm_buffers"] = comm
+            memory["reserved"] = hw.reserved_gib * GiB
+            if best is None or sum(memory.values()) > sum(best[0].values()):
+                best = (memory, where)
+        return best
+
+    # --- time outside the pipeline ---------------------------------------------------------------------
+    def _dp_time(self, L: Layout, m: int, dense: float, experts: float, t_stage: float) -> float:
+        s, stack = self.s, self.s.stack
+        gb = stack.grad_reduce_bytes
+        w_b = 2.0
+        dp_group, edp = L.dp * L.cp, L.tp * L.cp * L.dp // L.ep
+        def group_time(n_params: float, size: int, stride: int) -> tuple[float, float]:
+            """(per-step comm, per-micro-batch comm)."""
+            if size <= 1 or n_params <= 0:
+                return 0.0, 0.0
+            t = lambda kind, nbytes: self._collective_time(ring_bytes(kind, size, nbytes), size, stride)
+            if L.zero == 0:
+                return t("all_reduce", n_params * gb), 0.0
+            if L.zero == 1:
+                return t("reduce_scatter", n_params * gb) + t("all_gather", n_params * w_b), 0.0
+            if L.zero == 2:
+                return t("all_gather", n_params * w_b), t("reduce_scatter", n_params * gb)
+            gathers = 3 if L.recompute == "full" else 2
+            return 0.0, gathers * t("all_gather", n_params * w_b) + t("reduce_scatter", n_params * gb)
+        step_d, mb_d = group_time(dense, dp_group, L.tp)
+        step_e, mb_e = group_time(experts, edp, L.ep)
+        per_step, per_mb = step_d + step_e, mb_d + mb_e
+        t_mb = t_stage  # one micro-batch's forward+backward on the stage
+        if stack.overlap_grad_reduce:
+            # buckets go out during the last backward; the parameter gather overlaps the first forward
+            exposed = max(0.0, per_step - t_mb) + m * max(0.0, per_mb - t_mb)
+        else:
+            exposed = per_step + m * per_mb
+        return exposed
+
+    def _optimizer_time(self, L: Layout, dense: float, experts: float) -> float:
+        s, hw = self.s, self.s.hw
+        local = dense / (L.dp * L.cp if L.zero >= 1 else 1) + experts / ((L.tp * L.cp * L.dp // L.ep) if L.zero >= 1 else 1)
+        t = local * s.stack.optimizer_traffic_bytes / (hw.hbm_bandwidth_gbs * 1e9 * hw.memory_efficiency)
+        if s.optimizer == "muon":
+            # Newton-Schulz: 5 iterations of ~6*m^2*n FLOPs on each m x n matrix (m ~ hidden size)
+            t += local * self.muon_share * 30 * s.arch.hidden_size / (s.hw.peak_tflops_bf16 * 1e12 * hw.gemm_efficiency)
+        return t
+
+    def _recompute_flops(self, L: Layout) -> float:
+        """Extra forward FLOPs per token that recomputation executes (blocks only, not the head)."""
+        ex = self.executed
+        if L.recompute == "full":
+            return ex["layers_gemm"] + ex["attention_core"] + (ex["mtp"] - 2 * self.s.arch.mtp_layers * self.s.arch.vocab_size * self.s.arch.hidden_size)
+        if L.recompute == "selective" and not self.s.stack.flash_attention:
+            return 0.5 * ex["attention_core"]
+        return 0.0
+
+    # --- checkpoints and failures ----------------------------------------------------------------------
+    def _reliability(self, plan: TrainPlan) -> None:
+        s, hw = self.s, self.s.hw
+        opt_bytes = self._state_bytes()[2] if s.precision != "autocast" else self._state_bytes()[2] + 4
+        size = self.total_params * opt_bytes  # fp32 master + optimizer moments: what a resume needs
+        weights_only = self.total_params * 2
+        bandwidth = min(plan.chips_used * hw.storage_write_gbs_per_chip, hw.storage_write_gbs_max) * 1e9
+        write_s = size / bandwidth
+        plan.checkpoint = {"size_gb": size / 1e9, "weights_bf16_gb": weights_only / 1e9, "write_s": write_s,
+                           "write_bandwidth_gbs": bandwidth / 1e9}
+        mtbf_s = hw.chip_mtbf_hours * 3600 / plan.chips_used  # the job stops when any chip fails
+        delta, restart = write_s, hw.restart_minutes * 60
+        if delta < 2 * mtbf_s:  # Daly 2006, higher-order form of Young's sqrt(2 * delta * M)
+            ratio = delta / (2 * mtbf_s)
+            interval = math.sqrt(2 * delta * mtbf_s) * (1 + math.sqrt(ratio) / 3 + ratio / 9) - delta
+        else:
+            interval = mtbf_s
+        interval = max(interval, delta)
+        # lost fraction: checkpoint writes, half an interval redone per failure, and the restart
+        waste = delta / (interval + delta) + (interval / 2 + restart) / mtbf_s
+        goodput = max(0.0, 1 - waste)
+        days = plan.days
+        plan.reliability = {
+            "job_mtbf_hours": mtbf_s / 3600, "checkpoint_interval_min": interval / 60,
+            "expected_failures": days * 86400 / mtbf_s if days else 0.0, "goodput": goodput,
+        }
+
+
+# ------------------------------------------------------------------------------------------------------
+# search
+
+
+def _pow2_upto(n: int) -> list[int]:
+    out, k = [], 1
+    while k <= n:
+        out.append(k)
+        k *= 2
+    return out
+
+
+def candidate_layouts(planner: Planner, fixed: dict[str, Any]) -> list[tuple[Layout, ...]]:
+    """Groups of layouts that share everything but the (zero, recompute) choice."""
+    s, a, hw = planner.s, planner.s.arch, planner.s.hw
+    N = s.chips
+    tps = [fixed["tp"]] if "tp" in fixed else [t for t in _pow2_upto(min(a.num_heads, max(hw.scaleup_domain, 1), 64)) if a.num_heads % t == 0]
+    cps = [fixed["cp"]] if "cp" in fixed else [c for c in _pow2_upto(16) if s.seq_len % c == 0 and (c == 1 or s.seq_len // c >= 2048)]
+    if "pp" in fixed:
+        pps = [fixed["pp"]]
+    else:
+        L = a.num_layers
+        if s.stack.balance_stages:
+            pps = sorted({math.ceil(L / k) for k in range(1, L + 1)})
+        else:
+            pps = [p for p in range(1, L + 1) if L % p == 0]
+    schedules = [fixed["schedule"]] if "schedule" in fixed else ["1f1b", "interleaved"]
+    zeros = [fixed["zero"]] if "zero" in fixed else [1, 2, 3]
+    recomputes = [fixed["recompute"]] if "recompute" in fixed else ["none", "selective", "full"]
+    if s.stack.flash_attention and "recompute" not in fixed:
+        recomputes = ["none", "full"]  # selective only drops the S x S scores flash never stores
+    out = []
+    for tp in tps:
+        for cp in cps:
+            for pp in pps:
+                if tp * cp * pp > N:
+                    continue
+                dp_max = N // (tp * cp * pp)
+                if a.is_moe:
+                    eps = [fixed["ep"]] if "ep" in fixed else [e for e in _pow2_upto(a.n_routed_experts) if a.n_routed_experts % e == 0] + (
+                        [a.n_routed_experts] if a.n_routed_experts & (a.n_routed_experts - 1) else [])
+                else:
+                    eps = [1]
+                for ep in eps:
+                    if "dp" in fixed:
+                        dps = [fixed["dp"]]
+                    else:
+                        d = dp_max
+                        while d > 0 and (tp * cp * d) % ep:
+                            d -= 1
+                        if d == 0 or d * tp * cp * pp < 0.85 * N and ep > 1:
+                            continue
+                        dps = [d]
+                    for dp in dps:
+                        per_replica = s.sequences / dp
+                        if per_replica < 1 and "dp" not in fixed:
+                            continue
+                        # micro-batches of up to 32K tokens (larger ones only add memory and bubble)
+                        mbs = [fixed["microbatch"]] if "microbatch" in fixed else [
+                            b for b in _pow2_upto(16) if b <= max(1, per_replica) and (b == 1 or b * s.seq_len <= 32768)]
+                        for b in mbs:
+                            for sched in schedules:
+                                if sched == "interleaved":
+                                    if pp == 1:
+                                        continue
+                                    even = not s.stack.balance_stages
+                                    vpps = [fixed["vpp"]] if "vpp" in fixed else [
+                                        v for v in (2, 3, 4) if (a.num_layers % (pp * v) == 0 if even else a.num_layers >= pp * v)]
+                                elif sched == "gpipe" or sched == "1f1b":
+                                    vpps = [1]
+                                for v in vpps:
+                                    group = tuple(
+                                        Layout(tp=tp, pp=pp, ep=ep, cp=cp, dp=dp, zero=z, recompute=r, microbatch=b, schedule=sched, vpp=v)
+                                        for r in recomputes for z in zeros
+                                    )
+                                    out.append(group)
+    return out
+
+
+def _better(a: TrainPlan, b: TrainPlan) -> bool:
+    """Faster wins; within 0.5% the one that needs less memory."""
+    if abs(a.tokens_per_s - b.tokens_per_s) <= 5e-3 * b.tokens_per_s:
+        return a.memory_gib["total"] < b.memory_gib["total"]
+    return a.tokens_per_s > b.tokens_per_s
+
+
+def search(planner: Planner, fixed: dict[str, Any] | None = None, top: int = 5) -> list[TrainPlan]:
+    """Rank layouts: those that fit first, then by throughput. Fields in `fixed` are not searched."""
+    fixed = dict(fixed or {})
+    if fixed.get("schedule") == "interleaved" and "vpp" in fixed and fixed["vpp"] < 2:
+        fixed.pop("vpp")
+    by_shape: dict[tuple, TrainPlan] = {}
+    fallback: list[TrainPlan] = []
+    for group in candidate_layouts(planner, fixed):
+        chosen = None
+        fitted: list[Layout] = []
+        for layout in group:
+            # step time never falls with more recomputation or a higher ZeRO stage, so a layout is
+            # dominated by any fitting one with less of both
+            if any(RECOMPUTE.index(f.recompute) <= RECOMPUTE.index(layout.recompute) and f.zero <= layout.zero for f in fitted):
+                continue
+            if planner.check(layout):
+                continue
+            plan = planner.evaluate(layout, detail=False)
+            if plan is None:
+                continue
+            if plan.fits:
+                fitted.append(layout)
+                if chosen is None or _better(plan, chosen):
+                    chosen = plan
+            else:
+                fallback.append(plan)
+                if len(fallback) > 4 * top:
+                    fallback.sort(key=lambda p: p.memory_gib["total"])
+                    del fallback[2 * top:]
+        if chosen is not None:
+            # keep the best per shape (tp, pp, cp) so the ranking shows distinct options
+            L = chosen.layout
+            shape = (L.tp, L.pp, L.cp)
+            if shape not in by_shape or _better(chosen, by_shape[shape]):
+                by_shape[shape] = chosen
+    best = list(by_shape.values())
+    best.sort(key=lambda p: -p.tokens_per_s)
+    for plan in best[:top]:
+        planner._reliability(plan)
+    if best:
+        return best[:top]
+    # nothing fits: the layouts that come closest, fully evaluated so they show what to change
+    fallback.sort(key=lambda p: p.memory_gib["total"])
+    return [planner.evaluate(p.layout) for p in fallback[:top]]
+
+
+__all__ = ["TrainSetup", "TrainPlan", "Planner", "search", "candidate_layouts", "ring_bytes", "OPTIMIZERS", "PRECISIONS"]

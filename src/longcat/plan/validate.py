@@ -1,0 +1,87 @@
+"""Check the planner against published training runs (shared/validation/*.toml).
+
+Megatron-LM 2021 (Narayanan et al., Table 1): GPT models from 1.7B to 1T parameters on up to 3072
+A100s. For each row the published tensor/pipeline sizes are fixed, the rest (micro-batch size,
+virtual stages) is left to the planner, and the predicted per-GPU throughput is compared with the
+published one. Both count FLOPs the Megatron way: 4 forward passes with full recomputation and
+non-causal attention, which is what `hw_tflops_per_device` reports for a stack without flash
+attention (`--stack megatron-2021`).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError
+from .arch import Architecture, repo_root
+from .hardware import load_hardware, load_stack
+from .train import Planner, TrainSetup, search
+
+
+def default_table() -> Path:
+    """shared/validation/ next to the repository (CI clones the repo beside shared/)."""
+    candidates = [repo_root().parent / "shared" / "validation" / "megatron_2021_table1.toml",
+                  repo_root() / "shared" / "validation" / "megatron_2021_table1.toml"]
+    for path in candidates:
+        if path.exists():
+            return path
+    return candidates[0]
+
+
+def gpt_architecture(row: dict[str, Any], vocab: int, seq_len: int) -> Architecture:
+    """The GPT of the Megatron paper: MHA, GELU MLP of 4h, LayerNorm, biases, dropout, tied
+    embeddings, learned positions."""
+    h = row["hidden"]
+    return Architecture(
+        name=f"GPT {row['params_b']}B", source="Narayanan et al. 2021, Table 1",
+        vocab_size=vocab, hidden_size=h, num_layers=row["layers"], num_heads=row["heads"],
+        attention="gqa", mlp="gelu", ffn_hidden_size=4 * h, norm="layernorm", bias=True, dropout=True,
+        tied_embeddings=True, learned_positions=seq_len,
+    )
+
+
+def megatron_rows(path: str | Path | None = None, *, free_search: bool = True) -> list[dict[str, Any]]:
+    path = Path(path) if path else default_table()
+    if not path.exists():
+        raise ConfigError(f"validation table not found: {path} (expected shared/validation/ beside the repository)")
+    data = tomllib.loads(path.read_text())
+    hw = load_hardware(data.get("hardware", "a100-80gb"))
+    stack = load_stack("megatron-2021")
+    seq, vocab = int(data["seq_len"]), int(data["vocab"])
+    interleaved = "interleaved" in data.get("schedule", "")
+    rows = []
+    for run in data["run"]:
+        arch = gpt_architecture(run, vocab, seq)
+        setup = TrainSetup(arch, hw, stack, chips=run["gpus"], seq_len=seq, global_batch_tokens=run["global_batch"] * seq)
+        planner = Planner(setup)
+        fixed = dict(tp=run["tp"], pp=run["pp"], cp=1, ep=1, dp=run["gpus"] // (run["tp"] * run["pp"]),
+                     zero=0, recompute=data.get("recompute", "full"))
+        plans = []
+        if interleaved and run["pp"] > 1:
+            plans = search(planner, {**fixed, "schedule": "interleaved"}, top=1)
+        if not plans:  # pp = 1, or no interleaving divides the layers
+            plans = search(planner, {**fixed, "schedule": "1f1b"}, top=1)
+        if not plans:
+            raise ConfigError(f"no valid layout for the {run['params_b']}B row")
+        plan = plans[0]
+        row = {
+            "params_b": run["params_b"], "params_b_counted": arch.total_params / 1e9,
+            "gpus": run["gpus"], "tp": run["tp"], "pp": run["pp"], "global_batch": run["global_batch"],
+            "published_tflops": run["tflops_per_gpu"], "predicted_tflops": plan.hw_tflops_per_device,
+            "error": plan.hw_tflops_per_device / run["tflops_per_gpu"] - 1,
+            "layout": str(plan.layout), "fits": plan.fits, "memory_gib": plan.memory_gib["total"],
+            "mfu": plan.mfu, "step_time_s": plan.step_time_s,
+        }
+        if free_search:
+            own = search(planner, {}, top=1)
+            if own:
+                row["own_layout"] = str(own[0].layout)
+                row["own_tflops"] = own[0].hw_tflops_per_device
+                row["own_speedup"] = own[0].tokens_per_s / plan.tokens_per_s
+        rows.append(row)
+    return rows
+
+
+__all__ = ["megatron_rows", "default_table", "gpt_architecture"]
