@@ -97,7 +97,8 @@ class CharTokenizer:
 # exactness
 
 
-def test_cached_decoding_equals_full_recomputation_with_sparse_attention(tiny, monkeypatch):
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-decoder", "model-forward"])
+def test_cached_decoding_equals_full_recomputation_with_sparse_attention(tiny, monkeypatch, fast):
     import longcat.infer.decode as decode
     import longcat.model.attention as attention
 
@@ -112,12 +113,43 @@ def test_cached_decoding_equals_full_recomputation_with_sparse_attention(tiny, m
     monkeypatch.setattr(attention, "select_tokens", counting)
     monkeypatch.setattr(decode, "select_tokens", counting)
     prompts = _prompts([30, 7, 2])  # 30 + 24 > index_topk = 24: LSA selects tokens while decoding
-    results = Engine(tiny, prefill_chunk=8).generate(prompts, GREEDY)
+    results = Engine(tiny, prefill_chunk=8, fast=fast).generate(prompts, GREEDY)
     assert any(sparse_calls), "decode never ran the sparse selection over cached indexer keys"
     for prompt, result in zip(prompts, results):
         expected, _ = _full_recompute(tiny, prompt, GREEDY.max_new_tokens)
         assert result.token_ids == expected
         assert result.finish_reason == "length" and len(result.token_ids) == 24
+
+
+def test_fast_decoder_matches_model_forward_on_every_feature(tiny):
+    """Logits, hidden states and MTP heads of FastDecoder against model.forward, over the same cache
+    contents: rows at different positions, 3 tokens per row, sparse attention selecting tokens."""
+    from longcat.infer.decode import FastDecoder, ModelForward
+
+    c = tiny.config
+    g = torch.Generator().manual_seed(3)
+    B, P = 2, 34  # past index_topk = 24: LSA picks tokens
+    ids = torch.randint(3, c.vocab_size, (B, P), generator=g)
+    caches = []
+    with torch.inference_mode():
+        for _ in range(2):
+            cache = LatentCache(c, B, 64)
+            tiny(ids, cache=cache, mtp=False, indexer_loss=False)
+            caches.append(cache)
+        positions = torch.tensor([[20, 21, 22], [30, 31, 32]])  # rows at their own positions
+        step = torch.randint(3, c.vocab_size, (B, 3), generator=g)
+        history = ids.gather(1, positions[:, :1] - torch.tensor([2, 1]))  # the n-gram state
+        outs = [runner.forward(step, positions, cache, history, last_only=False)
+                for runner, cache in zip((FastDecoder(tiny), ModelForward(tiny)), caches)]
+        torch.testing.assert_close(outs[0][0], outs[1][0], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(outs[0][1], outs[1][1], atol=2e-5, rtol=1e-4)
+        emb = tiny.embed(step)
+        heads = [runner.mtp(1, emb, outs[1][1], positions, cache)
+                 for runner, cache in zip((FastDecoder(tiny), ModelForward(tiny)), caches)]
+        for a, b in zip(*heads):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+        for name in ("c_kv", "k_rope", "index_k"):
+            torch.testing.assert_close(getattr(caches[0], name), getattr(caches[1], name), atol=2e-5, rtol=1e-4)
 
 
 def test_batched_equals_one_at_a_time_greedy_and_seeded(tiny):
@@ -283,6 +315,16 @@ def test_end_of_text_stops_unless_ignored(tiny):
     finally:
         tiny.config.eos_token_id = saved
     assert r.finish_reason == "stop" and r.token_ids == full[: full.index(full[3]) + 1]
+
+
+def test_one_generation_at_a_time_and_an_abandoned_stream_frees_the_engine(tiny):
+    engine = Engine(tiny)
+    stream = engine.stream(_prompts([5]), GREEDY)
+    next(stream)
+    with pytest.raises(GenerationError, match="already generating"):
+        engine.generate(_prompts([3]), GREEDY)
+    stream.close()
+    assert engine.generate(_prompts([5]), GREEDY)[0].token_ids == Engine(tiny).generate(_prompts([5]), GREEDY)[0].token_ids
 
 
 def test_prompt_that_does_not_fit_is_refused_or_truncated_on_request(tiny):

@@ -191,11 +191,11 @@ def _print_result(prompt, result, has_text: bool, many: bool) -> None:
     if many:
         print(f"--- prompt {result.index}")
     if has_text and isinstance(prompt, str):
-        print(prompt + (result.text or ""))
+        print(prompt + (result.text or ""), flush=True)
     elif has_text:
-        print(result.text or "")
+        print(result.text or "", flush=True)
     else:
-        print(" ".join(str(t) for t in result.token_ids))
+        print(" ".join(str(t) for t in result.token_ids), flush=True)
 
 
 def _print_stats(r, many: bool) -> None:

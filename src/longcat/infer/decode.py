@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from ..model import AttentionContext, LatentCache, LongCatForCausalLM, select_tokens
-from ..model.layers import apply_rope
 
-# At most this many (token, expert) pairs go through the per-expert loop; more use grouped GEMMs.
-LOOP_PAIRS = 48
+# With at most this many distinct experts in use, loop over them (one GEMM pair each); with more,
+# use the model's grouped GEMMs (on CPU, torch._grouped_mm pays for every expert, used or not).
+LOOP_EXPERTS = 96
 
 
 def _norm(module, x: torch.Tensor) -> torch.Tensor:
@@ -35,6 +35,23 @@ def _norm(module, x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.float32:
         return F.rms_norm(x, module.weight.shape, module.weight, module.eps)
     return module(x)
+
+
+def rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as a matrix: x @ R equals apply_rope(x) (interleaved pairs in, halves out).
+
+    cos, sin (B, T, r/2) -> R (B*T, r, r), so that every sublayer rotates with one small bmm.
+    """
+    B, T, half = cos.shape
+    r = 2 * half
+    R = cos.new_zeros(B * T, r, r)
+    j = torch.arange(half, device=cos.device)
+    c, s = cos.reshape(B * T, half), sin.reshape(B * T, half)
+    R[:, 2 * j, j] = c
+    R[:, 2 * j + 1, j] = -s
+    R[:, 2 * j + 1, half + j] = c
+    R[:, 2 * j, half + j] = s
+    return R
 
 
 def _swiglu(mlp, x: torch.Tensor) -> torch.Tensor:
@@ -47,19 +64,33 @@ class FastDecoder:
     def __init__(self, model: LongCatForCausalLM) -> None:
         self.model = model
         self.config = model.config
+        self._views: dict[int, tuple] = {}
+
+    def _expert_views(self, experts):
+        """Per-expert (H, 2F) and (F, H) views of the stacked expert weights (no copies), made once
+        and remade whenever the parameters are replaced."""
+        key = (experts.gate_up_proj.data_ptr(), experts.down_proj.data_ptr())
+        cached = self._views.get(id(experts))
+        if cached is None or cached[0] != key:
+            gate_up_t = experts.gate_up_proj.detach().transpose(1, 2).unbind(0)
+            down_t = experts.down_proj.detach().transpose(1, 2).unbind(0)
+            cached = self._views[id(experts)] = (key, gate_up_t, down_t)
+        return cached[1], cached[2]
 
     # --- attention -------------------------------------------------------------------------------
-    def attention(self, attn, x, cos, sin, positions, cache: LatentCache, sublayer: int, keep, causal):
-        """One MLA sublayer over the latent cache. x (B, T, H) normed -> (out (B, T, H), keep)."""
+    def attention(self, attn, x, cos, sin, rot, positions, cache: LatentCache, sublayer: int, keep, causal):
+        """One MLA sublayer over the latent cache. x (B, T, H) normed -> (out (B, T, H), keep).
+
+        rot: rotation(cos, sin), the RoPE matrices of these positions."""
         B, T, _ = x.shape
         h, nope, rope, kv = attn.n_heads, attn.nope, attn.rope, attn.kv_lora
         q_latent = _norm(attn.q_a_layernorm, F.linear(x, attn.q_a_proj.weight))  # (B, T, q_lora)
         q = F.linear(q_latent, attn.q_b_proj.weight).view(B, T, h, nope + rope)
         q_nope, q_rope = q.split([nope, rope], dim=-1)
-        q_rope = apply_rope(q_rope, cos, sin)
+        q_rope = torch.bmm(q_rope.reshape(B * T, h, rope), rot).view(B, T, h, rope)
         c_kv, k_rope = F.linear(x, attn.kv_a_proj_with_mqa.weight).split([kv, rope], dim=-1)
         c_kv = _norm(attn.kv_a_layernorm, c_kv) * attn.kv_scale
-        k_rope = apply_rope(k_rope, cos, sin)
+        k_rope = torch.bmm(k_rope.reshape(B * T, 1, rope), rot).view(B, T, rope)
         c_all, r_all = cache.write(sublayer, positions, c_kv, k_rope)  # (B, S, kv), (B, S, rope)
 
         if attn.indexer is not None:
@@ -100,34 +131,29 @@ class FastDecoder:
         weights = probs.gather(1, indices) * router.scaling  # (T, k) fp32
         is_expert = indices < N
         out = x * (weights * ~is_expert).sum(-1, keepdim=True).to(x.dtype)  # identity experts
-        pairs = int(is_expert.sum())
-        if pairs > LOOP_PAIRS:
-            rows, counts, state = moe.dispatcher.dispatch(x, _Routing(indices, weights), N)
-            out = moe.dispatcher.combine(moe.experts(rows, counts), state, out)
+        # (token, slot) pairs that go to FFN experts, sorted by expert
+        flat = indices.flatten()
+        pairs = is_expert.flatten().nonzero().squeeze(1)
+        order = pairs[torch.argsort(flat[pairs], stable=True)]
+        counts = torch.bincount(flat[order], minlength=N).tolist()
+        used = [(e, c) for e, c in enumerate(counts) if c]
+        if not used:
             return out.reshape(shape)
-        experts = moe.experts
-        F_ = experts.inner
-        chosen = indices.tolist()
-        gates = weights.to(x.dtype)
-        by_expert: dict[int, list[tuple[int, int]]] = {}
-        for t, row in enumerate(chosen):
-            for j, e in enumerate(row):
-                if e < N:
-                    by_expert.setdefault(e, []).append((t, j))
-        for e, slots in by_expert.items():
-            if len(slots) == 1:
-                t, j = slots[0]
-                xe = x[t : t + 1]
-                gate_up = F.linear(xe, experts.gate_up_proj[e])
-                y = F.linear(F.silu(gate_up[:, :F_]) * gate_up[:, F_:], experts.down_proj[e])
-                out[t : t + 1] += y * gates[t, j]
-            else:
-                tok = torch.tensor([t for t, _ in slots], device=x.device)
-                slot = torch.tensor([j for _, j in slots], device=x.device)
-                gate_up = F.linear(x[tok], experts.gate_up_proj[e])
-                y = F.linear(F.silu(gate_up[:, :F_]) * gate_up[:, F_:], experts.down_proj[e])
-                out.index_add_(0, tok, y * gates[tok, slot].unsqueeze(1))
-        return out.reshape(shape)
+        if len(used) > LOOP_EXPERTS:
+            # many experts in use: the model's grouped GEMMs pay off
+            rows, expert_counts, state = moe.dispatcher.dispatch(x, _Routing(indices, weights), N)
+            return moe.dispatcher.combine(moe.experts(rows, expert_counts), state, out).reshape(shape)
+        gate_up_t, down_t = self._expert_views(moe.experts)
+        tokens = order // indices.shape[1]
+        xs = x[tokens]  # (M, H) rows grouped by expert
+        ys, a = [], 0
+        for e, c in used:  # one GEMM pair per expert actually chosen, none for the others
+            gate, up = torch.mm(xs[a : a + c], gate_up_t[e]).chunk(2, dim=-1)
+            ys.append(torch.mm(F.silu(gate) * up, down_t[e]))
+            a += c
+        y = torch.cat(ys) if len(ys) > 1 else ys[0]
+        gates = weights.flatten()[order].to(x.dtype).unsqueeze(1)
+        return out.index_add_(0, tokens, y * gates).reshape(shape)
 
     # --- whole model -------------------------------------------------------------------------------
     def forward(self, ids, positions, cache: LatentCache, history=None, *, last_only: bool = True):
@@ -136,17 +162,18 @@ class FastDecoder:
         cache.begin(positions)
         h = model.embed(ids, history)
         cos, sin = model.rotary(positions, h.dtype)
+        rot = rotation(cos, sin)
         S = cache._span
         causal = positions.unsqueeze(-1) >= torch.arange(S, device=ids.device)  # (B, T, S)
         for i, layer in enumerate(model.layers):
-            attn, keep = self.attention(layer.self_attn[0], _norm(layer.input_layernorm[0], h), cos, sin, positions,
-                                        cache, 2 * i, None, causal)
+            attn, keep = self.attention(layer.self_attn[0], _norm(layer.input_layernorm[0], h), cos, sin, rot,
+                                        positions, cache, 2 * i, None, causal)
             h = h + attn
             u = _norm(layer.post_attention_layernorm[0], h)
             moe_out = self.moe(layer.mlp, u)  # joins at the end of the layer, as in the model
             h = h + _swiglu(layer.mlps[0], u)
-            attn, _ = self.attention(layer.self_attn[1], _norm(layer.input_layernorm[1], h), cos, sin, positions,
-                                     cache, 2 * i + 1, keep, causal)
+            attn, _ = self.attention(layer.self_attn[1], _norm(layer.input_layernorm[1], h), cos, sin, rot,
+                                     positions, cache, 2 * i + 1, keep, causal)
             h = h + attn
             h = h + _swiglu(layer.mlps[1], _norm(layer.post_attention_layernorm[1], h)) + moe_out
         normed = _norm(model.norm, h[:, -1:] if last_only else h)
@@ -160,8 +187,8 @@ class FastDecoder:
         cos, sin = self.model.rotary(positions, emb.dtype)
         causal = positions.unsqueeze(-1) >= torch.arange(cache._span, device=positions.device)
         h = F.linear(torch.cat([_norm(head.enorm, emb), _norm(head.hnorm, prev)], dim=-1), head.eh_proj.weight)
-        attn, _ = self.attention(head.self_attn, _norm(head.input_layernorm, h), cos, sin, positions, cache,
-                                 head.sublayer, None, causal)
+        attn, _ = self.attention(head.self_attn, _norm(head.input_layernorm, h), cos, sin, rotation(cos, sin),
+                                 positions, cache, head.sublayer, None, causal)
         h = h + attn
         h = h + _swiglu(head.mlp, _norm(head.post_attention_layernorm, h))
         return h, _norm(head.final_layernorm, h)
@@ -193,4 +220,4 @@ class ModelForward:
         return model.mtp[depth - 1](emb, prev, ctx)
 
 
-__all__ = ["FastDecoder", "ModelForward", "LOOP_PAIRS"]
+__all__ = ["FastDecoder", "ModelForward", "LOOP_EXPERTS"]

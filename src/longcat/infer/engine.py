@@ -251,6 +251,7 @@ class Engine:
         if self.bos_id is None:
             self.bos_id = self.config.bos_token_id
         self._cache: LatentCache | None = None
+        self._busy = False  # one generation at a time: they share the cache
         self.runner = FastDecoder(model) if fast else ModelForward(model)
 
     # --- public API ------------------------------------------------------------------------------
@@ -287,7 +288,16 @@ class Engine:
         t_start = time.perf_counter()
         k = self.speculative if speculative is None else self._check_speculative(speculative)
         seqs = self._sequences(prompts, params, truncate_prompt, _stream_text, t_start)
+        if self._busy:
+            raise GenerationError("this Engine is already generating (its cache is in use); finish or close that "
+                                  "stream first, or batch the prompts into one call")
         return _Generation(self, seqs, k).run()
+
+    def release(self) -> None:
+        """Free the preallocated cache (the next generation allocates again)."""
+        if self._busy:
+            raise GenerationError("cannot free the cache during a generation")
+        self._cache = None
 
     # --- request checks ----------------------------------------------------------------------------
     def _check_speculative(self, k: int) -> int:
@@ -369,6 +379,16 @@ class _Generation:
         self.history = self.model.config.oe_neighbor_num - 1 if self.model.config.ngram_enabled else 0
 
     def run(self) -> Iterator[StreamEvent]:
+        engine = self.engine
+        if engine._busy:
+            raise GenerationError("this Engine is already generating; finish or close that stream first")
+        engine._busy = True
+        try:
+            yield from self._run()
+        finally:
+            engine._busy = False
+
+    def _run(self) -> Iterator[StreamEvent]:
         engine, seqs, k = self.engine, self.seqs, self.k
         B = len(seqs)
         lengths = [len(s.prompt) for s in seqs]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -44,7 +44,6 @@ class SamplingParams:
     # Logprobs are those of the model's distribution (log_softmax of the raw logits), before
     # penalties, temperature and filtering.
     logprobs: int | None = None
-    extra: dict = field(default_factory=dict, repr=False)  # free-form, passed through (serving)
 
     def __post_init__(self) -> None:
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop)

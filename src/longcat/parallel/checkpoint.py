@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 MARKER = "COMPLETE"
 STATE_FILE = "train_state.json"
@@ -69,12 +69,23 @@ def load_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.
     model_sd, optim_sd = _state(module, optimizer)
     state = {"model": model_sd}
     if optim_sd is not None:
+        # get_state_dict creates optimizer state for every parameter; parameters that had none
+        # when saved (never had a gradient: MTP heads or the indexer trained without their loss)
+        # must stay without state, or their Adam step count would differ from the saved run.
+        saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        per_param = optim_sd["state"]
+        for fqn in [f for f, st in per_param.items() if any(f"optim.state.{f}.{k}" not in saved for k in st)]:
+            del per_param[fqn]
         state["optim"] = optim_sd
     dcp.load(state, checkpoint_id=str(path))
+    # strict=False only lets parameters without saved optimizer state stay without state; the
+    # model keys were already checked by dcp.load, which fails on any missing key.
+    options = StateDictOptions(strict=False)
     if optimizer is not None:
-        set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=options)
     else:
-        set_state_dict(module, [], model_state_dict=state["model"], optim_state_dict={})
+        set_state_dict(module, [], model_state_dict=state["model"], optim_state_dict={}, options=options)
     return json.loads((path / STATE_FILE).read_text())
 
 

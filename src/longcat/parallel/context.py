@@ -41,16 +41,16 @@ class _GatherSeq(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, world: int):  # noqa: D102
         ctx.group, ctx.world = group, world
-        out = x.new_empty((world, *x.shape))
+        out = x.new_empty((world * x.shape[0], *x.shape[1:]))  # gloo wants the ranks concatenated on dim 0
         dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-        return out
+        return out.view(world, *x.shape)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
         # Every rank's queries attended to these keys: sum their gradients, keep our slice.
         grad = grad.contiguous()
         out = grad.new_empty(grad.shape[1:])
-        dist.reduce_scatter_tensor(out, grad, group=ctx.group)
+        dist.reduce_scatter_tensor(out, grad.flatten(0, 1), group=ctx.group)
         return out, None, None
 
 
@@ -103,8 +103,9 @@ class ContextParallelNgram(NgramEmbedding):
 
     def forward(self, word, tokens, history=None):  # noqa: D102
         B, t = tokens.shape
-        gathered = tokens.new_empty((self.cp, B, t))
+        gathered = tokens.new_empty((self.cp * B, t))
         dist.all_gather_into_tensor(gathered, tokens.contiguous(), group=self.cp_group)
+        gathered = gathered.view(self.cp, B, t)
         order = torch.cat([zigzag_index(self.seq_len, self.cp, r, tokens.device) for r in range(self.cp)])
         full = torch.empty((B, self.seq_len), dtype=tokens.dtype, device=tokens.device)
         full[:, order] = gathered.permute(1, 0, 2).reshape(B, self.seq_len)

@@ -176,7 +176,7 @@ class ParallelModel:
     def _pipeline_forward_backward(self, inputs, labels, scale: float) -> StepResult:
         x, y, _ = self.shard_batch(inputs, labels)
         for stage in self.stages:
-            stage.router_counts = {}
+            stage.router_counts = []
         has_first = any(s.first for s in self.stages)
         has_last = any(s.last for s in self.stages)
         losses: list[torch.Tensor] = []
@@ -192,7 +192,7 @@ class ParallelModel:
         L, E = self.config.num_layers, self.config.num_experts_total
         counts = torch.zeros(L, E, dtype=torch.long, device=x.device)
         for stage in self.stages:
-            for i, c in stage.router_counts.items():
+            for i, c in stage.step_router_counts(self.layout.microbatches).items():
                 counts[i] += c.to(counts.device)
         counts = self._all_reduce(self._all_reduce(counts, "pp"), "dp_cp")
         value = float(loss[0])
@@ -314,11 +314,11 @@ def parallelize(
     cp_kv = None
     for part in parts:
         if layout.tp > 1:
-            apply_tensor_parallel(part, dims.mesh["tp"])
+            apply_tensor_parallel(part, dims["tp"])
         if layout.ep > 1:
-            apply_expert_parallel(part, dims.mesh["ep"])
+            apply_expert_parallel(part, dims["ep"])
         if layout.cp > 1:
-            cp_kv = apply_context_parallel(part, dims.mesh["cp"], seq_len)
+            cp_kv = apply_context_parallel(part, dims["cp"], seq_len)
         if layout.fsdp:
             policy = mixed_precision_policy(precision, dims.device.type)
             # Under PP every micro-batch would re-gather: keep the parameters between them.
@@ -326,7 +326,7 @@ def parallelize(
     if layout.pp > 1:
         pm = ParallelModel(dims, PipelineRankModel(model, stages), seq_len=seq_len, stages=stages,
                            autocast_dtype=autocast_dtype)
-        pm.schedule = build_schedule(stages, indices, layout.num_stages, dims.mesh["pp"], dims.device,
+        pm.schedule = build_schedule(stages, indices, layout.num_stages, dims["pp"], dims.device,
                                      layout.pp_schedule, layout.microbatches, pm.pipeline_loss)
         return pm
     return ParallelModel(dims, model, seq_len=seq_len, cp_kv=cp_kv, autocast_dtype=autocast_dtype)

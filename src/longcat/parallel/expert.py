@@ -19,6 +19,7 @@ distributed checkpoint sees the full (N, ...) tensors and reshards between layou
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,11 @@ from torch.distributed.tensor import DTensor, Shard
 
 from ..model.moe import DispatchState, GroupedExperts, LocalDispatcher, Routing, _compute_dtype, _grouped_mm
 from .modules import decoder_layers
+
+
+# The grouped GEMM returns its output through an identity autograd Function (which fixes the
+# gradient's memory layout), so FSDP sees a view; every consumer in MoE is out-of-place.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPExpertShard\) returned a view tensor")
 
 
 class ExpertShard(GroupedExperts):

@@ -282,39 +282,49 @@ class ParallelDims:
     layout: ParallelLayout
     mesh: torch.distributed.device_mesh.DeviceMesh
     device: torch.device
+    views: dict = dataclasses.field(default_factory=dict)  # flattened meshes by name
 
-    @property
-    def rank(self) -> int:
-        return torch.distributed.get_rank()
+    def __getitem__(self, name: str):
+        return self.views[name] if name in self.views else self.mesh[name]
 
     def size(self, name: str) -> int:
-        return self.mesh[name].size()
+        return self[name].size()
 
     def local_rank(self, name: str) -> int:
-        return self.mesh[name].get_local_rank()
+        return self[name].get_local_rank()
 
     def group(self, name: str):
-        return self.mesh[name].get_group()
+        return self[name].get_group()
 
     @property
     def dp_rank(self) -> int:
-        return self.mesh["dp"].get_local_rank()
+        return self.local_rank("dp")
 
     @property
     def fsdp_mesh(self):
         """Mesh for the dense parameters: 1-D (dp_shard_cp) or 2-D HSDP (dp_replicate, dp_shard_cp)."""
-        if self.layout.dp_replicate > 1:
-            return self.mesh["dp_replicate", "dp_shard_cp"]
-        return self.mesh["dp_shard_cp"]
+        return self._hsdp("dp_shard_cp")
 
     @property
     def expert_fsdp_mesh(self):
+        return self._hsdp("edp")
+
+    def _hsdp(self, shard_dim: str):
         if self.layout.dp_replicate > 1:
-            return self.mesh["dp_replicate", "edp"]
-        return self.mesh["edp"]
+            from torch.distributed.device_mesh import DeviceMesh
+
+            return DeviceMesh._concatenate([self.mesh["dp_replicate"], self.views[shard_dim]])
+        return self.views[shard_dim]
 
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "cp", "tp")
+FLATTENED = {
+    "dp_shard": ("dp_shard_mod_ep", "ep"),
+    "dp": ("dp_replicate", "dp_shard_mod_ep", "ep"),
+    "dp_shard_cp": ("dp_shard_mod_ep", "ep", "cp"),
+    "dp_cp": ("dp_replicate", "dp_shard_mod_ep", "ep", "cp"),
+    "edp": ("dp_shard_mod_ep", "cp"),
+}
 
 
 def build_mesh(layout: ParallelLayout, device_type: str) -> ParallelDims:
@@ -323,17 +333,12 @@ def build_mesh(layout: ParallelLayout, device_type: str) -> ParallelDims:
 
     sizes = (layout.pp, layout.dp_replicate, layout.dp_shard // layout.ep, layout.ep, layout.cp, layout.tp)
     mesh = init_device_mesh(device_type, sizes, mesh_dim_names=MESH_DIMS)
-    mesh["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
-    mesh["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp")
-    mesh["dp_shard_mod_ep", "ep", "cp"]._flatten("dp_shard_cp")
-    mesh["dp_replicate", "dp_shard_mod_ep", "ep", "cp"]._flatten("dp_cp")
-    mesh["dp_shard_mod_ep", "cp"]._flatten("edp")
+    views = {name: mesh[dims]._flatten(name) for name, dims in FLATTENED.items()}
     if device_type == "cpu":
         device = torch.device("cpu")
     else:
-        index = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device(device_type, index)
-    return ParallelDims(layout, mesh, device)
+        device = torch.device(device_type, int(os.environ.get("LOCAL_RANK", "0")))
+    return ParallelDims(layout, mesh, device, views)
 
 
 def init_distributed(device_type: str, *, timeout_s: float = 600.0) -> None:

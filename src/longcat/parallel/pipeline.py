@@ -37,8 +37,9 @@ class StageModule(nn.Module):
     """One pipeline stage: [embeddings] + decoder layers [+ final norm and output head].
 
     forward: input ids (B, T) on the first stage, hidden states (B, T, H) elsewhere; returns hidden
-    states, or logits (B, T, V) on the last stage. Router counts of every forward are summed in
-    `router_counts` (layer index -> (N+Z,)) for the router-bias update.
+    states, or logits (B, T, V) on the last stage. Each forward appends its router counts
+    ({layer index: (N+Z,)}) to `router_counts`, for the router-bias update. On the first step the
+    pipeline runs one extra forward to infer shapes; `step_router_counts` skips it.
     """
 
     def __init__(self, model: LongCatForCausalLM, layers: range, *, first: bool, last: bool) -> None:
@@ -52,7 +53,7 @@ class StageModule(nn.Module):
         self.lm_head = model.lm_head if last else None
         self.rotary = model.rotary
         self.lsa_mode = "sparse"
-        self.router_counts: dict[int, torch.Tensor] = {}
+        self.router_counts: list[dict[int, torch.Tensor]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.first:
@@ -65,13 +66,24 @@ class StageModule(nn.Module):
         positions = torch.arange(T, device=h.device).unsqueeze(0)
         cos, sin = self.rotary(positions, h.dtype)
         ctx = AttentionContext(cos, sin, positions, None, sparse=self.lsa_mode == "sparse", indexer_loss=False)
+        counts = {}
         for key, layer in self.layers.items():
             h, stats, _ = layer(h, ctx)
-            i = int(key)
-            self.router_counts[i] = self.router_counts.get(i, 0) + stats.counts
+            counts[int(key)] = stats.counts
+        self.router_counts.append(counts)
         if self.last:
             h = self.lm_head(self.norm(h))
         return h
+
+
+    def step_router_counts(self, microbatches: int) -> dict[int, torch.Tensor]:
+        """Counts summed over the step's micro-batch forwards (the last `microbatches` calls)."""
+        total: dict[int, torch.Tensor] = {}
+        for counts in self.router_counts[-microbatches:]:
+            for i, c in counts.items():
+                total[i] = total.get(i, 0) + c
+        self.router_counts = []
+        return total
 
 
 class PipelineRankModel(nn.Module):

@@ -318,23 +318,26 @@ class Architecture:
         return out
 
     # --- memory per token of one block ---------------------------------------------------------------------
-    def layer_tensors(self, moe: bool, seq_len: int, *, flash: bool, mtp: bool = False) -> "LayerTensors":
+    def layer_tensors(self, moe: bool, seq_len: int, *, flash: bool, mtp: bool = False, residual_bytes: int = 2) -> "LayerTensors":
         """Saved activations and element-wise traffic of one block (bytes per token, forward).
 
         Korthikanti et al. 2022 (GPT, no flash, dropout) gives 34*H + 5*a*S bytes saved per token
         and layer; this generalises the same bookkeeping to GQA, MLA, SwiGLU, MoE and the indexer.
         'rep' tensors sit outside the tensor-parallel region (split only by sequence parallelism),
         'par' ones are split over TP ranks, 's2' ones scale with the attended context and exist only
-        without a fused (flash) attention kernel.
+        without a fused (flash) attention kernel. `residual_bytes` is the element size of the
+        residual stream and the norms (2 in bf16 training, 4 under autocast with fp32 weights);
+        GEMM outputs are bf16 either way.
         """
         H, a, S = self.hidden_size, self.num_heads, seq_len
+        r = residual_bytes
         t = LayerTensors()
         drop = 1 if self.dropout else 0
         attn_keys = min(S, self.sparse_topk) if self.sparse_topk else S
         attn_sublayers = 1 if mtp else self.attn_per_layer
         for i in range(attn_sublayers):
             # pre-norm input and output (the QKV GEMM input)
-            t.add("rep", saved=4 * H, traffic=4 * H)
+            t.add("rep", saved=2 * r * H, traffic=2 * r * H)
             if self.attention == "mla":
                 lat = self.q_lora_rank + self.kv_lora_rank
                 t.add("rep", saved=2 * (self.q_lora_rank + self.kv_lora_rank + self.qk_rope_head_dim) + 2 * lat,
@@ -351,25 +354,26 @@ class Architecture:
                 t.add("par", saved=2 * idx + 2 * self.index_head_dim + 4 * self.index_heads, traffic=0)
                 # index scores over every past key (fp32), then a top-k over them, even with fused kernels
                 t.add("idx", saved=4 * S, traffic=8 * S)
-            t.add("rep", saved=drop * H, traffic=(6 + drop) * H)  # residual add (+ dropout)
+            t.add("rep", saved=drop * H, traffic=(3 * r + drop) * H)  # residual add (+ dropout)
         dense_plain, dense_moe = self.dense_ffns_in_layer
         n_dense = 1 if mtp and not (moe and self.mtp_ffn == "moe") else (dense_moe if moe else dense_plain)
         for _ in range(n_dense):
-            t.add("rep", saved=4 * H + drop * H, traffic=(4 + 6 + drop) * H)  # norm in/out, residual
+            t.add("rep", saved=2 * r * H + drop * H, traffic=(5 * r + drop) * H)  # norm in/out, residual
             t.add("par", **self._ffn_tensors(self.ffn_hidden_size))
         if moe:
             E = self.n_routed_experts + self.zero_experts
             slots = self.slots
             if self.moe_style == "replace":
-                t.add("rep", saved=4 * H, traffic=(4 + 6) * H)  # its own pre-norm and residual
+                t.add("rep", saved=2 * r * H, traffic=5 * r * H)  # its own pre-norm and residual
             else:
-                t.add("rep", saved=0, traffic=6 * H)  # the delayed join adds one more residual term
+                t.add("rep", saved=0, traffic=3 * r * H)  # the delayed join adds one more residual term
             # router logits and probabilities in fp32; softmax + top-k
             t.add("exp", saved=8 * E, traffic=12 * E)
             # each FFN slot: the permuted input and the expert output (kept for the weighted combine),
-            # plus the expert's own intermediates; permute and combine copy the rows.
+            # plus the expert's own intermediates; the permute gathers rows from the residual-stream
+            # tensor, the combine weights the bf16 outputs and scatter-adds them back.
             ffn = self._ffn_tensors(self.expert_ffn_hidden_size)
-            t.add("exp", saved=slots * (4 * H + ffn["saved"]), traffic=slots * (10 * H + ffn["traffic"]))
+            t.add("exp", saved=slots * (4 * H + ffn["saved"]), traffic=slots * ((2 * r + 6) * H + ffn["traffic"]))
             for _ in range(self.n_shared_experts):
                 t.add("par", **self._ffn_tensors(self.expert_ffn_hidden_size))
         return t
@@ -401,8 +405,12 @@ class Architecture:
 
     def summary(self) -> str:
         kind = "MoE" if self.is_moe else "dense"
-        return (f"{self.name}: {self.total_params / 1e9:,.1f}B parameters ({kind}, "
-                f"{self.active_params / 1e9:,.1f}B active), {self.num_layers} layers, hidden {self.hidden_size}")
+
+        def size(n: float) -> str:
+            return f"{n / 1e9:,.1f}B" if n >= 1e9 else f"{n / 1e6:,.1f}M"
+
+        return (f"{self.name}: {size(self.total_params)} parameters ({kind}, {size(self.active_params)} active), "
+                f"{self.num_layers} layers, hidden {self.hidden_size}")
 
 
 @dataclass

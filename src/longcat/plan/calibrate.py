@@ -90,7 +90,7 @@ def measure(quick: bool = False, threads: int | None = None, arch=None, tokens: 
     if threads:
         torch.set_num_threads(threads)
     baseline_rss = current_rss_bytes()
-    n = 512 if quick else 2048
+    n = 256 if quick else 2048
     reps = 2 if quick else 5
     out: dict[str, Any] = {"threads": torch.get_num_threads(), "model": getattr(arch, "name", None), "tokens": tokens}
 
@@ -103,7 +103,8 @@ def measure(quick: bool = False, threads: int | None = None, arch=None, tokens: 
     out["peak_tflops_bf16"] = 2 * n**3 / matmul_time(n, n, n, torch.bfloat16) / 1e12
     peak = out["peak_tflops_bf16"] * 1e12
     if quick:
-        tokens = min(tokens, 1024)
+        tokens = min(tokens, 256)
+    out["tokens"] = tokens
     if arch is not None:
         shapes, expert = _gemm_shapes(arch, tokens)
     else:
@@ -128,10 +129,10 @@ def measure(quick: bool = False, threads: int | None = None, arch=None, tokens: 
     # attention: causal SDPA forward + backward in bf16, at the model's head sizes when given
     if arch is not None:
         h_, d_qk, d_v = arch.num_heads, arch.qk_dim, arch.v_dim
-        T = min(seq_len, 256 if quick else seq_len)
+        T = min(seq_len, 64 if quick else seq_len)
         B = max(1, tokens // T)
     else:
-        (B, h_, T, d_qk), d_v = ((2, 4, 256, 64) if quick else (8, 8, 512, 64)), 64
+        (B, h_, T, d_qk), d_v = ((2, 4, 64, 64) if quick else (8, 8, 512, 64)), 64
     q, k = (torch.randn(B, h_, T, d_qk, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     v = torch.randn(B, h_, T, max(d_v, d_qk), dtype=torch.bfloat16, requires_grad=True)  # padded as the model does
 
@@ -144,7 +145,7 @@ def measure(quick: bool = False, threads: int | None = None, arch=None, tokens: 
     out["attention_shape"] = (B, h_, T, d_qk, d_v)
 
     # memory bandwidth: an element-wise kernel on buffers much larger than the caches
-    size = (32 if quick else 256) * 2**20 // 4
+    size = (8 if quick else 256) * 2**20 // 4
     x = torch.ones(size)
     y = torch.empty(size)
     t = _best_time(lambda: torch.mul(x, 1.0001, out=y), reps)
@@ -153,7 +154,7 @@ def measure(quick: bool = False, threads: int | None = None, arch=None, tokens: 
 
     # per-op dispatch cost of eager PyTorch with autograd
     small = torch.ones(8, requires_grad=True)
-    count = 200 if quick else 2000
+    count = 100 if quick else 2000
 
     def tiny_ops():
         z = small

@@ -62,7 +62,7 @@ def register(subparsers) -> None:
     train.add_argument("--precision", choices=("bf16", "fp8", "autocast"), default="bf16",
                        help="bf16: bf16 weights + fp32 master; fp8: fp8 GEMMs, same memory; autocast: fp32 weights (default bf16)")
     train.add_argument("--stack", default="modern", help="software stack: modern (flash attention, sequence parallel, overlapped "
-                       "DP reduce) or megatron-2021 (default modern)")
+                       "DP reduce, fused kernels), megatron-2021, or pytorch-eager (one plain PyTorch process) (default modern)")
     train.add_argument("--stack-set", action="append", metavar="FIELD=VALUE", help="override a stack field (repeatable)")
     train.set_defaults(func=run_train)
 
@@ -196,7 +196,7 @@ def _print_train(arch, hw, setup, plans, elapsed: float) -> None:
     mem = Table(title=f"memory per device, {best.memory_stage} stage (GiB)", show_header=False)
     for k, v in best.memory_gib.items():
         mem.add_row(k, f"{v:,.2f}")
-    step = Table(title=f"step time {best.step_time_s:.3f} s, {best.microbatches} micro-batches", show_header=False)
+    step = Table(title=f"step time {best.step_time_s:.3f} s, {best.microbatches} micro-batch{'es' if best.microbatches != 1 else ''}", show_header=False)
     for k, v in best.step.items():
         if v:
             step.add_row(k, f"{v:.4f} s", f"{v / best.step_time_s:.1%}")
@@ -249,8 +249,8 @@ def run_serve(args: argparse.Namespace) -> int:
     con.print(f"max context: {out['max_context_tokens']:,} tokens with the KV sharded over all attention groups; "
               f"{out['max_context_tokens_per_group']:,} in one group")
     if need:
-        con.print(f"[bold]{args.context:,}-token context: {need:,} chips[/] (KV sharded across groups); "
-                  f"{need_group:,} chips if one group holds it" if need_group else "")
+        single = f"{need_group:,} chips if one attention group holds it" if need_group else "no deployment if one group must hold it"
+        con.print(f"[bold]{args.context:,}-token context: {need:,} chips[/] with the KV sharded across attention groups; {single}")
     con.print(f"at {args.context:,} tokens, batch {args.batch}: decode step >= {out['decode_step_lower_bound_s'] * 1e3:.2f} ms "
               f"(<= {out['decode_tokens_per_s_upper_bound']:,.0f} tokens/s), prefill >= {out['prefill_lower_bound_s']:.1f} s "
               f"(bandwidth and peak-FLOP bounds)")

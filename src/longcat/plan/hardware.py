@@ -213,6 +213,7 @@ class Stack:
     logits_backward_bytes: float = 6.0  # transient per logit element in the loss backward (fused: fp32 grad + bf16 grad)
     optimizer_traffic_bytes: float = 30.0  # AdamW step bytes per local parameter: fused kernel (fp32 master, m, v, grad, bf16 copy)
     persistent_grads: bool = True  # gradients live in a buffer for the whole step (Megatron, FSDP), not set to None
+    elementwise_passes: float = 1.0  # traffic of a block's element-wise work relative to fused kernels
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -228,12 +229,14 @@ STACKS: dict[str, Stack] = {
         overlap_grad_reduce=False, grad_reduce_bytes=2.0, pp_scatter_gather=True, balance_stages=False,
     ),
     # One PyTorch process as `longcat train` runs it: SDPA (flash kernels), torch.optim.AdamW in
-    # its single-tensor form (about ten passes over the state: ~80 bytes per parameter), gradients
-    # set to None between steps, an unfused cross-entropy (fp32 log-probabilities kept; the backward
-    # holds two fp32 gradients and a bf16 one per logit).
+    # its single-tensor form (eight passes over the state: 80 bytes per parameter), gradients set to
+    # None between steps, an unfused cross-entropy (fp32 log-probabilities kept; the backward holds
+    # two fp32 gradients and a bf16 one per logit), and element-wise chains run op by op: an RMSNorm
+    # makes ~7 passes over its tensor where a fused kernel makes 2, SwiGLU 5 instead of 3, a residual
+    # add 3 either way -- about twice the fused traffic over a block.
     "pytorch-eager": Stack(
         name="pytorch-eager", flash_attention=True, sequence_parallel=False, overlap_grad_reduce=True,
-        optimizer_traffic_bytes=80.0, logits_backward_bytes=10.0, persistent_grads=False,
+        optimizer_traffic_bytes=80.0, logits_backward_bytes=10.0, persistent_grads=False, elementwise_passes=2.0,
     ),
 }
 

@@ -238,11 +238,9 @@ class Planner:
         gemm_flops = 2 * gemm_params * tokens / tp
         expert_flops = 2 * routed_gemm * tokens / tp  # grouped GEMMs over the routed experts
         core_flops = core * tokens / tp
-        t = a.layer_tensors(moe, S, flash=flash, mtp=mtp)
-        if s.precision == "autocast":
-            # autocast keeps the residual stream (embedding output, norms, residual adds) in fp32
-            t.saved["rep"] *= 2
-            t.traffic["rep"] *= 2
+        # autocast keeps the residual stream (embedding output, norms, residual adds) in fp32
+        t = a.layer_tensors(moe, S, flash=flash, mtp=mtp, residual_bytes=4 if s.precision == "autocast" else 2)
+        traffic_scale = stack.elementwise_passes
         rep_div = tp if sp else 1
         saved = {k: v * tokens for k, v in t.saved.items()}
         traffic = {k: v * tokens for k, v in t.traffic.items()}
@@ -253,7 +251,7 @@ class Planner:
         peak = self.peak * 1e12
         t_gemm = (gemm_flops - expert_flops) / (peak * hw.gemm_efficiency) + expert_flops / (peak * hw.expert_gemm_efficiency)
         t_core = core_flops / (s.hw.peak_tflops_bf16 * 1e12 * hw.attention_efficiency)
-        t_mem = traffic_dev / (hw.hbm_bandwidth_gbs * 1e9 * hw.memory_efficiency)
+        t_mem = traffic_scale * traffic_dev / (hw.hbm_bandwidth_gbs * 1e9 * hw.memory_efficiency)
         kernels = n_attn * (KERNELS["attention"] + KERNELS["norm_residual"]) + n_ffn * (KERNELS["ffn"] + KERNELS["norm_residual"])
         if a.index_heads and not mtp:
             kernels += a.indexers_per_layer * KERNELS["indexer"]
@@ -283,7 +281,7 @@ class Planner:
         return {
             "gemm_flops": gemm_flops, "core_flops": core_flops,
             "t_gemm": t_gemm, "t_core": t_core, "t_mem": t_mem, "t_launch": t_launch,
-            "t_s2_mem": s2_traffic / (hw.hbm_bandwidth_gbs * 1e9 * hw.memory_efficiency),
+            "t_s2_mem": traffic_scale * s2_traffic / (hw.hbm_bandwidth_gbs * 1e9 * hw.memory_efficiency),
             "fwd": fwd, "bwd": bwd, "overlap_share": overlap_share,
             "saved": saved_dev, "saved_s2": s2_dev,
             "input": act_bytes / (tp if sp else 1),

@@ -1,0 +1,261 @@
+"""Inference speed, side by side in one run: our engine against transformers' `generate`.
+
+    .venv/bin/python benchmarks/bench_infer.py [--model runs/demo] [--json]
+
+1. Batch-1 greedy decoding, ours vs transformers LongcatFlashForCausalLM.generate on the same
+   weights (our model saved in the HF layout), at several prompt lengths. Both sides run in this
+   process, interleaved round by round. Decode speed is (new_tokens - 1) / (time for new_tokens
+   minus time for one token), so prefill is left out on both sides; medians over the rounds are
+   compared, and the outputs must be identical token for token.
+2. Batch-8 aggregate throughput against our batch 1 (prompts of different lengths).
+3. Cache bytes per token: our preallocated latent cache against transformers' cache after the
+   same prompt.
+4. With a trained model that has MTP heads (`--model`, e.g. what `make demo` writes): draft
+   acceptance rate and the speed-up of speculative decoding over plain decoding (same output).
+
+The default model is the `small` preset (what `make demo` trains) without the parts transformers
+lacks (n-gram embedding, sparse attention, MTP). Times are process CPU time with one thread by
+default, which other load on a shared machine disturbs far less than wall time.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..config import preset
+from ..interop.hf import save_hf
+from ..model import LatentCache, build_model, count_parameters
+from .engine import Engine
+from .sampling import SamplingParams
+
+
+def comparable_config(name: str, **overrides):
+    """The preset without the parts transformers lacks (n-grams, LSA, MTP)."""
+    return preset(name, **{**overrides, "oe_vocab_size_ratio": 0.0, "index_n_heads": 0, "mtp_num_layers": 0})
+
+
+def _timer(clock: str):
+    return time.process_time if clock == "cpu" else time.perf_counter
+
+
+def _prompts(lengths, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def _hf_cache_bytes(reference, prompt) -> int:
+    with torch.inference_mode():
+        out = reference(torch.tensor([prompt]), use_cache=True)
+    cache = out.past_key_values
+    total = 0
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            total += t.numel() * t.element_size()
+    return total
+
+
+def run_infer_bench(
+    preset_name: str = "small",
+    *,
+    prompt_lengths: tuple[int, ...] = (32, 512),
+    new_tokens: int = 64,
+    batch: int = 8,
+    rounds: int = 3,
+    threads: int | None = 1,
+    clock: str = "cpu",
+    model_dir: str | None = None,
+    speculative: tuple[int, ...] = (1, 2, 3),
+    overrides: dict | None = None,
+    log=print,
+) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    timer = _timer(clock)
+    config = comparable_config(preset_name, **(overrides or {}))
+    counts = count_parameters(config)
+    model = build_model(config, seed=0).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)  # clear argmax margins, so both sides' greedy outputs agree
+    report: dict = {
+        "model": {"preset": preset_name, "overrides": overrides or {}, "total_params": counts.total,
+                  "active_params": round(counts.active_params)},
+        "threads": torch.get_num_threads(), "clock": clock, "new_tokens": new_tokens,
+    }
+    log(f"model: {preset_name} without n-grams/LSA/MTP, {counts.total / 1e6:.1f}M parameters "
+        f"({counts.active_params / 1e6:.1f}M active), fp32, {torch.get_num_threads()} thread(s), {clock} clock")
+    engine = Engine(model)
+    greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+
+    reference = None
+    try:
+        from transformers import LongcatFlashForCausalLM
+    except ImportError:
+        log("transformers is not installed: measuring ours only (pip install transformers)")
+    else:
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            save_hf(model, tmp)
+            reference = LongcatFlashForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+
+    # 1. batch-1 decode against transformers -----------------------------------------------------
+    # Decode speed on both sides: (time for new_tokens) - (time for 1 token), i.e. prefill excluded.
+    report["batch1"] = []
+    one = SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)
+
+    def ours_time(prompt, params):
+        t0 = timer()
+        ids = engine.generate([prompt], params)[0].token_ids
+        return timer() - t0, ids
+
+    def theirs_time(prompt, n):
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t0 = timer()
+            out = reference.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            return timer() - t0, out[0, len(prompt):].tolist()
+
+    for length in prompt_lengths:
+        prompt = _prompts([length], config.vocab_size, seed=length)[0]
+        times: dict[str, list[float]] = {"ours": [], "transformers": []}
+        same = True
+        for r in range(rounds + 1):  # round 0 warms up
+            t_full, ours = ours_time(prompt, greedy)
+            t_first, _ = ours_time(prompt, one)
+            if r:
+                times["ours"].append(t_full - t_first)
+            if reference is not None:
+                t_full, theirs = theirs_time(prompt, new_tokens)
+                t_first, _ = theirs_time(prompt, 1)
+                if r:
+                    times["transformers"].append(t_full - t_first)
+                same = same and ours == theirs
+        decoded = new_tokens - 1
+        row = {"prompt_tokens": length, "ours_tokens_per_s": decoded / statistics.median(times["ours"])}
+        line = f"batch 1 decode, prompt {length:5d}: ours {row['ours_tokens_per_s']:7.1f} tok/s"
+        if times["transformers"]:
+            row["transformers_tokens_per_s"] = decoded / statistics.median(times["transformers"])
+            row["speedup"] = row["ours_tokens_per_s"] / row["transformers_tokens_per_s"]
+            row["identical_output"] = same
+            line += (f" | transformers {row['transformers_tokens_per_s']:7.1f} tok/s | ratio "
+                     f"{row['speedup']:.2f}x | same tokens: {'yes' if same else 'NO'}")
+        log(line)
+        report["batch1"].append(row)
+
+    # 2. batch-8 aggregate against batch 1 -----------------------------------------------------------
+    base = prompt_lengths[0]
+    lengths = [max(1, base + d) for d in range(-(batch // 2), batch - batch // 2)]  # different lengths
+    prompts = _prompts(lengths, config.vocab_size, seed=99)
+    t_one, t_all = [], []
+    for r in range(rounds + 1):
+        t0 = timer()
+        for p in prompts[:2]:
+            engine.generate([p], greedy)
+        one = (timer() - t0) / 2
+        t0 = timer()
+        engine.generate(prompts, greedy)
+        together = timer() - t0
+        if r:
+            t_one.append(one)
+            t_all.append(together)
+    b1 = new_tokens / statistics.median(t_one)
+    bn = batch * new_tokens / statistics.median(t_all)
+    report["batch"] = {"batch": batch, "batch1_tokens_per_s": b1, "aggregate_tokens_per_s": bn, "ratio": bn / b1}
+    log(f"batch {batch} (prompts {min(lengths)}..{max(lengths)} tokens): {bn:7.1f} tok/s aggregate | "
+        f"batch 1 {b1:7.1f} tok/s | ratio {bn / b1:.2f}x")
+
+    # 3. cache bytes per token -----------------------------------------------------------------------
+    cache = engine._cache
+    measured = cache.nbytes() / (cache.c_kv.shape[1] * cache.max_len)
+    latent = LatentCache.bytes_per_token(config, dtype_bytes=4)
+    c = config
+    expanded = 2 * c.num_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * 4
+    cache_row = {"ours_bytes_per_token": measured, "latent_bytes_per_token": latent,
+                 "expanded_per_head_bytes_per_token": expanded}
+    line = (f"cache bytes/token (fp32): ours {measured:.0f} (latent size {latent}) | a per-head K/V cache would "
+            f"hold {expanded} ({expanded / measured:.2f}x)")
+    if reference is not None:
+        prompt = _prompts([prompt_lengths[-1]], c.vocab_size)[0]
+        theirs = _hf_cache_bytes(reference, prompt) / len(prompt)
+        cache_row["transformers_bytes_per_token"] = theirs
+        line += f" | transformers {theirs:.0f} ({theirs / measured:.2f}x)"
+    report["cache"] = cache_row
+    log(line)
+
+    # 4. MTP speculative decoding on a trained model --------------------------------------------------
+    if model_dir is not None:
+        report["speculative"] = run_speculative_bench(model_dir, new_tokens=max(new_tokens, 128), rounds=rounds,
+                                                      drafts=speculative, timer=timer, log=log)
+    return report
+
+
+DEMO_PROMPTS = [
+    "def main():\n    ",
+    "import os\nimport sys\n\n\ndef ",
+    "class Parser:\n    \"\"\"",
+    "The function returns",
+    "    for i in range(",
+    "# Licensed under the",
+    "if __name__ == \"__main__\":\n",
+    "Return a new list",
+]
+
+
+def run_speculative_bench(model_dir: str, *, new_tokens: int = 128, rounds: int = 3, drafts=(1, 2, 3),
+                          timer=time.process_time, log=print) -> dict:
+    """Plain greedy decoding vs MTP speculative decoding on a trained model (batch 1, same output)."""
+    from .. import load
+    from .cli import find_tokenizer, load_tokenizer, resolve_model_dir
+
+    path = resolve_model_dir(model_dir)
+    model = load(path).eval()
+    if not model.mtp:
+        raise ValueError(f"{path} has no MTP heads (mtp_num_layers = 0): nothing to draft with")
+    tok_path = find_tokenizer(path, Path(model_dir))
+    tokenizer = load_tokenizer(tok_path) if tok_path is not None else None
+    prompts = DEMO_PROMPTS if tokenizer is not None else _prompts([16] * 4, model.config.vocab_size)
+    engine = Engine(model, tokenizer)
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+    log(f"speculative decoding on {path} ({count_parameters(model.config).total / 1e6:.1f}M parameters, "
+        f"{len(model.mtp)} MTP head(s)), {len(prompts)} prompts, batch 1, greedy, {new_tokens} tokens")
+
+    def run(k: int):
+        t0 = timer()
+        results = [engine.generate([p], params, speculative=k)[0] for p in prompts]
+        return timer() - t0, results
+
+    plain_t, plain = [], None
+    spec_t: dict[int, list[float]] = {k: [] for k in drafts}
+    spec: dict[int, list] = {}
+    for r in range(rounds + 1):
+        t, plain = run(0)
+        if r:
+            plain_t.append(t)
+        for k in drafts:
+            t, spec[k] = run(k)
+            if r:
+                spec_t[k].append(t)
+    total = sum(len(x.token_ids) for x in plain)
+    base = total / statistics.median(plain_t)
+    out = {"model": str(path), "plain_tokens_per_s": base, "drafts": []}
+    log(f"  plain decoding: {base:7.1f} tok/s")
+    for k in drafts:
+        tps = total / statistics.median(spec_t[k])
+        drafted = sum(x.num_draft_tokens for x in spec[k])
+        accepted = sum(x.num_accepted_tokens for x in spec[k])
+        same = [x.token_ids for x in spec[k]] == [x.token_ids for x in plain]
+        row = {"draft_tokens": k, "acceptance_rate": accepted / drafted if drafted else 0.0,
+               "tokens_per_step": total / max(1, drafted // k), "tokens_per_s": tps, "speedup": tps / base,
+               "identical_output": same}
+        out["drafts"].append(row)
+        log(f"  {k} draft token(s): acceptance {row['acceptance_rate']:.0%}, {row['tokens_per_step']:.2f} tokens "
+            f"per verify step, {tps:7.1f} tok/s, speed-up {row['speedup']:.2f}x, same tokens: {'yes' if same else 'NO'}")
+    return out
+
+
+__all__ = ["run_infer_bench", "run_speculative_bench", "comparable_config"]
