@@ -363,6 +363,11 @@ def test_speculative_greedy_equals_plain_decoding(trained):
     assert all(r.acceptance_rate is None for r in plain)
     # the drafts are mostly right, and not always: both branches of the rule ran
     assert 0.3 < sum(rates) / len(rates) < 1.0 and max(rates) > 0.9
+    # penalties at verify position j count the drafts before j, exactly as plain decoding would
+    penalised = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True, frequency_penalty=0.3)
+    spec = engine.generate(prompts, penalised, speculative=2)
+    assert [r.token_ids for r in spec] == [r.token_ids for r in engine.generate(prompts, penalised)]
+    assert sum(r.num_accepted_tokens for r in spec) > 0
 
 
 def test_speculative_on_the_full_featured_model(tiny):
@@ -370,9 +375,17 @@ def test_speculative_on_the_full_featured_model(tiny):
     plain = Engine(tiny).generate(prompts, GREEDY)
     spec = Engine(tiny, speculative=2, prefill_chunk=7).generate(prompts, GREEDY)
     assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
-    sampled = SamplingParams(max_new_tokens=12, temperature=1.0, seed=11, ignore_eos=True)
+    sampled = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=11, ignore_eos=True,
+                             repetition_penalty=1.2, frequency_penalty=0.5, logprobs=2)
     engine = Engine(tiny, speculative=2)
-    assert engine.generate(prompts, sampled)[0].token_ids == engine.generate(prompts, sampled)[0].token_ids
+    first, again = engine.generate(prompts, sampled), engine.generate(prompts, sampled)
+    assert [r.token_ids for r in first] == [r.token_ids for r in again]
+    assert all(len(r.logprobs) == len(r.token_ids) == 12 for r in first)
+    # with penalties, greedy speculative decoding still equals plain decoding (drafts count at verify)
+    penalised = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True, repetition_penalty=1.5,
+                               presence_penalty=0.3)
+    assert [r.token_ids for r in engine.generate(prompts, penalised)] == \
+        [r.token_ids for r in Engine(tiny).generate(prompts, penalised)]
 
 
 def test_greedy_accept_counts_leading_hits():

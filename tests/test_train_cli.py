@@ -167,3 +167,31 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, corpus):
     assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in uninterrupted]
     evals = lambda out: [(r["step"], r["eval_loss"]) for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"]  # noqa: E731
     assert evals(killed) == evals(reference)
+
+
+def test_demo_short_run(tmp_path, capsys):
+    """`longcat demo` end to end, shrunk: 400 KB of the embedded corpus, a 1-layer model, 2 s."""
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--time-budget", "2", "--max-bytes", "400000", "--threads", "1",
+            "--no-progress", "--peak-tflops", "0.1", "--set", "model.num_layers=1", "--set", "train.seq_len=64",
+            "--set", "train.micro_batch=2", "--set", "train.eval_batches=1", "--set", "train.sample_tokens=8"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    for text in ("sample (temperature 0.8):", "bits/byte", "unigram baseline", "tokens/s", "MFU", "checkpoint:",
+                 "metrics:", "loss curve:"):
+        assert text in printed, text
+    config = json.loads(next((out / "checkpoints").glob("step_*/train_config.json")).read_text())
+    assert config["model"]["vocab_size"] == 8192 and config["train"]["time_budget"] == 2.0
+    assert config["train"]["seq_len"] == 64  # the user's --set wins over the demo defaults
+    tokenizer = json.loads((out / "cache" / "tokenizer-8192.json").read_text())
+    assert len(tokenizer["model"]["vocab"]) > 1000
+
+    # a second demo replaces the first (keeping its token cache); a foreign directory is refused
+    assert main(args) == 0
+    assert len(list((out / "checkpoints").iterdir())) == 1
+    assert "reusing" in capsys.readouterr().err
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert main([*args[:1], "--out", str(foreign), *args[3:]]) == 2
+    assert (foreign / "notes.txt").read_text() == "keep me"

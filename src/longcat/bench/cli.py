@@ -35,6 +35,50 @@ def run_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_infer(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..config import parse_overrides
+    from ..infer.benchmark import run_infer_bench
+
+    if args.model is None and Path("runs/demo").is_dir():
+        args.model = "runs/demo"
+    report = run_infer_bench(
+        args.preset, prompt_lengths=tuple(args.prompt_lengths), new_tokens=args.new_tokens, batch=args.batch,
+        rounds=args.rounds, threads=args.threads, clock=args.clock, model_dir=args.model,
+        speculative=tuple(args.speculative), overrides=parse_overrides(args.set),
+        log=(lambda *_: None) if args.json else print,
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+def _register_infer(bench: argparse._SubParsersAction) -> None:
+    p = bench.add_parser(
+        "infer",
+        help="decode tokens/s vs transformers generate, batch scaling, cache bytes, MTP speculation",
+        description="Inference speed, ours vs transformers `generate` on the same weights, side by side in one run: "
+        "batch-1 decode at several prompt lengths, batch-8 aggregate vs batch 1, cache bytes per token, and with "
+        "--model the MTP draft acceptance and speculative speed-up.",
+    )
+    p.add_argument("--preset", default="small", help="model preset (n-grams/LSA/MTP off: transformers lacks them)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a model config field")
+    p.add_argument("--prompt-lengths", type=int, nargs="+", default=[32, 512, 2048])
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=3, help="measured rounds (median reported), after one warm-up")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                   help="process CPU time (robust on a shared machine with 1 thread) or wall time")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="a trained model with MTP heads for the speculative-decoding section "
+                        "(default: runs/demo when `make demo` has written it)")
+    p.add_argument("--speculative", type=int, nargs="+", default=[1, 2, 3], help="draft counts to measure")
+    p.add_argument("--json", action="store_true", help="print the results as JSON (no progress lines)")
+    p.set_defaults(func=run_infer)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (ratios against a baseline measured in the same run)")
     bench = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
@@ -59,3 +103,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--no-reference", action="store_true", help="measure ours only")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=run_model)
+    _register_infer(bench)

@@ -31,7 +31,8 @@ LOOP_EXPERTS = 96
 
 
 def _norm(module, x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm with the module's weight; fused kernel in fp32 (the module upcasts otherwise)."""
+    """RMSNorm with the module's weight: one fused call in fp32; other dtypes go through the module
+    (it normalises in fp32 and casts back before the weight, as the reference does)."""
     if x.dtype == torch.float32:
         return F.rms_norm(x, module.weight.shape, module.weight, module.eps)
     return module(x)

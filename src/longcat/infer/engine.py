@@ -206,6 +206,14 @@ class _Sequence:
         )
 
 
+def _is_token_ids(prompt) -> bool:
+    """One prompt given as token ids (list, tuple, 1-D tensor or array), not a list of prompts."""
+    if getattr(prompt, "ndim", None) == 1:
+        return True
+    return isinstance(prompt, Sequence) and len(prompt) > 0 and not isinstance(prompt[0], str) \
+        and getattr(prompt[0], "ndim", 0) == 0 and not isinstance(prompt[0], Sequence)
+
+
 class Engine:
     """Generation for a `LongCatForCausalLM` (any device, any dtype).
 
@@ -311,9 +319,9 @@ class Engine:
         return k
 
     def _sequences(self, prompts, params, truncate: bool, stream_text: bool, t_start: float) -> list[_Sequence]:
-        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or _is_token_ids(prompts):
             prompts = [prompts]
-        prompts = list(prompts)
+        prompts = [p if isinstance(p, str) else [int(t) for t in p] for p in prompts]
         if not prompts:
             raise GenerationError("no prompts given")
         if params is None:
@@ -333,7 +341,7 @@ class Engine:
                 if self.add_bos and (not ids or ids[0] != self.bos_id):
                     ids = [self.bos_id] + ids
             else:
-                ids = [int(t) for t in prompt]
+                ids = prompt
             if not ids:
                 raise GenerationError(f"prompt {i} is empty; give at least one token")
             bad = [t for t in ids if not 0 <= t < V]

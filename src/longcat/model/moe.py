@@ -99,10 +99,11 @@ _GROUPED_MM_DEVICES = {"cpu", "cuda"}
 
 def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """rows of x grouped by expert (offsets = cumulative counts) @ w[e] (E, K, N) -> (M, N)."""
-    if hasattr(torch, "_grouped_mm") and x.device.type in _GROUPED_MM_DEVICES:
+    few_rows = x.shape[0] < w.shape[0]  # decode: grouped_mm pays per group, used or not
+    if not few_rows and hasattr(torch, "_grouped_mm") and x.device.type in _GROUPED_MM_DEVICES:
         return _ContiguousGrad.apply(torch._grouped_mm(x, w, offs=offsets))
     chunks = x.split(counts.tolist())
-    return torch.cat([chunk @ w[e] for e, chunk in enumerate(chunks)])
+    return torch.cat([chunk @ w[e] for e, chunk in enumerate(chunks) if chunk.shape[0]])
 
 
 @dataclass

@@ -184,14 +184,15 @@ def run_demo(args: argparse.Namespace) -> int:
     wall0 = time.perf_counter()
     out = Path(args.out)
     threads = args.threads or DEMO_THREADS
+    # demo defaults first, then the user's --set, then the demo's own flags
+    defaults = dict(steps=1_000_000, seq_len=DEMO_SEQ_LEN, micro_batch=DEMO_MICRO_BATCH, precision="auto",
+                    lr=DEMO_LR, warmup_steps=30, eval_every=0, eval_batches=16, checkpoint_every=0, sample_tokens=60)
     run = build_run_config(
         preset_name="small",
-        overrides=[f"model.vocab_size={DEMO_VOCAB}", *args.overrides],
+        overrides=[f"model.vocab_size={DEMO_VOCAB}", *(f"train.{k}={v}" for k, v in defaults.items()), *args.overrides],
         train_values=dict(
-            steps=1_000_000, time_budget=args.time_budget, seq_len=DEMO_SEQ_LEN, micro_batch=DEMO_MICRO_BATCH,
-            precision="auto", optimizer=args.optimizer, lr=DEMO_LR, threads=threads, seed=args.seed,
-            peak_tflops=args.peak_tflops, max_bytes=args.max_bytes, eval_every=0, eval_batches=16,
-            checkpoint_every=0, sample_tokens=60, warmup_steps=30,
+            time_budget=args.time_budget, optimizer=args.optimizer, threads=threads, seed=args.seed,
+            peak_tflops=args.peak_tflops, max_bytes=args.max_bytes,
             **({"progress": False} if args.no_progress else {}),
         ),
     )
