@@ -371,7 +371,10 @@ _HF_IGNORED = {
     "_name_or_path", "mla_scale_q_lora", "mla_scale_kv_lora", "norm_topk_prob", "chat_template",
     "return_dict", "output_hidden_states", "output_attentions", "id2label", "label2id",
     "problem_type", "tokenizer_class", "is_encoder_decoder", "oe_ignore_first_embed_scaling",
-    "generation_config", "num_experts_per_tok", "num_local_experts",
+    "generation_config", "num_experts_per_tok", "num_local_experts", "chunk_size_feed_forward",
+    "torchscript", "use_bfloat16", "tie_encoder_decoder", "add_cross_attention", "is_decoder",
+    "cross_attention_hidden_size", "finetuning_task", "prefix", "sep_token_id", "decoder_start_token_id",
+    "task_specific_params", "tf_legacy_loss", "pruned_heads", "output_scores", "return_dict_in_generate",
 }
 
 

@@ -361,7 +361,34 @@ def init_distributed(device_type: str, *, timeout_s: float = 600.0) -> None:
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
-    dist.init_process_group(backend_for(device_type), timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = _restart_safe_store(timeout)
+    if store is None:
+        dist.init_process_group(backend_for(device_type), timeout=timeout)
+    else:
+        dist.init_process_group(backend_for(device_type), timeout=timeout, store=store,
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+
+
+def _restart_safe_store(timeout):
+    """Under torchrun, the rendezvous store with a per-attempt key prefix.
+
+    torchrun (c10d rendezvous) hands restarted workers the same store as the attempt that
+    failed, with its keys still in it: process groups created after a restart can then read the
+    dead workers' addresses ("Gloo connectFullMesh failed ... Connection refused"). Prefixing
+    every key with the restart count keeps each attempt to itself.
+    """
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return None
+    import torch.distributed as dist
+
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    rank = int(os.environ["RANK"])
+    base = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+        is_master=not agent_store and rank == 0, timeout=timeout, multi_tenant=True,
+    )
+    return dist.PrefixStore(f"longcat/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", base)
 
 
 def shutdown_distributed() -> None:

@@ -36,6 +36,7 @@ class RunSpec:
     batch: int = 4  # global sequences per step
     seq_len: int = 16
     lr: float = 3e-3
+    adam_eps: float = 1e-8
     seed: int = 0
     mtp_weight: float = 0.0
     z_loss: float = 0.0
@@ -50,6 +51,7 @@ class RunSpec:
     checkpoint_every: int = 0
     load_from: str | None = None  # start from this checkpoint (another layout's, to test resharding)
     save_final: str | None = None  # write a checkpoint of the final state here (its step dir)
+    resave_after_load: str | None = None  # right after loading, save again here (checks resharding)
     crash_at_step: int = 0  # SIGKILL `crash_rank` before this step, on the first attempt only
     crash_rank: int = 0
     nan_at_step: int = 0  # make `nan_rank`'s loss NaN at this step
@@ -111,7 +113,7 @@ def run_training(spec: RunSpec) -> dict:
     model = build_model(config, device=dims.device, seed=spec.seed)
     model.train()
     pm = parallelize(model, dims, seq_len=spec.seq_len, precision=spec.precision)
-    optimizer = build_adamw(pm.module, lr=spec.lr)
+    optimizer = build_adamw(pm.module, lr=spec.lr, eps=spec.adam_eps)
 
     start = 0
     resume_from = latest_checkpoint(spec.checkpoint_dir) if spec.checkpoint_dir else None
@@ -120,6 +122,8 @@ def run_training(spec: RunSpec) -> dict:
         state = load_checkpoint(source, pm.module, optimizer)
         if resume_from is not None:
             start = state["step"]
+        if spec.resave_after_load:
+            save_checkpoint(spec.resave_after_load, state["step"], pm.module, optimizer, {"layout": str(layout)})
         if rank == 0:
             _say(spec, f"loaded {source} (saved at step {state['step']} on layout {state.get('layout', '?')})")
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -187,7 +191,7 @@ def reference_run(spec: RunSpec, *, return_model: bool = False):
     torch.manual_seed(spec.seed)
     model = build_model(config, seed=spec.seed)
     model.train()
-    optimizer = build_adamw(model, lr=spec.lr)
+    optimizer = build_adamw(model, lr=spec.lr, eps=spec.adam_eps)
     w = spec.weights()
     losses, norms, skipped = {}, {}, []
     for step in range(spec.steps):
