@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -49,6 +50,7 @@ def child(steps: int, warmup: int) -> None:
     )
     gen = torch.Generator().manual_seed(0)
     times = []
+    first_peak = 0
     for step in range(warmup + steps):
         tokens = torch.randint(0, config.vocab_size, (MICRO_BATCH, SEQ_LEN + 1), generator=gen)
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
@@ -64,11 +66,14 @@ def child(steps: int, warmup: int) -> None:
         elapsed = time.perf_counter() - start
         if step >= warmup:
             times.append(elapsed)
+        if step == 1:  # two steps: the optimizer state exists, the allocator has not yet fragmented
+            first_peak = peak_rss_bytes()
     mean = sum(times) / len(times)
     spread = (sum((t - mean) ** 2 for t in times) / len(times)) ** 0.5
     print(json.dumps({
-        "step_time_s": mean, "step_time_std_s": spread, "steps": len(times),
-        "peak_rss_gib": peak_rss_bytes() / 2**30, "baseline_rss_gib": baseline / 2**30,
+        "step_time_s": mean, "step_time_std_s": spread, "step_time_min_s": min(times), "steps": len(times),
+        "peak_rss_gib": peak_rss_bytes() / 2**30, "peak_rss_two_steps_gib": first_peak / 2**30,
+        "baseline_rss_gib": baseline / 2**30,
         "threads": torch.get_num_threads(),
     }))
 
@@ -101,6 +106,7 @@ def main() -> int:
         child(args.steps, args.warmup)
         return 0
 
+    load_start = os.getloadavg()[0]
     hardware = args.hardware
     measured_hw = None
     if hardware is None:
@@ -122,6 +128,7 @@ def main() -> int:
         print(proc.stderr, file=sys.stderr)
         return proc.returncode
     real = json.loads(proc.stdout.strip().splitlines()[-1])
+    real["load_average_start"], real["load_average_end"] = load_start, os.getloadavg()[0]
     plan, hw = predict(hardware)
     predicted_time, predicted_mem = plan.step_time_s, plan.memory_gib["total"]
     result = {
@@ -144,7 +151,10 @@ def main() -> int:
     print(f"{'step time (s)':22s}{predicted_time:12.3f}{real['step_time_s']:12.3f}{result['error']['step_time']:+9.1%}"
           f"   (measured +- {real['step_time_std_s']:.3f} s over {real['steps']} steps)")
     print(f"{'peak memory (GiB)':22s}{predicted_mem:12.3f}{real['peak_rss_gib']:12.3f}{result['error']['peak_memory']:+9.1%}"
-          f"   (peak RSS; torch runtime alone {real['baseline_rss_gib']:.2f} GiB)")
+          f"   (peak RSS over the run; {real['peak_rss_two_steps_gib']:.2f} GiB after two steps; torch runtime alone "
+          f"{real['baseline_rss_gib']:.2f} GiB)")
+    print(f"load average {real['load_average_start']:.1f} at the start, {real['load_average_end']:.1f} at the end "
+          f"({os.cpu_count()} cores); fastest measured step {real['step_time_min_s']:.3f} s")
     print("predicted step time by category: " + ", ".join(f"{k} {v:.3f}" for k, v in plan.step.items() if v))
     print("predicted memory by category (GiB): " + ", ".join(f"{k} {v:.3f}" for k, v in plan.memory_gib.items() if v))
     return 0

@@ -198,6 +198,34 @@ class ParallelModel:
         value = float(loss[0])
         return StepResult({"lm": value, "loss_total": value}, counts, inputs.numel())
 
+    @torch.no_grad()
+    def evaluate_loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> float:
+        """Mean next-token loss of a global batch, without gradients (collective: every rank calls it)."""
+        if self.schedule is not None:
+            x, y, _ = self.shard_batch(inputs, labels)
+            losses: list[torch.Tensor] = []
+            self._loss_scale = 1.0
+            has_first = any(s.first for s in self.stages)
+            has_last = any(s.last for s in self.stages)
+            with self._autocast():
+                self.schedule.eval(*((x,) if has_first else ()), **({"target": y, "losses": losses} if has_last else {}))
+            for stage in self.stages:
+                stage.router_counts = []
+            loss = torch.stack(losses).mean().float() if has_last else torch.zeros((), device=x.device)
+            loss = self._all_reduce(loss.reshape(1), "pp")
+        else:
+            x, y, positions = self.shard_batch(inputs, labels)
+            was_training = self.module.training
+            self.module.eval()
+            try:
+                with self._autocast():
+                    out = self.module(x, positions=positions, cache=self.cp_kv, mtp=False, indexer_loss=False)
+            finally:
+                self.module.train(was_training)
+            V = out.logits.shape[-1]
+            loss = torch.nn.functional.cross_entropy(out.logits.float().reshape(-1, V), y.reshape(-1)).reshape(1)
+        return float(self._all_reduce(loss, "dp_cp")[0] / self.dims.size("dp_cp"))
+
     def pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         from .pipeline import next_token_loss
 

@@ -37,17 +37,41 @@ from .modules import decoder_layers
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPExpertShard\) returned a view tensor")
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by `scale` in backward."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float):  # noqa: D102
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        return grad * ctx.scale, None
+
+
 class ExpertShard(GroupedExperts):
     """GroupedExperts whose stacked weights are DTensors sharded over the ep mesh (Shard(0)).
 
     Same parameter names as GroupedExperts (so checkpoint keys do not change); `num_experts` is
     the number of local experts. Forward runs on the local slices.
+
+    Gradient scale: an expert's gradient arrives already summed over the ep ranks' losses (the
+    all-to-all backward brings every rank's tokens), while FSDP averages only over the ranks that
+    hold the same experts. `grad_scale` = 1/ep makes the total an average over all data ranks,
+    like every dense gradient. (FSDP's set_gradient_divide_factor would do it too, but it needs
+    PREMUL_SUM, which gloo lacks.)
     """
+
+    grad_scale: float = 1.0
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (M, H) sorted by local expert, counts (N_local,) -> (M, H)."""
         gate_up_w = _local(self.gate_up_proj)  # (N_local, 2F, H)
         down_w = _local(self.down_proj)  # (N_local, H, F)
+        if self.grad_scale != 1.0:
+            gate_up_w = _ScaleGrad.apply(gate_up_w, self.grad_scale)
+            down_w = _ScaleGrad.apply(down_w, self.grad_scale)
         if x.shape[0] == 0:
             # No rows for this rank's experts: keep the weights in the graph so every rank runs
             # the same backward collectives (FSDP reduce-scatters their zero gradients);
@@ -135,6 +159,7 @@ def apply_expert_parallel(model: torch.nn.Module, ep_mesh: DeviceMesh) -> None:
             setattr(experts, name, torch.nn.Parameter(shard, requires_grad=full.requires_grad))
         experts.__class__ = ExpertShard
         experts.num_experts = per_rank
+        experts.grad_scale = 1.0 / ep
         moe.dispatcher = ExpertParallelDispatcher(ep_mesh)
 
 

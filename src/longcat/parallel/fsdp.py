@@ -3,8 +3,8 @@
 Dense parameters are sharded over dp_shard x cp (HSDP: replicated over dp_replicate). With expert
 parallelism the experts are already split over ep, so FSDP shards them over the remaining data
 ranks (dp_shard/ep x cp) in their own group. Their gradients arrive summed over the ep ranks by
-the all-to-all backward, so their reduction divides by the full data-parallel size, like the
-dense gradients (TorchTitan does the same).
+the all-to-all backward; `ExpertShard.grad_scale` (1/ep) turns FSDP's average over the expert
+group into an average over all data ranks, like the dense gradients.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ def apply_fsdp(
     """fully_shard every decoder layer (experts in their own group under EP), MTP layer, then the root."""
     mesh = dims.fsdp_mesh
     layout = dims.layout
-    data_ranks = layout.dp * layout.cp
     for layer in decoder_layers(module):
         if layout.ep > 1:
             experts = layer.mlp.experts
@@ -52,7 +51,6 @@ def apply_fsdp(
                 experts, mesh=dims.expert_fsdp_mesh, mp_policy=mp_policy,
                 reshard_after_forward=reshard_after_forward, shard_placement_fn=placement,
             )
-            experts.set_gradient_divide_factor(float(data_ranks))
         fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     for head in mtp_layers(module):
         fully_shard(head, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)

@@ -111,4 +111,16 @@ def relaunch_argv(argv: list[str], drop: tuple[str, ...] = ("--nproc", "--max-re
     return out
 
 
-__all__ = ["launch", "torchrun_command", "is_torchrun_worker", "relaunch_argv"]
+def run_under_torchrun(argv: list[str], *, nproc: int, max_restarts: int = 0, nnodes: int = 1,
+                       rdzv_endpoint: str | None = None) -> int:
+    """Re-run `longcat <argv>` on `nproc` local processes; returns torchrun's exit code.
+
+    For `longcat train --nproc 2 --parallel dp_shard=2`: the CLI calls this with sys.argv[1:]
+    when `not is_torchrun_worker()`; the workers see the same arguments without --nproc and
+    --max-restarts (and WORLD_SIZE/RANK in their environment).
+    """
+    target = ["-m", "longcat.cli", *relaunch_argv(argv)]
+    return launch(target, nproc=nproc, max_restarts=max_restarts, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint).returncode
+
+
+__all__ = ["launch", "torchrun_command", "is_torchrun_worker", "relaunch_argv", "run_under_torchrun"]

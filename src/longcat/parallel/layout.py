@@ -273,7 +273,7 @@ def backend_for(device_type: str) -> str:
 class ParallelDims:
     """The layout bound to a live world: the DeviceMesh and its named views.
 
-    Mesh dims (outermost first): pp, dp_replicate, dp_shard_mod_ep, ep, cp, tp. Flattened views:
+    Mesh dims (outermost first): pp, dp_replicate, dp_shard_mod_ep, cp, ep, tp. Flattened views:
     dp_shard = (dp_shard_mod_ep, ep), dp = (dp_replicate, dp_shard), dp_shard_cp = (dp_shard, cp)
     where dense parameters are sharded, dp_cp = (dp, cp) over which losses and router counts are
     averaged, and edp = (dp_shard_mod_ep, cp) where expert parameters are sharded.
@@ -317,12 +317,14 @@ class ParallelDims:
         return self.views[shard_dim]
 
 
-MESH_DIMS = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "cp", "tp")
+# ep sits after cp so that the expert FSDP mesh (dp_shard_mod_ep, cp) and ep stay in mesh order,
+# which FSDP needs to combine them.
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard_mod_ep", "cp", "ep", "tp")
 FLATTENED = {
     "dp_shard": ("dp_shard_mod_ep", "ep"),
     "dp": ("dp_replicate", "dp_shard_mod_ep", "ep"),
-    "dp_shard_cp": ("dp_shard_mod_ep", "ep", "cp"),
-    "dp_cp": ("dp_replicate", "dp_shard_mod_ep", "ep", "cp"),
+    "dp_shard_cp": ("dp_shard_mod_ep", "cp", "ep"),
+    "dp_cp": ("dp_replicate", "dp_shard_mod_ep", "cp", "ep"),
     "edp": ("dp_shard_mod_ep", "cp"),
 }
 
@@ -331,7 +333,7 @@ def build_mesh(layout: ParallelLayout, device_type: str) -> ParallelDims:
     """One DeviceMesh over the whole (already initialised) world, with the flattened views."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    sizes = (layout.pp, layout.dp_replicate, layout.dp_shard // layout.ep, layout.ep, layout.cp, layout.tp)
+    sizes = (layout.pp, layout.dp_replicate, layout.dp_shard // layout.ep, layout.cp, layout.ep, layout.tp)
     mesh = init_device_mesh(device_type, sizes, mesh_dim_names=MESH_DIMS)
     views = {name: mesh[dims]._flatten(name) for name, dims in FLATTENED.items()}
     if device_type == "cpu":

@@ -44,7 +44,8 @@ class RunSpec:
     indexer_loss_weight: float = 0.0
     grad_clip: float = 1.0
     router_bias_rate: float = 1e-3
-    precision: str = "fp32"
+    precision: str = "fp32"  # FSDP parameter precision (MixedPrecisionPolicy): fp32, bf16, auto
+    autocast: str = "none"  # "bf16": run forward under torch.autocast (the trainer's default on bf16 CPUs)
     device: str = "cpu"
     threads: int = 1
     checkpoint_dir: str | None = None
@@ -77,11 +78,14 @@ class RunSpec:
         return cls(**json.loads(text))
 
 
+EVAL_STEP = -1  # the synthetic batch used for the held-out loss
+
+
 def synthetic_batch(config: ModelConfig, batch: int, seq_len: int, seed: int, step: int):
     """A learnable global batch for step `step`: each row counts up with its own stride (mod V).
 
     Identical on every rank (seeded by seed and step), so a resumed run sees the same data."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step + 7)
     V = config.vocab_size
     start = torch.randint(3, V, (batch, 1), generator=g)
     stride = torch.randint(1, 8, (batch, 1), generator=g)
@@ -112,7 +116,8 @@ def run_training(spec: RunSpec) -> dict:
     torch.manual_seed(spec.seed)
     model = build_model(config, device=dims.device, seed=spec.seed)
     model.train()
-    pm = parallelize(model, dims, seq_len=spec.seq_len, precision=spec.precision)
+    autocast = torch.bfloat16 if spec.autocast == "bf16" else None
+    pm = parallelize(model, dims, seq_len=spec.seq_len, precision=spec.precision, autocast_dtype=autocast)
     optimizer = build_adamw(pm.module, lr=spec.lr, eps=spec.adam_eps)
 
     start = 0
@@ -163,13 +168,15 @@ def run_training(spec: RunSpec) -> dict:
         if spec.checkpoint_dir and spec.checkpoint_every and (step + 1) % spec.checkpoint_every == 0:
             save_checkpoint(spec.checkpoint_dir, step + 1, pm.module, optimizer, {"layout": str(layout)}, keep=2)
     elapsed = time.perf_counter() - t0
+    # held-out loss on a batch no step trained on
+    eval_loss = pm.evaluate_loss(*synthetic_batch(config, spec.batch, spec.seq_len, spec.seed, EVAL_STEP))
     final = None
     if spec.save_final:
         final = save_checkpoint(spec.save_final, spec.steps, pm.module, optimizer, {"layout": str(layout)})
     steady = step_times[1:] or step_times
     summary = {
         "layout": str(layout), "world_size": dims.mesh.size(), "start_step": start, "attempt": attempt,
-        "losses": losses, "grad_norms": norms, "skipped": skipped,
+        "losses": losses, "grad_norms": norms, "skipped": skipped, "eval_loss": eval_loss,
         "tokens_per_s": spec.batch * spec.seq_len / (sum(steady) / len(steady)) if steady else 0.0,
         "seconds": elapsed, "final_checkpoint": str(final) if final else None,
     }
@@ -228,7 +235,13 @@ def reference_run(spec: RunSpec, *, return_model: bool = False):
             skipped.append(step + 1)
         losses[step + 1] = float(parts["lm"].detach())
         norms[step + 1] = norm
-    result = {"losses": losses, "grad_norms": norms, "skipped": skipped}
+    model.eval()
+    with torch.no_grad():
+        inputs, labels = synthetic_batch(config, spec.batch, spec.seq_len, spec.seed, EVAL_STEP)
+        logits = model(inputs, mtp=False, indexer_loss=False).logits
+        eval_loss = float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)))
+    model.train()
+    result = {"losses": losses, "grad_norms": norms, "skipped": skipped, "eval_loss": eval_loss}
     if return_model:
         return result, model, optimizer
     return result

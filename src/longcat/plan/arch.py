@@ -318,7 +318,8 @@ class Architecture:
         return out
 
     # --- memory per token of one block ---------------------------------------------------------------------
-    def layer_tensors(self, moe: bool, seq_len: int, *, flash: bool, mtp: bool = False, residual_bytes: int = 2) -> "LayerTensors":
+    def layer_tensors(self, moe: bool, seq_len: int, *, flash: bool, mtp: bool = False, residual_bytes: int = 2,
+                      eager: bool = False) -> "LayerTensors":
         """Saved activations and element-wise traffic of one block (bytes per token, forward).
 
         Korthikanti et al. 2022 (GPT, no flash, dropout) gives 34*H + 5*a*S bytes saved per token
@@ -328,6 +329,11 @@ class Architecture:
         without a fused (flash) attention kernel. `residual_bytes` is the element size of the
         residual stream and the norms (2 in bf16 training, 4 under autocast with fp32 weights);
         GEMM outputs are bf16 either way.
+
+        `eager` counts what op-by-op autograd keeps on top of fused kernels (found by listing the
+        saved tensors of this repository's model with torch.autograd.graph.saved_tensors_hooks):
+        SwiGLU's silu output, the combine scatter-add's source rows, and, when the residual stream
+        is fp32 under autocast, the bf16 copy of its input that each consuming GEMM casts and keeps.
         """
         H, a, S = self.hidden_size, self.num_heads, seq_len
         r = residual_bytes
@@ -338,6 +344,8 @@ class Architecture:
         for i in range(attn_sublayers):
             # pre-norm input and output (the QKV GEMM input)
             t.add("rep", saved=2 * r * H, traffic=2 * r * H)
+            if eager and r != 2:  # q/kv (MLA: q_a, kv_a; GQA: q, k, v) each keep a bf16 cast of the input
+                t.add("rep", saved=(2 if self.attention == "mla" else 3) * 2 * H, traffic=0)
             if self.attention == "mla":
                 lat = self.q_lora_rank + self.kv_lora_rank
                 t.add("rep", saved=2 * (self.q_lora_rank + self.kv_lora_rank + self.qk_rope_head_dim) + 2 * lat,
@@ -359,7 +367,9 @@ class Architecture:
         n_dense = 1 if mtp and not (moe and self.mtp_ffn == "moe") else (dense_moe if moe else dense_plain)
         for _ in range(n_dense):
             t.add("rep", saved=2 * r * H + drop * H, traffic=(5 * r + drop) * H)  # norm in/out, residual
-            t.add("par", **self._ffn_tensors(self.ffn_hidden_size))
+            if eager and r != 2:  # gate and up (GELU: fc1) each keep a bf16 cast of the input
+                t.add("rep", saved=(2 if self.mlp == "swiglu" else 1) * 2 * H, traffic=0)
+            t.add("par", **self._ffn_tensors(self.ffn_hidden_size, eager))
         if moe:
             E = self.n_routed_experts + self.zero_experts
             slots = self.slots
@@ -372,15 +382,16 @@ class Architecture:
             # each FFN slot: the permuted input and the expert output (kept for the weighted combine),
             # plus the expert's own intermediates; the permute gathers rows from the residual-stream
             # tensor, the combine weights the bf16 outputs and scatter-adds them back.
-            ffn = self._ffn_tensors(self.expert_ffn_hidden_size)
-            t.add("exp", saved=slots * (4 * H + ffn["saved"]), traffic=slots * ((2 * r + 6) * H + ffn["traffic"]))
+            ffn = self._ffn_tensors(self.expert_ffn_hidden_size, eager)
+            combine_source = r * H if eager else 0  # autograd keeps index_add's source rows
+            t.add("exp", saved=slots * (4 * H + combine_source + ffn["saved"]), traffic=slots * ((2 * r + 6) * H + ffn["traffic"]))
             for _ in range(self.n_shared_experts):
-                t.add("par", **self._ffn_tensors(self.expert_ffn_hidden_size))
+                t.add("par", **self._ffn_tensors(self.expert_ffn_hidden_size, eager))
         return t
 
-    def _ffn_tensors(self, inner: int) -> dict[str, float]:
-        if self.mlp == "swiglu":  # gate, up, silu(gate)*up (the down-projection input)
-            return {"saved": 6 * inner, "traffic": 6 * inner}
+    def _ffn_tensors(self, inner: int, eager: bool = False) -> dict[str, float]:
+        if self.mlp == "swiglu":  # gate, up, silu(gate)*up (the down-projection input) [+ silu(gate)]
+            return {"saved": (8 if eager else 6) * inner, "traffic": 6 * inner}
         return {"saved": 4 * inner, "traffic": 4 * inner}  # GELU input and output (bias fused)
 
     def kv_bytes_per_token(self, dtype_bytes: float = 2, *, tp: int = 1) -> float:

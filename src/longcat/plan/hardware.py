@@ -214,6 +214,7 @@ class Stack:
     optimizer_traffic_bytes: float = 30.0  # AdamW step bytes per local parameter: fused kernel (fp32 master, m, v, grad, bf16 copy)
     persistent_grads: bool = True  # gradients live in a buffer for the whole step (Megatron, FSDP), not set to None
     elementwise_passes: float = 1.0  # traffic of a block's element-wise work relative to fused kernels
+    eager_autograd: bool = False  # op-by-op autograd keeps intermediates fused kernels drop (Architecture.layer_tensors)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -237,6 +238,7 @@ STACKS: dict[str, Stack] = {
     "pytorch-eager": Stack(
         name="pytorch-eager", flash_attention=True, sequence_parallel=False, overlap_grad_reduce=True,
         optimizer_traffic_bytes=80.0, logits_backward_bytes=10.0, persistent_grads=False, elementwise_passes=2.0,
+        eager_autograd=True,
     ),
 }
 

@@ -239,7 +239,8 @@ class Planner:
         expert_flops = 2 * routed_gemm * tokens / tp  # grouped GEMMs over the routed experts
         core_flops = core * tokens / tp
         # autocast keeps the residual stream (embedding output, norms, residual adds) in fp32
-        t = a.layer_tensors(moe, S, flash=flash, mtp=mtp, residual_bytes=4 if s.precision == "autocast" else 2)
+        t = a.layer_tensors(moe, S, flash=flash, mtp=mtp, residual_bytes=4 if s.precision == "autocast" else 2,
+                            eager=stack.eager_autograd)
         traffic_scale = stack.elementwise_passes
         rep_div = tp if sp else 1
         saved = {k: v * tokens for k, v in t.saved.items()}

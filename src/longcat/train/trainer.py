@@ -24,7 +24,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
 import torch
@@ -514,7 +514,7 @@ class _Progress:
 
     def __enter__(self):
         if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
             self._progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
@@ -554,8 +554,9 @@ class _Progress:
             return
         t = self.trainer
         loss = record["loss"]
+        done = f"{100 * t.schedule.progress(t.step, t.elapsed):.0f}%"
         self.console.print(
-            f"step {t.step}/{t.cfg.steps}  loss {loss:.4f}  lr {record['lr']:.2e}  "
+            f"step {t.step} ({done})  loss {loss:.4f}  lr {record['lr']:.2e}  "
             f"grad {record['grad_norm']:.3f}  {record['tokens_per_s']:,.0f} tok/s  mfu {record['mfu']:.1%}",
             highlight=False, markup=False,
         )
