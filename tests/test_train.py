@@ -344,3 +344,15 @@ def test_config_overrides_and_errors(tmp_path):
     toml.write_text('[train]\nsteps = "many"\n')
     with pytest.raises(ConfigError, match="'steps' must be int"):
         build_run_config(config_file=toml)
+
+
+def test_unigram_baselines():
+    from longcat.train.run import unigram_bpb, unigram_heldout_bpb
+
+    tokens = np.array([0, 1, 2, 3] * 250)  # uniform over 4 symbols: 2 bits per token
+    assert unigram_bpb(tokens, num_bytes=1000, vocab_size=8) == pytest.approx(2.0)
+    assert unigram_bpb(tokens, num_bytes=2000, vocab_size=8) == pytest.approx(1.0)
+    # add-one smoothing over 8 entries: each seen token has probability 251/1008
+    heldout = np.array([0, 1, 2, 3])
+    expected = -math.log2(251 / 1008)
+    assert unigram_heldout_bpb(tokens, heldout, 4, vocab_size=8) == pytest.approx(expected)

@@ -20,9 +20,10 @@ averaged/summed over all data ranks, so they equal a single-process run on the s
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -126,8 +127,6 @@ class ParallelModel:
         return x.to(device), y.to(device), None if positions is None else positions.to(device)
 
     def _autocast(self):
-        import contextlib
-
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.dims.device.type, dtype=self.autocast_dtype)

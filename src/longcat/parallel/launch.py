@@ -9,12 +9,15 @@ last distributed checkpoint.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import uuid
 
 from .layout import free_port
 
 TORCHRUN_ENV = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "GROUP_RANK")
+LAUNCH_ID_ENV = "LONGCAT_LAUNCH_ID"  # marks every process of one launch, for the final clean-up
 
 
 def is_torchrun_worker() -> bool:
@@ -62,10 +65,16 @@ def launch(
     env: dict[str, str] | None = None,
     capture: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Run `target` under torchrun and wait. Raises subprocess.TimeoutExpired after `timeout` s
-    (the whole process group is killed first, so nothing is left behind)."""
+    """Run `target` under torchrun and wait. Raises subprocess.TimeoutExpired after `timeout` s.
+
+    Whatever happens, no process is left behind: torchrun starts each rank in its own session,
+    so they are found by a launch id in their environment and killed once torchrun is done (a
+    rank stuck in a collective may ignore torchrun's SIGTERM).
+    """
     cmd = torchrun_command(target, nproc=nproc, max_restarts=max_restarts, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint)
+    launch_id = uuid.uuid4().hex
     full_env = dict(os.environ)
+    full_env[LAUNCH_ID_ENV] = launch_id
     for key in TORCHRUN_ENV + ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(key, None)  # a nested launch must not inherit an outer run's rank
     if threads_per_rank is not None:
@@ -78,22 +87,46 @@ def launch(
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
+        _kill_launch(proc, launch_id)
         out, _ = proc.communicate()
         raise subprocess.TimeoutExpired(cmd, timeout, output=out) from None
     except BaseException:
-        _kill_group(proc)
+        _kill_launch(proc, launch_id)
         raise
+    _kill_launch(proc, launch_id)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    import signal
-
+def _kill_launch(proc: subprocess.Popen, launch_id: str) -> None:
+    """SIGKILL torchrun's session and every process carrying this launch's id."""
     try:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank it started (own session)
-    except ProcessLookupError:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
         pass
+    for pid in launched_pids(launch_id):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def launched_pids(launch_id: str) -> list[int]:
+    """PIDs whose environment holds LONGCAT_LAUNCH_ID=launch_id (Linux /proc; [] elsewhere)."""
+    marker = f"{LAUNCH_ID_ENV}={launch_id}".encode()
+    found = []
+    proc_root = "/proc"
+    if not os.path.isdir(proc_root):
+        return found
+    for name in os.listdir(proc_root):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"{proc_root}/{name}/environ", "rb") as f:
+                if marker in f.read().split(b"\0"):
+                    found.append(int(name))
+        except OSError:
+            continue
+    return found
 
 
 def relaunch_argv(argv: list[str], drop: tuple[str, ...] = ("--nproc", "--max-restarts")) -> list[str]:

@@ -180,7 +180,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ..data import Tokenizer, iter_documents, train_tokenizer
-    from .run import build_trainer, prepare_data, unigram_bpb, with_tokenizer_ids
+    from .run import build_trainer, prepare_data, unigram_bpb, unigram_heldout_bpb, with_tokenizer_ids
 
     console = Console(stderr=True, soft_wrap=True)
     wall0 = time.perf_counter()
@@ -225,7 +225,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
     local, data = _with_data_errors(prepare)
     local = with_tokenizer_ids(local, data.tokenizer)
-    baseline = unigram_bpb(data.store.train, data.store.train_bytes, local.model.vocab_size)
+    store = data.store
+    baseline = unigram_bpb(store.train, store.train_bytes, local.model.vocab_size)
+    baseline_heldout = unigram_heldout_bpb(store.train, store.heldout, store.heldout_bytes, local.model.vocab_size)
     console.print(f"[3/4] training the small preset ({local.train.optimizer}, {threads} threads, "
                   f"seq_len {local.train.seq_len}, micro-batch {local.train.micro_batch}) for "
                   f"{local.train.time_budget:.0f} s", highlight=False)
@@ -239,7 +241,8 @@ def run_demo(args: argparse.Namespace) -> int:
     print()
     if result.bpb is not None:
         print(f"held-out: {result.bpb:.3f} bits/byte ({result.eval_loss:.3f} nats/token); "
-              f"unigram baseline {baseline:.3f} bits/byte")
+              f"unigram baseline {baseline:.3f} bits/byte (entropy of the train tokens; "
+              f"{baseline_heldout:.3f} as cross-entropy on the held-out tokens)")
     print(f"trained {result.step} steps, {result.tokens_seen:,} tokens in {result.train_seconds:.0f} s: "
           f"{result.tokens_per_s:,.0f} tokens/s, MFU {result.mfu:.1%} of {result.mfu_peak_flops / 1e9:,.0f} GFLOP/s "
           f"({result.mfu_peak_source})")

@@ -106,6 +106,15 @@ def unigram_bpb(tokens: np.ndarray, num_bytes: int, vocab_size: int) -> float:
     return entropy * len(tokens) / (num_bytes * math.log(2))
 
 
+def unigram_heldout_bpb(train: np.ndarray, heldout: np.ndarray, heldout_bytes: int, vocab_size: int) -> float:
+    """Bits per byte of the train tokens' unigram distribution (add-one smoothed) on the held-out
+    tokens: the same yardstick as the model's held-out bpb."""
+    counts = np.bincount(np.asarray(train, dtype=np.int64), minlength=vocab_size).astype(np.float64)
+    log_q = np.log((counts + 1) / (counts.sum() + vocab_size))
+    nats = float(-log_q[np.asarray(heldout, dtype=np.int64)].mean())
+    return nats * len(heldout) / (heldout_bytes * math.log(2))
+
+
 def train_run(run: RunConfig, out_dir: Path, *, resume: bool, console) -> tuple[TrainResult, Trainer, PreparedData]:
     data = prepare_data(run, out_dir, resume=resume, console=console)
     run = with_tokenizer_ids(run, data.tokenizer)
@@ -113,5 +122,5 @@ def train_run(run: RunConfig, out_dir: Path, *, resume: bool, console) -> tuple[
     return trainer.train(), trainer, data
 
 
-__all__ = ["PreparedData", "prepare_data", "build_trainer", "train_run", "unigram_bpb", "saved_run_config",
-           "with_tokenizer_ids"]
+__all__ = ["PreparedData", "prepare_data", "build_trainer", "train_run", "unigram_bpb", "unigram_heldout_bpb",
+           "saved_run_config", "with_tokenizer_ids"]
