@@ -260,5 +260,6 @@ def test_calibrate_writes_a_loadable_entry(tmp_path):
     path.write_text(to_toml(measured, "cpu-test"))
     hw = load_hardware(str(path))
     assert hw.name == "cpu-test" and hw.peak_tflops_bf16 > 0 and hw.hbm_bandwidth_gbs > 0
-    assert hw.provenance["peak_tflops_bf16"] == "measured" and hw.provenance["memory_efficiency"] == "estimated"
+    assert hw.provenance["peak_tflops_bf16"] == "measured" and hw.provenance["scaleup_domain"] == "estimated"
+    assert hw.provenance["memory_efficiency"] == "measured"
     assert 0 < hw.expert_gemm_efficiency <= 1

@@ -62,9 +62,11 @@ class Indexer(nn.Module):
         """Index scores (B, T, S) of the T queries against S keys (no mask applied)."""
         B, T, _ = x.shape
         q = self._rope(self.wq_b(q_latent).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        weights = self.weights_proj(x.float()) * self.n_heads**-0.5  # (B, T, h), fp32
-        logits = torch.einsum("bthd,bsd->bths", q.float(), keys.float()).relu_()
-        return torch.einsum("bths,bth->bts", logits, weights) * self.head_dim**-0.5
+        # Scores in fp32 even under autocast (einsum would otherwise run in bf16).
+        with torch.autocast(x.device.type, enabled=False):
+            weights = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads**-0.5  # (B, T, h)
+            logits = torch.einsum("bthd,bsd->bths", q.float(), keys.float()).relu_()
+            return torch.einsum("bths,bth->bts", logits, weights) * self.head_dim**-0.5
 
 
 def select_tokens(scores: torch.Tensor, causal: torch.Tensor, config: ModelConfig) -> torch.Tensor | None:
@@ -210,6 +212,10 @@ class MLA(nn.Module):
     @torch.no_grad()
     def _attention_target(self, q_nope, q_rope, c_kv, k_rope, mask):
         """Main attention probabilities summed over heads and renormalised: (B, T, S)."""
+        with torch.autocast(q_nope.device.type, enabled=False):  # fp32: a KL target must sum to 1
+            return self._attention_target_fp32(q_nope, q_rope, c_kv, k_rope, mask)
+
+    def _attention_target_fp32(self, q_nope, q_rope, c_kv, k_rope, mask):
         w_uk, _ = self.absorbed_weights()
         q_lat = torch.einsum("bthd,hdc->bhtc", q_nope.float(), w_uk.float())
         logits = (q_lat @ c_kv.float().transpose(1, 2).unsqueeze(1)) + (
@@ -221,6 +227,6 @@ class MLA(nn.Module):
 
     def _indexer_kl(self, scores, mask, q_nope, q_rope, c_kv, k_rope):
         target = self._attention_target(q_nope, q_rope, c_kv, k_rope, mask)
-        log_q = scores.masked_fill(~mask, float("-inf")).log_softmax(-1)
+        log_q = scores.float().masked_fill(~mask, float("-inf")).log_softmax(-1)
         kl = torch.where(mask, target * (target.clamp_min(1e-20).log() - log_q), torch.zeros_like(log_q))
         return kl.sum(-1).mean()

@@ -2,12 +2,14 @@
 
 What is measured, and how it maps to the planner's fields:
 - peak_tflops_bf16 / fp32: the best rate of a large square matmul (the machine's practical peak);
-- gemm_efficiency: the mean rate of transformer-shaped GEMMs (many tokens x a few hundred
-  features) over that peak;
+- gemm_efficiency: the rate of transformer-shaped GEMMs (with --model: that model's own shapes),
+  forward and both backward GEMMs through autograd, over that peak;
+- expert_gemm_efficiency: the same for the routed experts' grouped GEMMs (`torch._grouped_mm`);
 - attention_efficiency: causal `scaled_dot_product_attention` forward+backward, counted as
   2 + 4 matmuls of causal FLOPs, over the bf16 peak;
 - hbm_bandwidth_gbs: an element-wise kernel on a buffer far larger than the caches (read + write);
-  memory_efficiency is then 1 by construction;
+- memory_efficiency: bytes over time for the element-wise kernels a step runs (casts, products,
+  SiLU, log-softmax over the vocabulary, MoE gather and scatter-add), over that bandwidth;
 - kernel_overhead_us: the time of a tiny eager op with autograd (dispatch, not work);
 - hbm_gib: physical memory; reserved_gib: this process's resident memory once torch is loaded
   (the runtime's own share, which a training process pays before any tensor).
@@ -82,6 +84,31 @@ def _gemm_shapes(arch, tokens: int) -> tuple[list[tuple[int, int, int]], tuple[i
     return shapes, expert
 
 
+def _elementwise_mix(torch, arch, tokens: int):
+    """(name, bytes moved, callable) for the element-wise kernels of an eager training step: dtype
+    casts, products, activations, the log-softmax over the vocabulary, and the MoE gather and
+    scatter-add. Sizes follow `arch` (or a generic 256-wide model) at `tokens` tokens."""
+    H = getattr(arch, "hidden_size", 256)
+    F_ = getattr(arch, "ffn_hidden_size", 4 * H)
+    V = getattr(arch, "vocab_size", 8192)
+    slots = max(1, int(getattr(arch, "slots", 0) or 0))
+    h32 = torch.randn(tokens, H)
+    f16 = torch.randn(tokens, F_, dtype=torch.bfloat16)
+    logits = torch.randn(max(1, tokens // 4), V)
+    index = torch.randint(0, tokens, (tokens * slots,))
+    rows = torch.randn(tokens * slots, H)
+    acc = torch.zeros(tokens, H)
+    n_h, n_f, n_v, n_r = h32.numel(), f16.numel(), logits.numel(), rows.numel()
+    return [
+        ("cast bf16->fp32", 6 * n_f, lambda: f16.float()),
+        ("fp32 product", 12 * n_h, lambda: h32 * h32),
+        ("silu bf16", 4 * n_f, lambda: torch.nn.functional.silu(f16)),
+        ("log-softmax fp32", 8 * n_v, lambda: torch.log_softmax(logits, dim=-1)),
+        ("gather rows", 8 * n_r, lambda: h32[index[: tokens * slots]]),
+        ("scatter-add rows", 12 * n_r, lambda: acc.index_add(0, index, rows)),
+    ]
+
+
 def measure(quick: bool = False, threads: int | None = None, arch=None, tokens: int = 4096, seq_len: int = 512) -> dict[str, Any]:
     """Measure this machine. With `arch`, the GEMM and attention efficiencies are measured on that
     model's own shapes at `tokens` tokens per step (and `seq_len` for attention)."""
@@ -99,6 +126,18 @@ def measure(quick: bool = False, threads: int | None = None, arch=None, tokens: 
         b = torch.randn(k, nn, dtype=dtype)
         return _best_time(lambda: torch.mm(a, b), reps)
 
+    def train_matmul_time(m: int, k: int, nn: int) -> float:
+        """Forward and both backward GEMMs of a linear layer through autograd (6*m*k*n FLOPs)."""
+        x = torch.randn(m, k, dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(nn, k, dtype=torch.bfloat16, requires_grad=True)  # nn.Linear layout (out, in)
+        grad = torch.randn(m, nn, dtype=torch.bfloat16)
+
+        def run():
+            x.grad = w.grad = None
+            torch.nn.functional.linear(x, w).backward(grad)
+
+        return _best_time(run, reps)
+
     out["peak_tflops_fp32"] = 2 * n**3 / matmul_time(n, n, n, torch.float32) / 1e12
     out["peak_tflops_bf16"] = 2 * n**3 / matmul_time(n, n, n, torch.bfloat16) / 1e12
     peak = out["peak_tflops_bf16"] * 1e12
@@ -109,21 +148,31 @@ def measure(quick: bool = False, threads: int | None = None, arch=None, tokens: 
         shapes, expert = _gemm_shapes(arch, tokens)
     else:
         shapes, expert = [(tokens, 256, 1024), (tokens, 1024, 256), (tokens, 512, 512)], None
-    flops = sum(2 * m * k * nn for m, k, nn in shapes)
-    seconds = sum(matmul_time(m, k, nn, torch.bfloat16) for m, k, nn in shapes)
+    # training runs each GEMM forward and twice backward (input and weight gradients): time all three
+    flops = sum(6 * m * k * nn for m, k, nn in shapes)
+    seconds = sum(train_matmul_time(m, k, nn) for m, k, nn in shapes)
     out["gemm_efficiency"] = min(1.0, flops / seconds / peak)
     out["gemm_shapes"] = shapes
-    if expert is not None:
+    if expert is not None and hasattr(torch, "_grouped_mm"):
         rows, experts, hidden, inner = expert
-        x = torch.randn(rows, hidden, dtype=torch.bfloat16)
-        w1 = torch.randn(experts, hidden, 2 * inner, dtype=torch.bfloat16)
-        w2 = torch.randn(experts, inner, hidden, dtype=torch.bfloat16)
-        h = torch.randn(rows, inner, dtype=torch.bfloat16)
-        counts = torch.full((experts,), rows // experts)
-        counts[: rows - int(counts.sum())] += 1
+        x = torch.randn(rows, hidden, dtype=torch.bfloat16, requires_grad=True)
+        # stored as the model stores them, (E, 2F, H) and (E, H, F), and used transposed
+        w1 = torch.randn(experts, 2 * inner, hidden, dtype=torch.bfloat16, requires_grad=True)
+        w2 = torch.randn(experts, hidden, inner, dtype=torch.bfloat16, requires_grad=True)
+        grad = torch.randn(rows, hidden, dtype=torch.bfloat16)
+        # uneven loads, as a router produces: counts drawn from a multinomial over the experts
+        gen = torch.Generator().manual_seed(0)
+        counts = torch.bincount(torch.randint(0, experts, (rows,), generator=gen), minlength=experts)
         offsets = counts.cumsum(0).to(torch.int32)
-        t = _best_time(lambda: (torch._grouped_mm(x, w1, offs=offsets), torch._grouped_mm(h, w2, offs=offsets)), reps)
-        out["expert_gemm_efficiency"] = min(1.0, 2 * rows * hidden * 3 * inner / t / peak)
+
+        def experts_step():
+            x.grad = w1.grad = w2.grad = None
+            h = torch._grouped_mm(x, w1.transpose(-2, -1), offs=offsets)[:, :inner].contiguous()
+            torch._grouped_mm(h, w2.transpose(-2, -1), offs=offsets).backward(grad)
+
+        t = _best_time(experts_step, reps)
+        # forward: gate_up (2*rows*hidden*2F) + down (2*rows*F*hidden); backward twice that
+        out["expert_gemm_efficiency"] = min(1.0, 3 * 2 * rows * hidden * 3 * inner / t / peak)
         out["expert_shape"] = expert
 
     # attention: causal SDPA forward + backward in bf16, at the model's head sizes when given
@@ -151,6 +200,13 @@ def measure(quick: bool = False, threads: int | None = None, arch=None, tokens: 
     t = _best_time(lambda: torch.mul(x, 1.0001, out=y), reps)
     out["hbm_bandwidth_gbs"] = 2 * size * 4 / t / 1e9
     del x, y
+    # memory_efficiency: the element-wise kernels a training step runs, at their own rates
+    bytes_moved, seconds = 0.0, 0.0
+    for name, nbytes, fn in _elementwise_mix(torch, arch, tokens):
+        t = _best_time(fn, reps)
+        bytes_moved += nbytes
+        seconds += t
+    out["memory_efficiency"] = min(1.0, bytes_moved / seconds / (out["hbm_bandwidth_gbs"] * 1e9))
 
     # per-op dispatch cost of eager PyTorch with autograd
     small = torch.ones(8, requires_grad=True)
@@ -178,7 +234,8 @@ def to_toml(measured: dict[str, Any], name: str = "cpu-local") -> str:
         "",
         "[measured]",
     ]
-    order = ["peak_tflops_bf16", "gemm_efficiency", "expert_gemm_efficiency", "attention_efficiency", "hbm_bandwidth_gbs", "kernel_overhead_us", "hbm_gib", "reserved_gib"]
+    order = ["peak_tflops_bf16", "gemm_efficiency", "expert_gemm_efficiency", "attention_efficiency", "hbm_bandwidth_gbs",
+             "memory_efficiency", "kernel_overhead_us", "hbm_gib", "reserved_gib"]
     for key in order:
         if key in measured:
             lines.append(f"{key} = {measured[key]:.6g}")
@@ -186,7 +243,6 @@ def to_toml(measured: dict[str, Any], name: str = "cpu-local") -> str:
         "",
         "[estimated]",
         "peak_tflops_fp8 = 0",
-        "memory_efficiency = 1.0        # hbm_bandwidth_gbs is already an achieved element-wise rate",
         "scaleup_domain = 1",
         f"scaleup_bandwidth_gbs = {measured['hbm_bandwidth_gbs']:.6g}   # processes on one host talk through memory",
         "scaleout_bandwidth_gbs = 1.0",
@@ -200,13 +256,15 @@ def to_toml(measured: dict[str, Any], name: str = "cpu-local") -> str:
         "",
         "[notes]",
         f'peak_tflops_bf16 = "best square bf16 matmul; fp32 reached {measured["peak_tflops_fp32"] * 1e3:.0f} GFLOP/s"',
-        f'gemm_efficiency = "bf16 matmuls of shapes (M, K, N) {measured["gemm_shapes"]} over the peak'
+        f'gemm_efficiency = "bf16 matmuls forward + backward, shapes (M, K, N) {measured["gemm_shapes"]}'
         + (f' ({measured["model"]} at {measured["tokens"]} tokens)' if measured.get("model") else " (generic)") + '"',
         f'attention_efficiency = "causal SDPA forward+backward, bf16, (B, heads, T, d_qk, d_v) = {measured["attention_shape"]}"',
         'reserved_gib = "resident memory of a process with torch loaded, before any model tensor"',
+        'hbm_bandwidth_gbs = "fp32 multiply on 256 MiB buffers (read + write)"',
+        'memory_efficiency = "bytes / time over a mix of eager element-wise kernels (casts, products, SiLU, log-softmax, MoE gather and scatter-add), over hbm_bandwidth_gbs"',
     ]
     if "expert_shape" in measured:
-        lines.append(f'expert_gemm_efficiency = "torch._grouped_mm gate_up + down, (rows, experts, hidden, inner) = {measured["expert_shape"]}"')
+        lines.append(f'expert_gemm_efficiency = "torch._grouped_mm gate_up + down, forward + backward, (rows, experts, hidden, inner) = {measured["expert_shape"]}"')
     lines += [
         "",
     ]

@@ -20,7 +20,7 @@ DEMO_MAX_BYTES = 12 * 2**20  # corpus bytes tokenized: more than six minutes of 
 DEMO_TOKENIZER_BYTES = 8 * 2**20
 # Chosen by measurement: the small preset, seq_len 256, micro-batch 16, 120 steps (about what the
 # demo budget reaches), held-out loss (nats/token) at step 120: AdamW lr 3e-3 5.323, AdamW 6e-3
-# 5.434, Muon 3e-3 5.346, Muon 6e-3 5.214. Muon's extra optimizer time is ~6% of a step, less than
+# 5.434, Muon 3e-3 5.346, Muon 6e-3 5.214. Muon's extra optimizer time is ~8% of a step, less than
 # its lead is worth in steps.
 DEMO_OPTIMIZER = "muon"
 DEMO_LR = 6e-3
@@ -236,7 +236,7 @@ def run_demo(args: argparse.Namespace) -> int:
     console.print("[4/4] done", highlight=False)
 
     print()
-    print("sample (temperature 0.8):")
+    print(f"sample (temperature {local.train.sample_temperature}):")
     print("  " + (result.sample or "").replace("\n", "\n  "))
     print()
     if result.bpb is not None:
