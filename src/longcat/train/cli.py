@@ -65,6 +65,11 @@ def register(subparsers) -> None:
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="stop after this much training time, with the LR decay fitted to it, and save")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this node: N > 1 re-runs this command under torchrun (see docs/PARALLEL.md)")
+    p.add_argument("--parallel", default=None, metavar="LAYOUT",
+                   help="parallel layout, e.g. dp_shard=2,ep=2 (default with --nproc N: dp_shard=N); AdamW only")
+    p.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts of the group after a rank dies")
     _add_common(p)
     p.set_defaults(func=run_train)
 
@@ -137,8 +142,55 @@ def run_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--data: path not found: {args.data}")
     run = build_run_config(preset_name=args.preset, config_file=args.config, overrides=args.overrides,
                            train_values=_train_values(args), base=base)
+    if getattr(args, "nproc", 1) > 1 or getattr(args, "parallel", None) or _under_torchrun():
+        return _run_train_parallel(args, run, out, console)
     result, trainer, _ = _with_data_errors(lambda: train_run(run, out, resume=args.resume, console=console))
     _print_summary(console, result, trainer)
+    return 0
+
+
+def _under_torchrun() -> bool:
+    from ..parallel.launch import is_torchrun_worker
+
+    return is_torchrun_worker()
+
+
+def _run_train_parallel(args: argparse.Namespace, run: RunConfig, out: Path, console) -> int:
+    """`--nproc N` / `--parallel`: validate, then relaunch under torchrun; in a worker, train."""
+    import sys
+
+    from ..parallel.launch import is_torchrun_worker, run_under_torchrun
+    from ..parallel.layout import shutdown_distributed
+    from .distributed import check_parallel_run, train_distributed
+
+    if not is_torchrun_worker():
+        if args.nproc < 1:
+            raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+        check_parallel_run(run, args.parallel, args.nproc)  # impossible layouts fail here, before any process
+        argv = sys.argv[1:]
+        if argv[:1] != ["train"]:  # started as `python -m longcat.train ...`
+            argv = ["train", *argv]
+        code = run_under_torchrun(argv, nproc=args.nproc, max_restarts=args.max_restarts)
+        if code != 0:
+            console.print(f"longcat train: the distributed run failed (exit {code}); see the rank output above",
+                          highlight=False, markup=False)
+            return 1
+        return 0
+    try:
+        result = _with_data_errors(lambda: train_distributed(run, out, layout_text=args.parallel,
+                                                             resume=args.resume, console=console))
+    except BaseException:
+        # no barrier: other ranks may be stuck in a collective; torchrun stops (or restarts) the group
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        _print_summary(console, result, None)
+    shutdown_distributed()
     return 0
 
 

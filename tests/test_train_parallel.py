@@ -1,0 +1,73 @@
+"""`longcat train --nproc N --parallel LAYOUT`: a real 2-process run against one process, and
+impossible layouts refused before any process starts."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+
+import pytest
+
+from longcat.cli import main
+
+COMMON = ["--preset", "tiny", "--steps", "6", "--set", "train.seq_len=32", "--set", "train.micro_batch=4",
+          "--set", "train.precision=fp32", "--set", "train.device=cpu", "--threads", "1", "--no-progress",
+          "--peak-tflops", "1"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    rng = random.Random(0)
+    words = "the cat sat on a mat and dog ran far away with big red ball while sun shone over hills".split()
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(8, 30))) for _ in range(400)))
+    return path
+
+
+def _train_losses(out):
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}, records
+
+
+@pytest.mark.slow
+def test_two_process_train_matches_one_process(corpus, tmp_path):
+    out2, out1 = tmp_path / "two", tmp_path / "one"
+    cmd = [sys.executable, "-m", "longcat.cli", "train", "--data", str(corpus), *COMMON]
+    proc = subprocess.run([*cmd, "--nproc", "2", "--parallel", "dp_shard=2,ep=2", "--out", str(out2)],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    losses2, records = _train_losses(out2)
+    assert sorted(losses2) == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(v) for v in losses2.values())
+    assert records[-1]["kind"] == "eval" and math.isfinite(records[-1]["eval_loss"])
+    ckpt = out2 / "checkpoints" / "step_00000006"
+    assert (ckpt / "COMPLETE").exists() and (ckpt / "train_config.json").exists()
+
+    proc = subprocess.run([*cmd, "--out", str(out1)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    losses1, _ = _train_losses(out1)
+    for step, loss in losses1.items():
+        assert abs(losses2[step] - loss) <= 1e-4 * abs(loss), (step, losses2[step], loss)
+
+
+def test_impossible_layout_fails_before_launch(corpus, tmp_path, capsys, monkeypatch):
+    import longcat.parallel.launch as launch
+
+    monkeypatch.setattr(launch, "launch", lambda *a, **k: pytest.fail("processes were launched"))
+    out = tmp_path / "out"
+    code = main(["train", "--data", str(corpus), *COMMON, "--nproc", "3", "--parallel", "dp_shard=3,ep=3",
+                 "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ep" in err and "3" in err, err
+    assert not out.exists()
+
+
+def test_muon_refused_with_parallel(corpus, tmp_path, capsys):
+    code = main(["train", "--data", str(corpus), *COMMON, "--nproc", "2", "--set", "train.optimizer=muon",
+                 "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "optimizer=adamw" in capsys.readouterr().err
