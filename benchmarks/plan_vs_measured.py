@@ -14,7 +14,11 @@ trainer builds it), fp32 master weights, one process.
 Run once, on an otherwise idle machine if you can: other processes on the same cores slow the
 training and the calibration alike but not necessarily equally.
 
-    .venv/bin/python benchmarks/plan_vs_measured.py [--steps 10] [--hardware cpu-local] [--json]
+    .venv/bin/python benchmarks/plan_vs_measured.py [--steps 10] [--threads 1 --clock cpu] [--json]
+
+By default both sides use one thread and count the process's own CPU seconds, which other jobs on
+a shared machine do not inflate; `--threads 2 --clock wall` measures the demo's default threading
+by the wall clock (only meaningful on an idle machine).
 """
 
 from __future__ import annotations
@@ -29,11 +33,15 @@ import time
 PRESET, SEQ_LEN, MICRO_BATCH = "small", 256, 16
 
 
-def child(steps: int, warmup: int) -> None:
+def child(steps: int, warmup: int, threads: int, cpu_time: bool) -> None:
     """Train for warmup + steps steps; print one JSON line with the measurements."""
     from longcat.plan.calibrate import current_rss_bytes, peak_rss_bytes
 
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    clock = time.process_time if cpu_time else time.perf_counter
 
     from longcat.config import preset
     from longcat.model import build_model, lm_losses
@@ -49,12 +57,12 @@ def child(steps: int, warmup: int) -> None:
         lr=3e-4, betas=(0.9, 0.95), eps=1e-8, foreach=False,
     )
     gen = torch.Generator().manual_seed(0)
-    times = []
+    times, walls = [], []
     first_peak = 0
     for step in range(warmup + steps):
         tokens = torch.randint(0, config.vocab_size, (MICRO_BATCH, SEQ_LEN + 1), generator=gen)
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
-        start = time.perf_counter()
+        start, wall = clock(), time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(inputs)
         losses = lm_losses(out, labels)
@@ -63,15 +71,17 @@ def child(steps: int, warmup: int) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         del out, losses, loss
-        elapsed = time.perf_counter() - start
+        elapsed = clock() - start
         if step >= warmup:
             times.append(elapsed)
+            walls.append(time.perf_counter() - wall)
         if step == 1:  # two steps: the optimizer state exists, the allocator has not yet fragmented
             first_peak = peak_rss_bytes()
     mean = sum(times) / len(times)
     spread = (sum((t - mean) ** 2 for t in times) / len(times)) ** 0.5
     print(json.dumps({
         "step_time_s": mean, "step_time_std_s": spread, "step_time_min_s": min(times), "steps": len(times),
+        "wall_step_time_s": sum(walls) / len(walls), "clock": "process CPU time" if cpu_time else "wall clock",
         "peak_rss_gib": peak_rss_bytes() / 2**30, "peak_rss_two_steps_gib": first_peak / 2**30,
         "baseline_rss_gib": baseline / 2**30,
         "threads": torch.get_num_threads(),
@@ -99,11 +109,17 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--hardware", default=None, help="use this hardware entry instead of calibrating now")
     parser.add_argument("--output", default=None, help="where calibration writes (default configs/hardware/cpu-local.toml)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for calibration and training (default 1)")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                        help="cpu: the process's CPU seconds (needs --threads 1; robust on a shared machine); wall: wall-clock")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    cpu_time = args.clock == "cpu"
+    if cpu_time and args.threads != 1:
+        parser.error("--clock cpu needs --threads 1 (CPU seconds add up across threads); use --clock wall")
     if args.child:
-        child(args.steps, args.warmup)
+        child(args.steps, args.warmup, args.threads, cpu_time)
         return 0
 
     load_start = os.getloadavg()[0]
@@ -116,13 +132,16 @@ def main() -> int:
         from longcat.plan.calibrate import default_output, measure, to_toml
         from longcat.config import preset
 
-        print("calibrating (longcat plan calibrate --model small --tokens 4096 --seq-len 256) ...", file=sys.stderr)
-        measured_hw = measure(arch=from_longcat(preset(PRESET), name=PRESET), tokens=SEQ_LEN * MICRO_BATCH, seq_len=SEQ_LEN)
+        print(f"calibrating (longcat plan calibrate --model small --tokens 4096 --seq-len 256 --threads {args.threads}"
+              f"{' --cpu-time' if cpu_time else ''}) ...", file=sys.stderr)
+        measured_hw = measure(arch=from_longcat(preset(PRESET), name=PRESET), tokens=SEQ_LEN * MICRO_BATCH, seq_len=SEQ_LEN,
+                              threads=args.threads, cpu_time=cpu_time)
         path = Path(args.output) if args.output else default_output()
         path.write_text(to_toml(measured_hw))
         hardware = str(path)
     print(f"training {args.warmup}+{args.steps} steps in a child process ...", file=sys.stderr)
-    proc = subprocess.run([sys.executable, __file__, "--child", "--steps", str(args.steps), "--warmup", str(args.warmup)],
+    proc = subprocess.run([sys.executable, __file__, "--child", "--steps", str(args.steps), "--warmup", str(args.warmup),
+                           "--threads", str(args.threads), "--clock", args.clock],
                           capture_output=True, text=True, check=False)
     if proc.returncode:
         print(proc.stderr, file=sys.stderr)
@@ -149,7 +168,8 @@ def main() -> int:
           f"{hw.kernel_overhead_us:.1f} us/op, runtime {hw.reserved_gib:.2f} GiB")
     print(f"{'':22s}{'predicted':>12s}{'measured':>12s}{'error':>9s}")
     print(f"{'step time (s)':22s}{predicted_time:12.3f}{real['step_time_s']:12.3f}{result['error']['step_time']:+9.1%}"
-          f"   (measured +- {real['step_time_std_s']:.3f} s over {real['steps']} steps)")
+          f"   ({real['clock']}, +- {real['step_time_std_s']:.3f} s over {real['steps']} steps, {real['threads']} thread(s); "
+          f"wall clock {real['wall_step_time_s']:.3f} s)")
     print(f"{'peak memory (GiB)':22s}{predicted_mem:12.3f}{real['peak_rss_gib']:12.3f}{result['error']['peak_memory']:+9.1%}"
           f"   (peak RSS over the run; {real['peak_rss_two_steps_gib']:.2f} GiB after two steps; torch runtime alone "
           f"{real['baseline_rss_gib']:.2f} GiB)")

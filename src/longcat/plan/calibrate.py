@@ -26,16 +26,18 @@ from typing import Any
 GiB = 2**30
 
 
-def _best_time(fn, repeats: int, min_time: float = 0.0) -> float:
+# Wall-clock by default. On a machine shared with other jobs, `measure(cpu_time=True)` with one
+# thread times the process's own CPU seconds instead, which other processes do not inflate.
+_clock = time.perf_counter
+
+
+def _best_time(fn, repeats: int) -> float:
     fn()  # warm-up
     best = float("inf")
-    start = time.perf_counter()
-    for i in range(repeats):
-        t = time.perf_counter()
+    for _ in range(repeats):
+        t = _clock()
         fn()
-        best = min(best, time.perf_counter() - t)
-        if min_time and time.perf_counter() - start > min_time and i >= 1:
-            break
+        best = min(best, _clock() - t)
     return best
 
 
@@ -109,13 +111,19 @@ def _elementwise_mix(torch, arch, tokens: int):
     ]
 
 
-def measure(quick: bool = False, threads: int | None = None, arch=None, tokens: int = 4096, seq_len: int = 512) -> dict[str, Any]:
+def measure(quick: bool = False, threads: int | None = None, arch=None, tokens: int = 4096, seq_len: int = 512,
+            cpu_time: bool = False) -> dict[str, Any]:
     """Measure this machine. With `arch`, the GEMM and attention efficiencies are measured on that
-    model's own shapes at `tokens` tokens per step (and `seq_len` for attention)."""
+    model's own shapes at `tokens` tokens per step (and `seq_len` for attention). `cpu_time` times
+    process CPU seconds (meaningful with threads=1) instead of wall-clock seconds."""
+    global _clock
     import torch
 
     if threads:
         torch.set_num_threads(threads)
+    if cpu_time and torch.get_num_threads() != 1:
+        raise ValueError("cpu_time=True needs threads=1: with more threads CPU seconds add up across threads")
+    _clock = time.process_time if cpu_time else time.perf_counter
     baseline_rss = current_rss_bytes()
     n = 256 if quick else 2048
     reps = 2 if quick else 5
@@ -221,6 +229,8 @@ def measure(quick: bool = False, threads: int | None = None, arch=None, tokens: 
     out["kernel_overhead_us"] = _best_time(tiny_ops, 3) / count * 1e6
     out["hbm_gib"] = physical_memory_bytes() / GiB
     out["reserved_gib"] = baseline_rss / GiB
+    out["clock"] = "process CPU time" if cpu_time else "wall clock"
+    _clock = time.perf_counter
     return out
 
 
@@ -230,7 +240,8 @@ def to_toml(measured: dict[str, Any], name: str = "cpu-local") -> str:
     cpu = platform.processor() or platform.machine()
     lines = [
         f'name = "{name}"',
-        f'description = "this machine, measured by `longcat plan calibrate` ({cpu}, {os.cpu_count()} cores, {measured["threads"]} threads)"',
+        f'description = "this machine, measured by `longcat plan calibrate` ({cpu}, {os.cpu_count()} cores, {measured["threads"]} '
+        f'thread{"s" if measured["threads"] != 1 else ""}, {measured.get("clock", "wall clock")})"',
         "",
         "[measured]",
     ]

@@ -83,6 +83,7 @@ def register(subparsers) -> None:
     cal.add_argument("--name", default="cpu-local")
     cal.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     cal.add_argument("--quick", action="store_true", help="small sizes (a second or two; less accurate)")
+    cal.add_argument("--cpu-time", action="store_true", help="time process CPU seconds (needs --threads 1; robust on a busy machine)")
     cal.add_argument("--model", default=None, help="measure GEMM/attention efficiency on this model's shapes (preset, name or file)")
     cal.add_argument("--tokens", type=lambda s: int(count(s)), default=4096, help="tokens per step for --model shapes (default 4096)")
     cal.add_argument("--seq-len", type=lambda s: int(count(s)), default=512, help="sequence length for --model attention (default 512)")
@@ -271,7 +272,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
         from .arch import load_architecture
 
         arch = load_architecture(args.model)
-    measured = measure(quick=args.quick, threads=args.threads, arch=arch, tokens=args.tokens, seq_len=args.seq_len)
+    if args.cpu_time and args.threads != 1:
+        raise ConfigError("--cpu-time needs --threads 1 (CPU seconds add up across threads)")
+    measured = measure(quick=args.quick, threads=args.threads, arch=arch, tokens=args.tokens, seq_len=args.seq_len,
+                       cpu_time=args.cpu_time)
     path = Path(args.output) if args.output else default_output()
     path.write_text(to_toml(measured, args.name))
     if args.json:
