@@ -8,16 +8,14 @@ alike. The reported number is the ratio of median step times.
 from __future__ import annotations
 
 import statistics
-import tempfile
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from ..config import ModelConfig, preset
-from ..interop.hf import save_hf
+from ..interop.hf import transformers_reference
 from ..model import build_model, lm_losses
 
 
@@ -75,17 +73,9 @@ def run_model_bench(
     timer = time.perf_counter if clock == "wall" else time.process_time
     config = comparable_config(name, **(overrides or {}))
     ours = build_model(config, seed=0).train()
-    reference = None
-    if with_reference:
-        try:
-            from transformers import LongcatFlashForCausalLM
-        except ImportError:
-            log("transformers is not installed: measuring ours only (pip install transformers)")
-        else:
-            with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                save_hf(ours, tmp)
-                reference = LongcatFlashForCausalLM.from_pretrained(tmp, dtype=torch.float32).train()
+    reference = transformers_reference(ours, log) if with_reference else None
+    if reference is not None:
+        reference.train()
     # One extra token: inputs are the first seq_len, labels the next (each side's own loss API).
     x = torch.randint(0, config.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
     ours_fwd = lambda t: lm_losses(ours(t[:, :-1], mtp=False), t[:, 1:])["lm"]  # noqa: E731

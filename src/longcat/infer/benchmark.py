@@ -22,7 +22,6 @@ default, which other load on a shared machine disturbs far less than wall time.
 from __future__ import annotations
 
 import statistics
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..config import preset
-from ..interop.hf import save_hf
+from ..interop.hf import transformers_reference
 from ..model import LatentCache, build_model, count_parameters
 from .engine import Engine
 from .sampling import SamplingParams
@@ -128,16 +127,9 @@ def run_infer_bench(
     engine = Engine(model)
     greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
 
-    reference = None
-    try:
-        from transformers import LongcatFlashForCausalLM
-    except ImportError:
-        log("transformers is not installed: measuring ours only (pip install transformers)")
-    else:
-        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            save_hf(model, tmp)
-            reference = LongcatFlashForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    reference = transformers_reference(model, log)
+    if reference is not None:
+        reference.eval()
 
     # 1. batch-1 decode against transformers -----------------------------------------------------
     # Decode speed on both sides: (time for new_tokens) - (time for 1 token), i.e. prefill excluded.

@@ -231,4 +231,22 @@ def load(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = N
     return load_model(path, device=device, dtype=dtype)
 
 
-__all__ = ["save_hf", "load", "load_hf", "hf_tensors", "state_dict_from_hf", "CheckpointError", "load_config"]
+def transformers_reference(model: LongCatForCausalLM, log=print):
+    """The same weights in transformers' LongcatFlashForCausalLM (fp32), or None without transformers.
+
+    Benchmarks and parity checks use it as the baseline; n-grams, LSA and MTP must be off.
+    """
+    import tempfile
+
+    try:
+        from transformers import LongcatFlashForCausalLM
+    except ImportError:
+        log("transformers is not installed: measuring ours only (pip install transformers)")
+        return None
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        save_hf(model, tmp)
+        return LongcatFlashForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+
+
+__all__ = ["transformers_reference", "save_hf", "load", "load_hf", "hf_tensors", "state_dict_from_hf", "CheckpointError", "load_config"]

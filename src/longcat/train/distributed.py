@@ -16,7 +16,6 @@ skipped (the model is sharded).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
