@@ -203,11 +203,11 @@ def measure(quick: bool = False, threads: int | None = None, arch=None, tokens: 
 
     # memory bandwidth: an element-wise kernel on buffers much larger than the caches
     size = (8 if quick else 256) * 2**20 // 4
-    x = torch.ones(size)
-    y = torch.empty(size)
-    t = _best_time(lambda: torch.mul(x, 1.0001, out=y), reps)
+    src = torch.ones(size)
+    dst = torch.empty(size)
+    t = _best_time(lambda: torch.mul(src, 1.0001, out=dst), reps)
     out["hbm_bandwidth_gbs"] = 2 * size * 4 / t / 1e9
-    del x, y
+    src = dst = None  # free the 256 MiB buffers
     # memory_efficiency: the element-wise kernels a training step runs, at their own rates
     bytes_moved, seconds = 0.0, 0.0
     for name, nbytes, fn in _elementwise_mix(torch, arch, tokens):

@@ -642,7 +642,7 @@ class Planner:
 
     # --- time outside the pipeline ---------------------------------------------------------------------
     def _dp_time(self, L: Layout, m: int, dense: float, experts: float, t_stage: float) -> float:
-        s, stack = self.s, self.s.stack
+        stack = self.s.stack
         gb = stack.grad_reduce_bytes
         w_b = 2.0
         dp_group, edp = L.dp * L.cp, L.tp * L.cp * L.dp // L.ep
