@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench-model clean
+.PHONY: venv demo test test-fast bench-model bench-infer bench-plan clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,12 @@ test-fast: $(STAMP)
 
 bench-model: $(STAMP)
 	$(BIN)/python benchmarks/bench_model.py
+
+bench-infer: $(STAMP)
+	$(BIN)/python benchmarks/bench_infer.py
+
+bench-plan: $(STAMP)
+	$(BIN)/python benchmarks/plan_vs_measured.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
