@@ -199,16 +199,17 @@ def test_resume_with_other_architecture_names_fields(tmp_path):
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     poisoned = {3, 4}
     calls = {"n": 0}
-    real = trainer_mod.lm_losses
+    real = trainer_mod.training_losses
 
-    def maybe_nan(output, labels):
+    def maybe_nan(output, labels, **weights):
         calls["n"] += 1
-        losses = real(output, labels)
+        losses = real(output, labels, **weights)
         if calls["n"] in poisoned:
             losses["lm"] = losses["lm"] * float("nan")
+            losses["loss_total"] = losses["loss_total"] * float("nan")
         return losses
 
-    monkeypatch.setattr(trainer_mod, "lm_losses", maybe_nan)
+    monkeypatch.setattr(trainer_mod, "training_losses", maybe_nan)
     snapshots = {}
 
     def snapshot(trainer, record):

@@ -251,6 +251,41 @@ def lm_losses(output: CausalLMOutput, labels: torch.Tensor, ignore_index: int = 
     return out
 
 
+def training_losses(
+    output: CausalLMOutput,
+    labels: torch.Tensor,
+    *,
+    mtp_weight: float = 0.0,
+    z_loss: float = 0.0,
+    balance: float = 0.0,
+    indexer: float = 0.0,
+    balance_loss=None,
+) -> dict[str, torch.Tensor]:
+    """Every training loss and their weighted sum under "loss_total".
+
+    mtp: mean over depths; z_loss: mean(h^2) of the last hidden state before the final norm;
+    balance: `output.router.balance_loss()` unless `balance_loss` (a callable) supplies another,
+    e.g. one over globally reduced expert counts; indexer: the LSA indexer's KL loss.
+    """
+    losses = lm_losses(output, labels)
+    total = losses["lm"]
+    mtp = [v for k, v in losses.items() if k.startswith("mtp")]
+    if mtp:
+        losses["mtp"] = torch.stack(mtp).mean()
+        total = total + mtp_weight * losses["mtp"]
+    if z_loss > 0:
+        losses["z_loss"] = output.pre_norm_hidden.float().pow(2).mean()
+        total = total + z_loss * losses["z_loss"]
+    if balance > 0:
+        losses["balance_loss"] = balance_loss() if balance_loss is not None else output.router.balance_loss()
+        total = total + balance * losses["balance_loss"]
+    if indexer > 0 and output.indexer_loss is not None:
+        losses["indexer_loss"] = output.indexer_loss
+        total = total + indexer * losses["indexer_loss"]
+    losses["loss_total"] = total
+    return losses
+
+
 def build_model(config: ModelConfig, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, seed: int | None = 0) -> LongCatForCausalLM:
     """Build and initialise a model. device='meta' allocates nothing (for counting and planning)."""
     with torch.device(device):

@@ -31,7 +31,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..config import ModelConfig
-from ..model.lm import LongCatForCausalLM, lm_losses
+from ..model.lm import LongCatForCausalLM, training_losses
 from .layout import ParallelDims, ParallelLayout, build_mesh, device_type_for, init_distributed
 from .modules import indexed_layers
 
@@ -149,23 +149,13 @@ class ParallelModel:
         with_indexer = weights.indexer > 0 and self.config.lsa_enabled
         with self._autocast():
             out = self.module(x, positions=positions, cache=self.cp_kv, mtp=with_mtp, indexer_loss=with_indexer)
-        losses = lm_losses(out, y)
         counts = self._all_reduce(out.router.counts.clone(), "dp_cp")
-        total = losses["lm"]
-        mtp = [v for k, v in losses.items() if k.startswith("mtp")]
-        if with_mtp and mtp:
-            losses["mtp"] = torch.stack(mtp).mean()
-            total = total + weights.mtp * losses["mtp"]
-        if weights.z_loss > 0:
-            losses["z_loss"] = out.pre_norm_hidden.float().pow(2).mean()
-            total = total + weights.z_loss * losses["z_loss"]
-        if weights.balance > 0:
-            losses["balance_loss"] = global_balance_loss(counts, out.router.mean_probs, self.config.n_routed_experts)
-            total = total + weights.balance * losses["balance_loss"]
-        if with_indexer and out.indexer_loss is not None:
-            losses["indexer_loss"] = out.indexer_loss
-            total = total + weights.indexer * losses["indexer_loss"]
-        losses["loss_total"] = total
+        losses = training_losses(
+            out, y, mtp_weight=weights.mtp, z_loss=weights.z_loss, balance=weights.balance,
+            indexer=weights.indexer if with_indexer else 0.0,
+            balance_loss=lambda: global_balance_loss(counts, out.router.mean_probs, self.config.n_routed_experts),
+        )
+        total = losses["loss_total"]
         (total * scale).backward()
         names = list(losses)
         values = torch.stack([losses[k].detach().float() for k in names])

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, ModelConfig, from_dict
-from ..model import build_model, lm_losses
+from ..model import build_model, training_losses
 from . import checkpoint as ckpt
 from .config import RunConfig
 from .metrics import MetricsLog, flops_per_token, measure_peak_flops, peak_memory_gib, plot_loss_curve
@@ -298,22 +298,11 @@ class Trainer:
             labels = torch.as_tensor(labels, device=self.device)
             with self._autocast():
                 out = model(inputs, mtp=self.with_mtp, indexer_loss=self.with_indexer)
-            losses = lm_losses(out, labels)
-            total = losses["lm"]
-            mtp = [v for k, v in losses.items() if k.startswith("mtp")]
-            if mtp:
-                losses["mtp"] = torch.stack(mtp).mean()
-                total = total + cfg.mtp_weight * losses["mtp"]
-            if cfg.z_loss > 0:
-                losses["z_loss"] = out.pre_norm_hidden.float().pow(2).mean()
-                total = total + cfg.z_loss * losses["z_loss"]
-            if cfg.balance_loss > 0:
-                losses["balance_loss"] = out.router.balance_loss()
-                total = total + cfg.balance_loss * losses["balance_loss"]
-            if out.indexer_loss is not None and self.with_indexer:
-                losses["indexer_loss"] = out.indexer_loss
-                total = total + cfg.indexer_loss_weight * losses["indexer_loss"]
-            losses["loss_total"] = total
+            losses = training_losses(
+                out, labels, mtp_weight=cfg.mtp_weight, z_loss=cfg.z_loss, balance=cfg.balance_loss,
+                indexer=cfg.indexer_loss_weight if self.with_indexer else 0.0,
+            )
+            total = losses["loss_total"]
             (total / cfg.grad_accum).backward()
             for k, v in losses.items():
                 parts[k] = parts.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
