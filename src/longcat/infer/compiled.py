@@ -1,0 +1,277 @@
+"""Decode steps as one compiled graph: `torch.compile` (inductor) over the whole decode forward.
+
+At batch 1 a decode step of a small model is a few hundred tiny operations around weight GEMVs.
+`FastDecoder` (decode.py) trims the operation count; this module removes the per-operation cost
+altogether: the step is written as one pure function of the model's parameters, the new tokens'
+embeddings and a read-only view of the latent cache, and inductor turns it into a handful of fused
+C++ loops called from a C++ wrapper (`cpp_wrapper`), with no Python between them.
+
+Three choices matter for speed on CPU (measured in docs/INFERENCE.md):
+
+- Weight products with few rows are written as multiply-and-sum reductions, which inductor
+  generates and fuses with the norm or activation around them. MKL's GEMV on PyTorch's
+  (out, in) weight layout streams weights at about a third of this machine's memory bandwidth;
+  the generated loop reads each weight row once, for every row of the input.
+- The MoE runs only the chosen experts with static shapes: every (token, slot) pair reads its
+  expert's weights by index, pairs sorted by expert so that an expert chosen twice is read from
+  cache the second time, and zero-computation slots pointed at an expert the token already uses.
+- Attention runs over the cached latents in place (absorbed MLA, one shared key head): the cache
+  is an input, never copied, and the new tokens' keys are returned and written after the step.
+
+The cache length changes every step, so the graph is compiled with dynamic shapes (one graph for
+all lengths; a few more for batch 1 vs. larger, one vs. several tokens per row). Compilation
+takes tens of seconds the first time and is cached on disk by inductor afterwards.
+
+Where the compiled graph does not apply, steps run through `FastDecoder` with identical results:
+LongCat sparse attention once a context outgrows `index_topk` (the selection is data-dependent),
+more than `MAX_ROWS` rows, and the MTP draft heads. If compilation itself fails (no C++ compiler,
+an unsupported device), the engine warns once and decodes with `FastDecoder`.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..model import LatentCache, LongCatForCausalLM
+from ..model.layers import apply_rope
+from .decode import FastDecoder
+
+# Rows (tokens in flight) up to which weight products are generated reductions on CPU; above it,
+# the BLAS GEMM, whose register blocking wins once the weights are reused across many rows.
+REDUCTION_ROWS = 8
+INDUCTOR_OPTIONS = {"cpp_wrapper": True}
+# Rows up to which a step runs compiled at all (beyond, the gathered-expert MoE does too much work).
+MAX_ROWS = 64
+
+
+def _realized(x: torch.Tensor) -> torch.Tensor:
+    """x itself, computed into a buffer once. Inductor otherwise inlines a cheap producer (a norm,
+    an activation) into the reduction that reads it, recomputing it for every weight row: an
+    as_strided view needs real storage, so the producer is realized first (the view is free)."""
+    return torch.as_strided(x, x.shape, x.stride())
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (..., in) @ w (out, in).T, as a generated reduction for few rows on CPU."""
+    rows = x.numel() // x.shape[-1]
+    if x.device.type != "cpu" or rows > REDUCTION_ROWS:
+        return F.linear(x, w)
+    flat = _realized(x.reshape(rows, x.shape[-1]))
+    y = (w.unsqueeze(1) * flat.unsqueeze(0)).sum(-1)  # (out, rows): each weight row streamed once
+    return y.t().reshape(*x.shape[:-1], w.shape[0])
+
+
+def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm exactly as the model's module: normalise in fp32, cast back, then the weight."""
+    h = x.float()
+    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """The constants the graph needs (Python numbers, so nothing is looked up on modules)."""
+
+    layers: int
+    heads: int
+    nope: int
+    rope: int
+    v_dim: int
+    kv: int
+    norm_eps: float
+    mla_eps: float
+    kv_scale: float
+    scale: float
+    rope_factor: float
+    experts: int
+    top_k: int
+    routed_scaling: float
+    indexer: bool
+
+    @classmethod
+    def of(cls, model: LongCatForCausalLM) -> "_Shape":
+        c, attn = model.config, model.layers[0].self_attn[0]
+        router = model.layers[0].mlp.router
+        return cls(c.num_layers, attn.n_heads, attn.nope, attn.rope, attn.v_dim, attn.kv_lora, c.rms_norm_eps,
+                   c.mla_norm_eps, attn.kv_scale, attn.scale, model.rotary.attention_factor,
+                   model.layers[0].mlp.num_experts, router.top_k, router.scaling, attn.indexer is not None)
+
+
+def _weights(model: LongCatForCausalLM) -> dict[str, torch.Tensor]:
+    """The tensors the decode graph reads, by their state-dict names: the model's own (no copies)."""
+    named = dict(model.named_parameters())
+    named.update(model.named_buffers())
+    return {k: v for k, v in named.items() if not k.startswith(("mtp.", "embed_tokens.", "ngram."))}
+
+
+def _attention(W, p: str, d: _Shape, x, cos, sin, c_old, r_old, visible):
+    """One MLA sublayer, absorbed, over cached latents plus the step's own keys.
+
+    x (B, T, H) normed input; c_old (B, S, kv), r_old (B, S, rope) the cache (read only);
+    visible (B, T, 1, S + T) which cached and new keys each query sees.
+    Returns out (B, T, H) and the new keys c_kv (B, T, kv), k_rope (B, T, rope).
+    """
+    B, T, _ = x.shape
+    h, nope, rope, kv = d.heads, d.nope, d.rope, d.kv
+    q_latent = _norm(_linear(x, W[p + "q_a_proj.weight"]), W[p + "q_a_layernorm.weight"], d.mla_eps)
+    q = _linear(q_latent, W[p + "q_b_proj.weight"]).view(B, T, h, nope + rope)
+    q_nope, q_rope = q.split([nope, rope], dim=-1)
+    q_rope = apply_rope(q_rope, cos, sin)  # (B, T, h, rope)
+    c_kv, k_rope = _linear(x, W[p + "kv_a_proj_with_mqa.weight"]).split([kv, rope], dim=-1)
+    c_kv = _norm(c_kv, W[p + "kv_a_layernorm.weight"], d.mla_eps) * d.kv_scale  # (B, T, kv)
+    k_rope = apply_rope(k_rope, cos, sin)  # (B, T, rope)
+
+    w = W[p + "kv_b_proj.weight"].view(h, nope + d.v_dim, kv)
+    w_uk, w_uv = w[:, :nope], w[:, nope:]  # (h, nope, kv), (h, v, kv)
+    q_lat = (q_nope.unsqueeze(-1) * w_uk).sum(-2)  # (B, T, h, kv): W_uk folded into the query
+    q_lat5, q_rope5 = q_lat.unsqueeze(3), q_rope.unsqueeze(3)  # (B, T, h, 1, .)
+    s_old = (q_lat5 * c_old[:, None, None]).sum(-1) + (q_rope5 * r_old[:, None, None]).sum(-1)  # (B, T, h, S)
+    s_new = (q_lat5 * c_kv[:, None, None]).sum(-1) + (q_rope5 * k_rope[:, None, None]).sum(-1)  # (B, T, h, T)
+    scores = torch.cat([s_old, s_new], -1).float() * d.scale
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1).to(x.dtype)  # (B, T, h, S + T)
+    S = c_old.shape[1]
+    o_lat = (probs[..., :S, None] * c_old[:, None, None]).sum(-2) + (probs[..., S:, None] * c_kv[:, None, None]).sum(-2)
+    out = (o_lat.unsqueeze(-2) * w_uv).sum(-1)  # (B, T, h, v): W_uv applied per head
+    return _linear(out.reshape(B, T, h * d.v_dim), W[p + "o_proj.weight"]), c_kv, k_rope
+
+
+def _mlp(W, p: str, x: torch.Tensor) -> torch.Tensor:
+    gate, up, down = W[p + "gate_proj.weight"], W[p + "up_proj.weight"], W[p + "down_proj.weight"]
+    return _linear(F.silu(_linear(x, gate)) * _linear(x, up), down)
+
+
+def _moe(W, p: str, d: _Shape, x: torch.Tensor) -> torch.Tensor:
+    """The MoE block with static shapes: route as the model does, then every (token, slot) pair
+    reads its own expert's weights (sorted by expert, so a repeated expert is read from cache)."""
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])  # (M, H)
+    N, k = d.experts, d.top_k
+    probs = _linear(x.float(), W[p + "router.classifier.weight"].float()).softmax(dim=-1)
+    indices = torch.topk(probs + W[p + "router.e_score_correction_bias"], k, dim=-1, sorted=False).indices
+    weights = probs.gather(1, indices) * d.routed_scaling  # (M, k) fp32
+    is_ffn = indices < N
+    out = x * (weights * ~is_ffn).sum(-1, keepdim=True).to(x.dtype)  # zero-computation (identity) experts
+    # identity slots borrow an expert their token already uses (weight 0): its rows are cache-hot
+    borrowed = indices.gather(1, is_ffn.int().argmax(1, keepdim=True))
+    expert = torch.where(is_ffn, indices, borrowed).clamp(max=N - 1).flatten()  # (P,) P = M*k pairs
+    order = torch.argsort(expert, stable=True)
+    expert = expert[order]
+    gate = (weights * is_ffn).flatten()[order].to(x.dtype)  # (P,)
+    xs = _realized(x[order // k])  # (P, H)
+    gate_up = (W[p + "experts.gate_up_proj"][expert] * xs[:, None, :]).sum(-1)  # (P, 2F)
+    g, u = gate_up.chunk(2, dim=-1)
+    act = _realized(F.silu(g) * u)  # (P, F)
+    y = (W[p + "experts.down_proj"][expert] * act[:, None, :]).sum(-1) * gate[:, None]  # (P, H)
+    y = y[torch.argsort(order)].view(x.shape[0], k, -1).sum(1)  # back to (M, H)
+    return (out + y).reshape(shape)
+
+
+def decode_graph(names: tuple[str, ...], d: _Shape, weights, h, positions, c_old, r_old, last_only: bool):
+    """The decode forward as a pure function (what torch.compile traces).
+
+    weights: the tensors named by `names` (see _weights); h (B, T, H) embeddings of the step's
+    tokens at positions (B, T) = lengths[b] + t, lengths the tokens already cached per row;
+    c_old (2L, B, S, kv), r_old (2L, B, S, rope) the cache's first S = max(lengths) positions.
+    Returns logits (B, 1 or T, V), pre-norm hidden (B, T, H), the new keys of every sublayer,
+    c_kv (2L, B, T, kv) and k_rope (2L, B, T, rope), and for LSA models the input of each layer's
+    first attention sublayer (L, B, T, H), from which the caller computes the indexer keys (in the
+    graph, the indexer's rope trips a symbolic-stride check of inductor in torch 2.13), else None.
+    """
+    W = dict(zip(names, weights))
+    B, T, _ = h.shape
+    S = c_old.shape[2]
+    freqs = positions.float()[..., None] * W["rotary.inv_freq"].float()  # RotaryEmbedding.forward
+    cos, sin = (freqs.cos() * d.rope_factor).to(h.dtype), (freqs.sin() * d.rope_factor).to(h.dtype)
+    seen_old = torch.arange(S, device=h.device) < positions[:, :1].unsqueeze(-1)  # (B, 1, S)
+    causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()  # (T, T)
+    visible = torch.cat([seen_old.expand(B, T, S), causal.expand(B, T, T)], -1).unsqueeze(2)  # (B, T, 1, S+T)
+    new_c, new_r, index_inputs = [], [], []
+    for i in range(d.layers):
+        p = f"layers.{i}."
+        x = _norm(h, W[p + "input_layernorm.0.weight"], d.norm_eps)
+        if d.indexer:
+            index_inputs.append(x)  # the LSA indexer's keys are computed from it outside the graph
+        a, c, r = _attention(W, p + "self_attn.0.", d, x, cos, sin, c_old[2 * i], r_old[2 * i], visible)
+        new_c.append(c)
+        new_r.append(r)
+        h = h + a
+        u = _norm(h, W[p + "post_attention_layernorm.0.weight"], d.norm_eps)
+        moe_out = _moe(W, p + "mlp.", d, u)  # joins at the end of the layer, as in the model
+        h = h + _mlp(W, p + "mlps.0.", u)
+        x = _norm(h, W[p + "input_layernorm.1.weight"], d.norm_eps)
+        a, c, r = _attention(W, p + "self_attn.1.", d, x, cos, sin, c_old[2 * i + 1], r_old[2 * i + 1], visible)
+        new_c.append(c)
+        new_r.append(r)
+        h = h + a
+        h = h + _mlp(W, p + "mlps.1.", _norm(h, W[p + "post_attention_layernorm.1.weight"], d.norm_eps)) + moe_out
+    normed = _norm(h[:, -1:] if last_only else h, W["norm.weight"], d.norm_eps)
+    logits = _linear(normed, W["lm_head.weight"])
+    return logits, h, torch.stack(new_c), torch.stack(new_r), torch.stack(index_inputs) if index_inputs else None
+
+
+class CompiledDecoder:
+    """FastDecoder's interface (forward, mtp) with the decode forward compiled into one graph.
+
+    Reads the model's own parameters on every call (no copies; weight updates are seen).
+    Precondition, as the engine calls it: each row's positions are consecutive, starting at the
+    number of tokens that row has cached.
+    """
+
+    def __init__(self, model: LongCatForCausalLM) -> None:
+        self.model = model
+        self.config = model.config
+        self.fallback = FastDecoder(model)
+        self.failed: str | None = None  # why compilation failed, once it has
+        # graphs: batch 1 or more, 1 or more tokens per row, last-only logits or all, reductions or GEMMs
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        # The weights go in as one flat tuple: guarding a tuple of tensors is far cheaper per call
+        # than guarding a module tree.
+        weights = _weights(model)
+        self._weights = tuple(weights.values())
+        graph = functools.partial(decode_graph, tuple(weights), _Shape.of(model))
+        self._graph = torch.compile(graph, dynamic=True, fullgraph=True, options=dict(INDUCTOR_OPTIONS))
+
+    def _applies(self, ids: torch.Tensor, top: int) -> bool:
+        if self.failed is not None or ids.numel() > MAX_ROWS:
+            return False
+        c = self.config
+        # LSA selection is data-dependent: once a context outgrows index_topk, decode eagerly
+        return not (c.lsa_enabled and self.model.lsa_mode == "sparse" and top > c.index_topk)
+
+    def forward(self, ids, positions, cache: LatentCache, history=None, *, last_only: bool = True):
+        """ids, positions (B, T) -> (logits (B, 1 or T, V), pre-norm hidden (B, T, H))."""
+        model = self.model
+        cache.begin(positions)  # checks the capacity; span = max position + 1
+        if not self._applies(ids, cache._span):
+            return self.fallback.forward(ids, positions, cache, history, last_only=last_only)
+        B, T = ids.shape
+        S = cache._span - T  # the longest row's cached length
+        n_sub = 2 * self.config.num_layers
+        h = model.embed(ids, history)
+        try:
+            logits, hidden, new_c, new_r, keys = self._graph(
+                self._weights, h, positions, cache.c_kv[:n_sub, :, :S], cache.k_rope[:n_sub, :, :S], last_only)
+        except Exception as error:  # noqa: BLE001 - any compiler failure: decode eagerly instead
+            self.failed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            warnings.warn(f"torch.compile of the decode step failed ({self.failed}); decoding without it",
+                          RuntimeWarning, stacklevel=2)
+            return self.fallback.forward(ids, positions, cache, history, last_only=last_only)
+        rows = torch.arange(B, device=ids.device).unsqueeze(1).expand(B, T)
+        cache.c_kv[:n_sub, rows, positions] = new_c.to(cache.c_kv.dtype)
+        cache.k_rope[:n_sub, rows, positions] = new_r.to(cache.k_rope.dtype)
+        if keys is not None:  # LSA: the indexer keys of the new tokens, from each layer's normed input
+            cos, sin = model.rotary(positions, h.dtype)
+            for i, layer in enumerate(model.layers):
+                key = layer.self_attn[0].indexer.keys(keys[i], cos, sin)
+                cache.index_k[i, rows, positions] = key.to(cache.index_k.dtype)
+        return logits, hidden
+
+    def mtp(self, depth: int, emb, prev, positions, cache: LatentCache):
+        return self.fallback.mtp(depth, emb, prev, positions, cache)
+
+
+__all__ = ["CompiledDecoder", "decode_graph", "REDUCTION_ROWS", "MAX_ROWS"]

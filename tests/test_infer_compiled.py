@@ -1,0 +1,132 @@
+"""The compiled decode step (`Engine(compile=True)`): same results as FastDecoder and as full
+recomputation, on every feature, including the switch to FastDecoder when sparse attention starts
+selecting tokens and the fallback when compilation fails. Compiling takes tens of seconds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longcat.config import preset
+from longcat.infer import Engine, SamplingParams
+from longcat.infer.compiled import CompiledDecoder
+from longcat.infer.decode import FastDecoder
+from longcat.model import LatentCache, build_model
+
+pytestmark = pytest.mark.slow
+
+GREEDY = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """Every feature on: n-gram embedding, sparse attention (index_topk 24), MTP, YaRN."""
+    model = build_model(preset("tiny"), seed=0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # clear argmax margins for greedy comparisons
+    return model.eval()
+
+
+def _prompts(lengths, seed=1, vocab=512):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@torch.no_grad()
+def _full_recompute(model, prompt, steps):
+    ids = list(prompt)
+    for _ in range(steps):
+        ids.append(int(model(torch.tensor([ids]), mtp=False, indexer_loss=False).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def _count_graph_calls(runner: CompiledDecoder) -> list[int]:
+    calls, graph = [0], runner._graph
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return graph(*args, **kwargs)
+
+    runner._graph = counted
+    return calls
+
+
+def test_compiled_step_matches_fast_decoder_on_every_feature(tiny):
+    """Logits, hidden states and every cache entry (latents, rope keys, indexer keys) written by
+    one compiled step equal FastDecoder's: rows at different positions, 3 tokens per row."""
+    c = tiny.config
+    g = torch.Generator().manual_seed(3)
+    B, P = 2, 17  # contexts stay within index_topk = 24: the dense phase of LSA
+    ids = torch.randint(3, c.vocab_size, (B, P), generator=g)
+    caches = []
+    with torch.inference_mode():
+        for _ in range(2):
+            cache = LatentCache(c, B, 32)
+            tiny(ids, cache=cache, mtp=False, indexer_loss=False)
+            caches.append(cache)
+        positions = torch.tensor([[11, 12, 13], [17, 18, 19]])  # each row from its own cached length
+        step = torch.randint(3, c.vocab_size, (B, 3), generator=g)
+        history = ids.gather(1, positions[:, :1] - torch.tensor([2, 1]))  # the n-gram state
+        compiled = CompiledDecoder(tiny)
+        calls = _count_graph_calls(compiled)
+        ours = compiled.forward(step, positions, caches[0], history, last_only=False)
+        ref = FastDecoder(tiny).forward(step, positions, caches[1], history, last_only=False)
+    assert calls[0] == 1 and compiled.failed is None
+    torch.testing.assert_close(ours[0], ref[0], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(ours[1], ref[1], atol=2e-5, rtol=1e-4)
+    for name in ("c_kv", "k_rope", "index_k"):
+        torch.testing.assert_close(getattr(caches[0], name), getattr(caches[1], name), atol=2e-5, rtol=1e-4)
+
+
+def test_compiled_engine_equals_full_recomputation_and_switches_for_sparse_attention(tiny):
+    """Greedy decoding with the compiled step equals rerunning the whole sequence; rows of different
+    lengths decode together and leave as they finish; once a context passes index_topk the step
+    runs through FastDecoder (data-dependent selection), with no change in the results."""
+    engine = Engine(tiny, compile=True)
+    calls = _count_graph_calls(engine.runner)
+    prompts = _prompts([12, 7, 2])
+    params = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in (20, 9, 14)]
+    results = engine.generate(prompts, params)  # row 0 reaches 32 > 24 tokens: sparse from there
+    assert engine.runner.failed is None and calls[0] > 0
+    for prompt, p, result in zip(prompts, params, results):
+        assert result.token_ids == _full_recompute(tiny, prompt, p.max_new_tokens)
+    sampled = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, seed=5, ignore_eos=True)
+    assert [r.token_ids for r in engine.generate(prompts, sampled)] == \
+        [r.token_ids for r in Engine(tiny).generate(prompts, sampled)]
+
+
+def test_compiled_speculative_decoding_equals_plain(tiny):
+    prompts = _prompts([9, 4])
+    plain = Engine(tiny).generate(prompts, GREEDY)
+    spec = Engine(tiny, compile=True, speculative=2).generate(prompts, GREEDY)
+    assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+    assert all(r.acceptance_rate is not None for r in spec)
+
+
+def test_a_failed_compilation_warns_and_decodes_without_it(tiny):
+    engine = Engine(tiny, compile=True)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found\nmore detail")
+
+    engine.runner._graph = broken
+    prompts = _prompts([5, 3])
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
+        results = engine.generate(prompts, GREEDY)
+    assert engine.runner.failed.startswith("RuntimeError")
+    assert [r.token_ids for r in results] == [r.token_ids for r in Engine(tiny).generate(prompts, GREEDY)]
+
+
+def test_compile_needs_the_fast_path(tiny):
+    from longcat.infer import GenerationError
+
+    with pytest.raises(GenerationError, match="fast=False"):
+        Engine(tiny, compile=True, fast=False)
