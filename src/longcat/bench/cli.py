@@ -46,7 +46,7 @@ def run_infer(args: argparse.Namespace) -> int:
     report = run_infer_bench(
         args.preset, prompt_lengths=tuple(args.prompt_lengths), new_tokens=args.new_tokens, batch=args.batch,
         rounds=args.rounds, threads=args.threads, clock=args.clock, model_dir=args.model,
-        speculative=tuple(args.speculative), overrides=parse_overrides(args.set),
+        speculative=tuple(args.speculative), modes=tuple(args.modes), overrides=parse_overrides(args.set),
         log=(lambda *_: None) if args.json else print,
     )
     if args.json:
@@ -68,13 +68,15 @@ def _register_infer(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3, help="measured rounds (median reported), after one warm-up")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads for both sides (default 1)")
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                    help="process CPU time (robust on a shared machine with 1 thread) or wall time")
     p.add_argument("--model", default=None, metavar="DIR",
                    help="a trained model with MTP heads for the speculative-decoding section "
                         "(default: runs/demo when `make demo` has written it)")
     p.add_argument("--speculative", type=int, nargs="+", default=[1, 2, 3], help="draft counts to measure")
+    p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
+                   help="decode paths to measure: FastDecoder (eager) and the torch.compile'd step (compiled)")
     p.add_argument("--json", action="store_true", help="print the results as JSON (no progress lines)")
     p.set_defaults(func=run_infer)
 

@@ -95,6 +95,35 @@ def _hf_cache_bytes(reference, prompt) -> int:
     return total
 
 
+MODES = ("eager", "compiled")
+
+
+def _engines(model, modes, tokenizer=None, log=print) -> dict[str, Engine]:
+    """One engine per decode path: FastDecoder ("eager") and the compiled step ("compiled")."""
+    engines = {}
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"unknown decode mode {mode!r}; choose from {', '.join(MODES)}")
+        engines[mode] = Engine(model, tokenizer, compile=mode == "compiled")
+    return engines
+
+
+def _warm_up(engines: dict[str, Engine], prompts, params, log) -> dict[str, float]:
+    """First calls (compilation for the compiled path), timed on the wall clock."""
+    seconds = {}
+    for mode, engine in engines.items():
+        t0 = time.perf_counter()
+        for group in prompts:
+            engine.generate(group, params)
+        seconds[mode] = time.perf_counter() - t0
+        failed = getattr(engine.runner, "failed", None)
+        if failed:
+            log(f"  the compiled path failed ({failed}); its numbers are FastDecoder's")
+    if "compiled" in seconds:
+        log(f"warm-up: compiling the decode graphs took {seconds['compiled']:.0f} s (wall; cached on disk after)")
+    return seconds
+
+
 def run_infer_bench(
     preset_name: str = "small",
     *,
@@ -106,11 +135,14 @@ def run_infer_bench(
     clock: str = "cpu",
     model_dir: str | None = None,
     speculative: tuple[int, ...] = (1, 2, 3),
+    modes: tuple[str, ...] = MODES,
     overrides: dict | None = None,
     log=print,
 ) -> dict:
     if threads:
         torch.set_num_threads(threads)
+    if clock == "cpu" and torch.get_num_threads() > 1:
+        log("note: the CPU clock adds up every thread's time; with more than one thread use --clock wall")
     timer = _timer(clock)
     config = comparable_config(preset_name, **(overrides or {}))
     counts = count_parameters(config)
@@ -120,12 +152,18 @@ def run_infer_bench(
     report: dict = {
         "model": {"preset": preset_name, "overrides": overrides or {}, "total_params": counts.total,
                   "active_params": round(counts.active_params)},
-        "threads": torch.get_num_threads(), "clock": clock, "new_tokens": new_tokens,
+        "threads": torch.get_num_threads(), "clock": clock, "new_tokens": new_tokens, "modes": list(modes),
     }
     log(f"model: {preset_name} without n-grams/LSA/MTP, {counts.total / 1e6:.1f}M parameters "
         f"({counts.active_params / 1e6:.1f}M active), fp32, {torch.get_num_threads()} thread(s), {clock} clock")
-    engine = Engine(model)
     greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+    one = SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)
+    engines = _engines(model, modes, log=log)
+    # prompts of the batch section, warmed up too (batch 1 and batch > 1 are separate graphs)
+    base = prompt_lengths[0]
+    lengths = [max(1, base + d) for d in range(-(batch // 2), batch - batch // 2)]  # different lengths
+    batch_prompts = _prompts(lengths, config.vocab_size, seed=99)
+    report["warmup_s"] = _warm_up(engines, [batch_prompts[:1], batch_prompts], greedy, log)
 
     reference = transformers_reference(model, log)
     if reference is not None:
@@ -134,11 +172,10 @@ def run_infer_bench(
     # 1. batch-1 decode against transformers -----------------------------------------------------
     # Decode speed on both sides: (time for new_tokens) - (time for 1 token), i.e. prefill excluded.
     report["batch1"] = []
-    one = SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)
 
-    def ours_time(prompt, params):
+    def ours_time(engine, group, params):
         t0 = timer()
-        ids = engine.generate([prompt], params)[0].token_ids
+        ids = [r.token_ids for r in engine.generate(group, params)]
         return timer() - t0, ids
 
     def theirs_time(prompt, n):
@@ -146,72 +183,68 @@ def run_infer_bench(
             warnings.simplefilter("ignore")
             t0 = timer()
             out = reference.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-            return timer() - t0, out[0, len(prompt):].tolist()
+            return timer() - t0, [out[0, len(prompt):].tolist()]
 
+    def decode_time(run, *args):
+        t_full, ids = run(*args, greedy)
+        t_first, _ = run(*args, one)
+        return t_full - t_first, ids
+
+    decoded = new_tokens - 1
     for length in prompt_lengths:
         prompt = _prompts([length], config.vocab_size, seed=length)[0]
-        times: dict[str, list[float]] = {"ours": [], "transformers": []}
-        same = True
+        times: dict[str, list[float]] = {name: [] for name in [*engines, "transformers"]}
+        outputs: dict[str, list] = {}
         for r in range(rounds + 1):  # round 0 warms up
-            t_full, ours = ours_time(prompt, greedy)
-            t_first, _ = ours_time(prompt, one)
-            if r:
-                times["ours"].append(t_full - t_first)
-            if reference is not None:
-                t_full, theirs = theirs_time(prompt, new_tokens)
-                t_first, _ = theirs_time(prompt, 1)
+            for mode, engine in engines.items():
+                t, outputs[mode] = decode_time(lambda group, params, e=engine: ours_time(e, group, params), [prompt])
                 if r:
-                    times["transformers"].append(t_full - t_first)
-                same = same and ours == theirs
-        decoded = new_tokens - 1
-        row = {"prompt_tokens": length, "ours_tokens_per_s": decoded / statistics.median(times["ours"])}
-        line = f"batch 1 decode, prompt {length:5d}: ours {row['ours_tokens_per_s']:7.1f} tok/s"
-        if times["transformers"]:
-            row["transformers_tokens_per_s"] = decoded / statistics.median(times["transformers"])
-            row["speedup"] = row["ours_tokens_per_s"] / row["transformers_tokens_per_s"]
-            row["identical_output"] = same
-            line += (f" | transformers {row['transformers_tokens_per_s']:7.1f} tok/s | ratio "
-                     f"{row['speedup']:.2f}x | same tokens: {'yes' if same else 'NO'}")
-        log(line)
+                    times[mode].append(t)
+            if reference is not None:
+                t, outputs["transformers"] = decode_time(lambda _, params: theirs_time(prompt, params.max_new_tokens),
+                                                         None)
+                if r:
+                    times["transformers"].append(t)
+        row = {"prompt_tokens": length}
+        parts = []
+        for name, ts in times.items():
+            if ts:
+                row[f"{name}_tokens_per_s"] = decoded / statistics.median(ts)
+                parts.append(f"{name} {row[f'{name}_tokens_per_s']:6.1f}")
+        if reference is not None:
+            theirs = row["transformers_tokens_per_s"]
+            for mode in engines:
+                row[f"{mode}_speedup"] = row[f"{mode}_tokens_per_s"] / theirs
+                row[f"{mode}_identical_output"] = outputs[mode] == outputs["transformers"]
+            parts.append("ratio " + ", ".join(f"{m} {row[f'{m}_speedup']:.2f}x" for m in engines))
+            parts.append("same tokens: " + ("yes" if all(row[f"{m}_identical_output"] for m in engines) else "NO"))
+        log(f"batch 1 decode, prompt {length:5d} (tok/s): " + " | ".join(parts))
         report["batch1"].append(row)
 
     ceiling = gemm_ceiling(model, new_tokens, timer)
-    report["gemm_ceiling_tokens_per_s"] = ceiling
-    log(f"batch 1, the weight GEMMs alone (the eager ceiling): {ceiling:7.1f} tok/s; ours reaches "
-        f"{report['batch1'][0]['ours_tokens_per_s'] / ceiling:.0%} of it"
-        + (f", transformers {report['batch1'][0]['transformers_tokens_per_s'] / ceiling:.0%}"
-           if "transformers_tokens_per_s" in report["batch1"][0] else ""))
+    report["mkl_gemm_tokens_per_s"] = ceiling
+    first = report["batch1"][0]
+    log(f"batch 1, the weight GEMMs alone through torch/MKL: {ceiling:7.1f} tok/s (the bound for an eager "
+        "implementation; " + ", ".join(f"{m} reaches {first[f'{m}_tokens_per_s'] / ceiling:.0%}" for m in engines) + ")")
 
-    # 2. batch-8 aggregate against batch 1 (decode only, as above) ------------------------------------
-    base = prompt_lengths[0]
-    lengths = [max(1, base + d) for d in range(-(batch // 2), batch - batch // 2)]  # different lengths
-    prompts = _prompts(lengths, config.vocab_size, seed=99)
-
-    def decode_time(group):
-        t_full, _ = ours_time_many(group, greedy)
-        t_first, _ = ours_time_many(group, one)
-        return t_full - t_first
-
-    def ours_time_many(group, params):
-        t0 = timer()
-        engine.generate(group, params)
-        return timer() - t0, None
-
-    t_one, t_all = [], []
-    for r in range(rounds + 1):
-        one_row = sum(decode_time([p]) for p in prompts[:2]) / 2
-        together = decode_time(prompts)
-        if r:
-            t_one.append(one_row)
-            t_all.append(together)
-    b1 = (new_tokens - 1) / statistics.median(t_one)
-    bn = batch * (new_tokens - 1) / statistics.median(t_all)
-    report["batch"] = {"batch": batch, "batch1_tokens_per_s": b1, "aggregate_tokens_per_s": bn, "ratio": bn / b1}
-    log(f"batch {batch} decode (prompts {min(lengths)}..{max(lengths)} tokens): {bn:7.1f} tok/s aggregate | "
-        f"batch 1 {b1:7.1f} tok/s | ratio {bn / b1:.2f}x")
+    # 2. batch-N aggregate against batch 1 (decode only, as above), per decode path ------------------
+    report["batch"] = {"batch": batch, "prompt_tokens": lengths}
+    for mode, engine in engines.items():
+        t_one, t_all = [], []
+        for r in range(rounds + 1):
+            one_row = sum(decode_time(lambda g, p: ours_time(engine, g, p), [q])[0] for q in batch_prompts[:2]) / 2
+            together = decode_time(lambda g, p: ours_time(engine, g, p), batch_prompts)[0]
+            if r:
+                t_one.append(one_row)
+                t_all.append(together)
+        b1 = decoded / statistics.median(t_one)
+        bn = batch * decoded / statistics.median(t_all)
+        report["batch"][mode] = {"batch1_tokens_per_s": b1, "aggregate_tokens_per_s": bn, "ratio": bn / b1}
+        log(f"batch {batch} decode, {mode} (prompts {min(lengths)}..{max(lengths)} tokens): {bn:7.1f} tok/s "
+            f"aggregate | batch 1 {b1:7.1f} tok/s | ratio {bn / b1:.2f}x")
 
     # 3. cache bytes per token -----------------------------------------------------------------------
-    cache = engine._cache
+    cache = next(iter(engines.values()))._cache
     measured = cache.nbytes() / (cache.c_kv.shape[1] * cache.max_len)
     latent = LatentCache.bytes_per_token(config, dtype_bytes=4)
     c = config
@@ -231,7 +264,7 @@ def run_infer_bench(
     # 4. MTP speculative decoding on a trained model --------------------------------------------------
     if model_dir is not None:
         report["speculative"] = run_speculative_bench(model_dir, new_tokens=max(new_tokens, 128), rounds=rounds,
-                                                      drafts=speculative, timer=timer, log=log)
+                                                      drafts=speculative, timer=timer, modes=modes, log=log)
     return report
 
 
@@ -248,8 +281,9 @@ DEMO_PROMPTS = [
 
 
 def run_speculative_bench(model_dir: str, *, new_tokens: int = 128, rounds: int = 3, drafts=(1, 2, 3),
-                          timer=time.process_time, log=print) -> dict:
-    """Plain greedy decoding vs MTP speculative decoding on a trained model (batch 1, same output)."""
+                          timer=time.process_time, modes: tuple[str, ...] = MODES, log=print) -> dict:
+    """Plain greedy decoding vs MTP speculative decoding on a trained model (batch 1, same output),
+    per decode path."""
     from .. import load
     from .cli import find_tokenizer, load_tokenizer, resolve_model_dir
 
@@ -260,43 +294,45 @@ def run_speculative_bench(model_dir: str, *, new_tokens: int = 128, rounds: int 
     tok_path = find_tokenizer(path, Path(model_dir))
     tokenizer = load_tokenizer(tok_path) if tok_path is not None else None
     prompts = DEMO_PROMPTS if tokenizer is not None else _prompts([16] * 4, model.config.vocab_size)
-    engine = Engine(model, tokenizer)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     log(f"speculative decoding on {path} ({count_parameters(model.config).total / 1e6:.1f}M parameters, "
         f"{len(model.mtp)} MTP head(s)), {len(prompts)} prompts, batch 1, greedy, {new_tokens} tokens")
+    out = {"model": str(path)}
+    for mode, engine in _engines(model, modes, tokenizer, log).items():
 
-    def run(k: int):
-        t0 = timer()
-        results = [engine.generate([p], params, speculative=k)[0] for p in prompts]
-        return timer() - t0, results
+        def run(k: int):
+            t0 = timer()
+            results = [engine.generate([p], params, speculative=k)[0] for p in prompts]
+            return timer() - t0, results
 
-    plain_t, plain = [], None
-    spec_t: dict[int, list[float]] = {k: [] for k in drafts}
-    spec: dict[int, list] = {}
-    for r in range(rounds + 1):
-        t, plain = run(0)
-        if r:
-            plain_t.append(t)
-        for k in drafts:
-            t, spec[k] = run(k)
+        plain_t, plain = [], None
+        spec_t: dict[int, list[float]] = {k: [] for k in drafts}
+        spec: dict[int, list] = {}
+        for r in range(rounds + 1):  # round 0 warms up (and compiles)
+            t, plain = run(0)
             if r:
-                spec_t[k].append(t)
-    total = sum(len(x.token_ids) for x in plain)
-    base = total / statistics.median(plain_t)
-    out = {"model": str(path), "plain_tokens_per_s": base, "drafts": []}
-    log(f"  plain decoding: {base:7.1f} tok/s")
-    for k in drafts:
-        tps = total / statistics.median(spec_t[k])
-        drafted = sum(x.num_draft_tokens for x in spec[k])
-        accepted = sum(x.num_accepted_tokens for x in spec[k])
-        same = [x.token_ids for x in spec[k]] == [x.token_ids for x in plain]
-        row = {"draft_tokens": k, "acceptance_rate": accepted / drafted if drafted else 0.0,
-               "tokens_per_step": total / max(1, drafted // k), "tokens_per_s": tps, "speedup": tps / base,
-               "identical_output": same}
-        out["drafts"].append(row)
-        log(f"  {k} draft token(s): acceptance {row['acceptance_rate']:.0%}, {row['tokens_per_step']:.2f} tokens "
-            f"per verify step, {tps:7.1f} tok/s, speed-up {row['speedup']:.2f}x, same tokens: {'yes' if same else 'NO'}")
+                plain_t.append(t)
+            for k in drafts:
+                t, spec[k] = run(k)
+                if r:
+                    spec_t[k].append(t)
+        total = sum(len(x.token_ids) for x in plain)
+        base = total / statistics.median(plain_t)
+        section = out[mode] = {"plain_tokens_per_s": base, "drafts": []}
+        log(f"  {mode}: plain decoding {base:7.1f} tok/s")
+        for k in drafts:
+            tps = total / statistics.median(spec_t[k])
+            drafted = sum(x.num_draft_tokens for x in spec[k])
+            accepted = sum(x.num_accepted_tokens for x in spec[k])
+            same = [x.token_ids for x in spec[k]] == [x.token_ids for x in plain]
+            row = {"draft_tokens": k, "acceptance_rate": accepted / drafted if drafted else 0.0,
+                   "tokens_per_step": total / max(1, drafted // k), "tokens_per_s": tps, "speedup": tps / base,
+                   "identical_output": same}
+            section["drafts"].append(row)
+            log(f"  {mode}: {k} draft token(s): acceptance {row['acceptance_rate']:.0%}, {row['tokens_per_step']:.2f} "
+                f"tokens per verify step, {tps:7.1f} tok/s, speed-up {row['speedup']:.2f}x, "
+                f"same tokens: {'yes' if same else 'NO'}")
     return out
 
 
-__all__ = ["run_infer_bench", "run_speculative_bench", "comparable_config"]
+__all__ = ["run_infer_bench", "run_speculative_bench", "comparable_config", "MODES"]
