@@ -79,9 +79,16 @@ def test_compiled_step_matches_fast_decoder_on_every_feature(tiny):
         calls = _count_graph_calls(compiled)
         ours = compiled.forward(step, positions, caches[0], history, last_only=False)
         ref = FastDecoder(tiny).forward(step, positions, caches[1], history, last_only=False)
+        emb = tiny.embed(step)  # the MTP head over its own cache sublayer, and the output head
+        heads = [runner.mtp(1, emb, ref[1], positions, cache)
+                 for runner, cache in zip((compiled, FastDecoder(tiny)), caches)]
+        logits = [runner.head(heads[0][1][:, -1]) for runner in (compiled, FastDecoder(tiny))]
     assert calls[0] == 1 and compiled.failed is None
     torch.testing.assert_close(ours[0], ref[0], atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(ours[1], ref[1], atol=2e-5, rtol=1e-4)
+    for a, b in zip(*heads):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(logits[0], logits[1], atol=2e-5, rtol=1e-4)
     for name in ("c_kv", "k_rope", "index_k"):
         torch.testing.assert_close(getattr(caches[0], name), getattr(caches[1], name), atol=2e-5, rtol=1e-4)
 

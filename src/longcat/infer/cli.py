@@ -37,6 +37,9 @@ def register(subparsers) -> None:
                    help="report each token's logprob and the N likeliest alternatives (with --json)")
     p.add_argument("--speculative", type=int, default=0, metavar="N",
                    help="draft N tokens per step with the MTP heads (default: 0 = plain decoding)")
+    p.add_argument("--compile", action="store_true",
+                   help="run decode steps as one torch.compile'd graph: 3-4x faster decoding at small batches "
+                        "on CPU, after tens of seconds of compilation on first use (cached on disk)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt (text, token_ids, ttft_s, tokens_per_s, acceptance_rate, ...)")
@@ -156,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
             logprobs=args.logprobs,
         )
         engine = Engine(model, tokenizer, max_seq_len=args.max_seq_len, speculative=args.speculative,
-                        add_bos=not args.no_bos)
+                        add_bos=not args.no_bos, compile=args.compile)
         events = engine.stream(prompts, params, truncate_prompt=args.truncate_prompt)
     except GenerationError as exc:
         raise _user_error(str(exc)) from exc

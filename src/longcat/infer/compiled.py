@@ -22,10 +22,11 @@ The cache length changes every step, so the graph is compiled with dynamic shape
 all lengths; a few more for batch 1 vs. larger, one vs. several tokens per row). Compilation
 takes tens of seconds the first time and is cached on disk by inductor afterwards.
 
-Where the compiled graph does not apply, steps run through `FastDecoder` with identical results:
-LongCat sparse attention once a context outgrows `index_topk` (the selection is data-dependent),
-more than `MAX_ROWS` rows, and the MTP draft heads. If compilation itself fails (no C++ compiler,
-an unsupported device), the engine warns once and decodes with `FastDecoder`.
+The MTP draft heads and the output head they feed are compiled the same way (`mtp_graph`,
+`head_graph`). Where a compiled graph does not apply, steps run through `FastDecoder` with the
+same results: LongCat sparse attention once a context outgrows `index_topk` (the selection is
+data-dependent) and more than `MAX_ROWS` rows. If compilation itself fails (no C++ compiler, an
+unsupported device), the engine warns once and decodes with `FastDecoder`.
 """
 
 from __future__ import annotations
@@ -101,11 +102,67 @@ class _Shape:
                    model.layers[0].mlp.num_experts, router.top_k, router.scaling, attn.indexer is not None)
 
 
-def _weights(model: LongCatForCausalLM) -> dict[str, torch.Tensor]:
-    """The tensors the decode graph reads, by their state-dict names: the model's own (no copies)."""
-    named = dict(model.named_parameters())
-    named.update(model.named_buffers())
-    return {k: v for k, v in named.items() if not k.startswith(("mtp.", "embed_tokens.", "ngram."))}
+class PackedWeights:
+    """The model's parameters and buffers, re-pointed into one flat buffer per dtype and device.
+
+    Every tensor stays the model's own (a view into the flat buffer: no second copy; in-place
+    updates are seen), and the compiled graphs take the few flat buffers as their only weight
+    inputs, slicing them at offsets that are literals in generated code. A graph input costs
+    guard checks on every call (about 1.5 us per tensor here); 130 separate weights cost more
+    than a tenth of a decode step.
+    """
+
+    def __init__(self, model: LongCatForCausalLM) -> None:
+        self.model = model
+        self.pack()
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        named = dict(self.model.named_parameters(remove_duplicate=False))
+        named.update(self.model.named_buffers(remove_duplicate=False))
+        return named
+
+    @torch.no_grad()
+    def pack(self) -> None:
+        tensors = self._tensors()
+        groups: dict[tuple, list[str]] = {}
+        seen: dict[int, str] = {}  # tied weights are packed once
+        self.alias: dict[str, str] = {}
+        for name, t in tensors.items():
+            if id(t) in seen:
+                self.alias[name] = seen[id(t)]
+                continue
+            seen[id(t)] = name
+            groups.setdefault((t.dtype, t.device), []).append(name)
+        flats, self.where = [], {}
+        for g, ((dtype, device), names) in enumerate(groups.items()):
+            flat = torch.empty(sum(tensors[n].numel() for n in names), dtype=dtype, device=device)
+            offset = 0
+            for n in names:
+                t, size = tensors[n], tensors[n].numel()
+                flat[offset : offset + size].copy_(t.detach().reshape(-1))
+                t.data = flat[offset : offset + size].view(t.shape)
+                self.where[n] = (g, offset, size, tuple(t.shape))
+                offset += size
+            flats.append(flat)
+        self.flats = tuple(flats)
+        self._pointers = [(t, t.data_ptr()) for t in tensors.values()]
+
+    def current(self) -> bool:
+        """Whether every tensor still lives in the flat buffers (a `.to()`, a `.data =`, a
+        load_state_dict(assign=True) re-allocates it)."""
+        return all(t.data_ptr() == ptr for t, ptr in self._pointers) and len(self._pointers) == len(self._tensors())
+
+    def unpacker(self, names: dict[str, str]):
+        """A function flats -> {graph name: view}, for names {graph name: state-dict name}. The
+        offsets and shapes are literals in its code, so torch.compile does not guard on them."""
+        lines = ["def unpack(flats):", "    return {"]
+        for key, name in names.items():
+            g, offset, size, shape = self.where[self.alias.get(name, name)]
+            lines.append(f"        {key!r}: flats[{g}][{offset}:{offset + size}].view({shape!r}),")
+        lines.append("    }")
+        namespace: dict = {}
+        exec("\n".join(lines), namespace)  # noqa: S102 - generated from our own tensor layout
+        return namespace["unpack"]
 
 
 def _attention(W, p: str, d: _Shape, x, cos, sin, c_old, r_old, visible):
@@ -134,7 +191,10 @@ def _attention(W, p: str, d: _Shape, x, cos, sin, c_old, r_old, visible):
     scores = torch.cat([s_old, s_new], -1).float() * d.scale
     probs = scores.masked_fill(~visible, float("-inf")).softmax(-1).to(x.dtype)  # (B, T, h, S + T)
     S = c_old.shape[1]
-    o_lat = (probs[..., :S, None] * c_old[:, None, None]).sum(-2) + (probs[..., S:, None] * c_kv[:, None, None]).sum(-2)
+    # over the cache a BLAS batched GEMM: the reduction runs along S, which a generated loop
+    # walks with the stride of a cache row (slow once contexts reach hundreds of tokens)
+    o_old = torch.bmm(probs[..., :S].reshape(B, T * h, S), c_old).view(B, T, h, kv)
+    o_lat = o_old + (probs[..., S:, None] * c_kv[:, None, None]).sum(-2)
     out = (o_lat.unsqueeze(-2) * w_uv).sum(-1)  # (B, T, h, v): W_uv applied per head
     return _linear(out.reshape(B, T, h * d.v_dim), W[p + "o_proj.weight"]), c_kv, k_rope
 
@@ -170,25 +230,38 @@ def _moe(W, p: str, d: _Shape, x: torch.Tensor) -> torch.Tensor:
     return (out + y).reshape(shape)
 
 
-def decode_graph(names: tuple[str, ...], d: _Shape, weights, h, positions, c_old, r_old, last_only: bool):
+def _rotary(inv_freq: torch.Tensor, positions: torch.Tensor, d: _Shape, dtype: torch.dtype):
+    """RotaryEmbedding.forward: cos, sin (B, T, rope/2) of the positions."""
+    freqs = positions.float()[..., None] * inv_freq.float()
+    return (freqs.cos() * d.rope_factor).to(dtype), (freqs.sin() * d.rope_factor).to(dtype)
+
+
+def _visible(positions: torch.Tensor, S: int) -> torch.Tensor:
+    """(B, T, 1, S + T): each query sees its row's cached keys below its first position, and the
+    step's own keys up to itself."""
+    B, T = positions.shape
+    seen_old = torch.arange(S, device=positions.device) < positions[:, :1].unsqueeze(-1)  # (B, 1, S)
+    causal = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()  # (T, T)
+    return torch.cat([seen_old.expand(B, T, S), causal.expand(B, T, T)], -1).unsqueeze(2)
+
+
+def decode_graph(unpack, d: _Shape, flats, h, positions, c_cache, r_cache, S: int, last_only: bool):
     """The decode forward as a pure function (what torch.compile traces).
 
-    weights: the tensors named by `names` (see _weights); h (B, T, H) embeddings of the step's
+    unpack(flats): the weights by state-dict name (PackedWeights); h (B, T, H) embeddings of the step's
     tokens at positions (B, T) = lengths[b] + t, lengths the tokens already cached per row;
-    c_old (2L, B, S, kv), r_old (2L, B, S, rope) the cache's first S = max(lengths) positions.
+    c_cache (2L, B, max_len, kv), r_cache (2L, B, max_len, rope) the cache, of which the first
+    S = max(lengths) positions are read (passing the whole allocation keeps its shape static:
+    a symbolic slice would add shape guards that cost more per call than the slicing).
     Returns logits (B, 1 or T, V), pre-norm hidden (B, T, H), the new keys of every sublayer,
     c_kv (2L, B, T, kv) and k_rope (2L, B, T, rope), and for LSA models the input of each layer's
     first attention sublayer (L, B, T, H), from which the caller computes the indexer keys (in the
     graph, the indexer's rope trips a symbolic-stride check of inductor in torch 2.13), else None.
     """
-    W = dict(zip(names, weights))
-    B, T, _ = h.shape
-    S = c_old.shape[2]
-    freqs = positions.float()[..., None] * W["rotary.inv_freq"].float()  # RotaryEmbedding.forward
-    cos, sin = (freqs.cos() * d.rope_factor).to(h.dtype), (freqs.sin() * d.rope_factor).to(h.dtype)
-    seen_old = torch.arange(S, device=h.device) < positions[:, :1].unsqueeze(-1)  # (B, 1, S)
-    causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()  # (T, T)
-    visible = torch.cat([seen_old.expand(B, T, S), causal.expand(B, T, T)], -1).unsqueeze(2)  # (B, T, 1, S+T)
+    W = unpack(flats)
+    c_old, r_old = c_cache[:, :, :S], r_cache[:, :, :S]
+    cos, sin = _rotary(W["rotary.inv_freq"], positions, d, h.dtype)
+    visible = _visible(positions, S)  # (B, T, 1, S + T)
     new_c, new_r, index_inputs = [], [], []
     for i in range(d.layers):
         p = f"layers.{i}."
@@ -213,10 +286,35 @@ def decode_graph(names: tuple[str, ...], d: _Shape, weights, h, positions, c_old
     return logits, h, torch.stack(new_c), torch.stack(new_r), torch.stack(index_inputs) if index_inputs else None
 
 
+def mtp_graph(unpack, d: _Shape, flats, emb, prev, positions, c_cache, r_cache, S: int):
+    """One MTP head (MTPLayer.forward over the cache) as a pure function. unpack(flats): the head's
+    own tensors (names without the "mtp.<i>." prefix) and rotary.inv_freq; emb, prev (B, T, H);
+    c_cache (B, max_len, kv), r_cache (B, max_len, rope) its cache sublayer, of which the first S
+    positions are read. -> hidden, normed hidden, new keys."""
+    W = unpack(flats)
+    c_old, r_old = c_cache[:, :S], r_cache[:, :S]
+    cos, sin = _rotary(W["rotary.inv_freq"], positions, d, emb.dtype)
+    visible = _visible(positions, S)
+    x = torch.cat([_norm(emb, W["enorm.weight"], d.norm_eps), _norm(prev, W["hnorm.weight"], d.norm_eps)], dim=-1)
+    h = _linear(x, W["eh_proj.weight"])
+    a, c, r = _attention(W, "self_attn.", d, _norm(h, W["input_layernorm.weight"], d.norm_eps), cos, sin,
+                         c_old, r_old, visible)
+    h = h + a
+    h = h + _mlp(W, "mlp.", _norm(h, W["post_attention_layernorm.weight"], d.norm_eps))
+    return h, _norm(h, W["final_layernorm.weight"], d.norm_eps), c, r
+
+
+def head_graph(unpack, flats, normed: torch.Tensor) -> torch.Tensor:
+    """The output head (B, ..., H) -> logits, as the draft heads use it."""
+    return _linear(normed, unpack(flats)["lm_head.weight"])
+
+
 class CompiledDecoder:
     """FastDecoder's interface (forward, mtp) with the decode forward compiled into one graph.
 
-    Reads the model's own parameters on every call (no copies; weight updates are seen).
+    Reads the model's own parameters on every call: they are re-pointed into flat buffers
+    (PackedWeights; no copies, in-place weight updates are seen, re-allocated ones are re-packed
+    by prepare(), which the engine calls before each generation).
     Precondition, as the engine calls it: each row's positions are consecutive, starting at the
     number of tokens that row has cached.
     """
@@ -228,12 +326,41 @@ class CompiledDecoder:
         self.failed: str | None = None  # why compilation failed, once it has
         # graphs: batch 1 or more, 1 or more tokens per row, last-only logits or all, reductions or GEMMs
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-        # The weights go in as one flat tuple: guarding a tuple of tensors is far cheaper per call
-        # than guarding a module tree.
-        weights = _weights(model)
-        self._weights = tuple(weights.values())
-        graph = functools.partial(decode_graph, tuple(weights), _Shape.of(model))
-        self._graph = torch.compile(graph, dynamic=True, fullgraph=True, options=dict(INDUCTOR_OPTIONS))
+        self.packed = PackedWeights(model)
+        self._build()
+
+    def _build(self) -> None:
+        """The compiled graphs over the current flat buffers (torch.compile traces on first call)."""
+        model, packed, shape = self.model, self.packed, _Shape.of(self.model)
+        skip = ("mtp.", "embed_tokens.", "ngram.")
+        main = {n: n for n in packed.where if not n.startswith(skip)}
+        self._graph = self._compile(functools.partial(decode_graph, packed.unpacker(main), shape))
+        self._mtp = []  # per MTP depth, its compiled graph
+        for i in range(len(model.mtp)):
+            prefix = f"mtp.{i}."
+            names = {n[len(prefix):]: n for n in packed.where if n.startswith(prefix)}
+            names["rotary.inv_freq"] = "rotary.inv_freq"
+            self._mtp.append(self._compile(functools.partial(mtp_graph, packed.unpacker(names), shape)))
+        self._head = self._compile(functools.partial(head_graph, packed.unpacker({"lm_head.weight": "lm_head.weight"})))
+
+    def prepare(self) -> None:
+        """Called before each generation: if the model's tensors were re-allocated since they were
+        packed (.to(), .data =, ...), pack them again so the graphs read the current weights."""
+        if not self.packed.current():
+            self.packed.pack()
+            self._build()
+
+    @staticmethod
+    def _compile(fn):
+        # Automatic dynamic shapes: static until a size is seen to change (the cache length S every
+        # step, batch rows as sequences finish), then symbolic. The weights' shapes stay constants:
+        # cheap guards and constant loop bounds in the generated code.
+        return torch.compile(fn, dynamic=None, fullgraph=True, options=dict(INDUCTOR_OPTIONS))
+
+    def _failed(self, error: Exception) -> None:
+        self.failed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        warnings.warn(f"torch.compile of the decode step failed ({self.failed}); decoding without it",
+                      RuntimeWarning, stacklevel=3)
 
     def _applies(self, ids: torch.Tensor, top: int) -> bool:
         if self.failed is not None or ids.numel() > MAX_ROWS:
@@ -254,11 +381,9 @@ class CompiledDecoder:
         h = model.embed(ids, history)
         try:
             logits, hidden, new_c, new_r, keys = self._graph(
-                self._weights, h, positions, cache.c_kv[:n_sub, :, :S], cache.k_rope[:n_sub, :, :S], last_only)
+                self.packed.flats, h, positions, cache.c_kv[:n_sub], cache.k_rope[:n_sub], S, last_only)
         except Exception as error:  # noqa: BLE001 - any compiler failure: decode eagerly instead
-            self.failed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            warnings.warn(f"torch.compile of the decode step failed ({self.failed}); decoding without it",
-                          RuntimeWarning, stacklevel=2)
+            self._failed(error)
             return self.fallback.forward(ids, positions, cache, history, last_only=last_only)
         rows = torch.arange(B, device=ids.device).unsqueeze(1).expand(B, T)
         cache.c_kv[:n_sub, rows, positions] = new_c.to(cache.c_kv.dtype)
@@ -271,7 +396,33 @@ class CompiledDecoder:
         return logits, hidden
 
     def mtp(self, depth: int, emb, prev, positions, cache: LatentCache):
-        return self.fallback.mtp(depth, emb, prev, positions, cache)
+        """MTP head `depth` (1-based) over its cache sublayer, positions (B, T) consecutive from the
+        first not yet cached -> (hidden, normed hidden), as FastDecoder.mtp."""
+        cache.begin(positions)
+        if self.failed is not None or emb.shape[0] * emb.shape[1] > MAX_ROWS:
+            return self.fallback.mtp(depth, emb, prev, positions, cache)
+        graph = self._mtp[depth - 1]
+        sub = self.model.mtp[depth - 1].sublayer
+        S = cache._span - positions.shape[1]
+        try:
+            h, normed, c, r = graph(self.packed.flats, emb, prev, positions, cache.c_kv[sub], cache.k_rope[sub], S)
+        except Exception as error:  # noqa: BLE001
+            self._failed(error)
+            return self.fallback.mtp(depth, emb, prev, positions, cache)
+        B, T = positions.shape
+        rows = torch.arange(B, device=positions.device).unsqueeze(1).expand(B, T)
+        cache.c_kv[sub, rows, positions] = c.to(cache.c_kv.dtype)
+        cache.k_rope[sub, rows, positions] = r.to(cache.k_rope.dtype)
+        return h, normed
+
+    def head(self, normed: torch.Tensor) -> torch.Tensor:
+        """The output head for draft tokens (B, H) -> (B, V)."""
+        if self.failed is None and normed.shape[0] <= MAX_ROWS:
+            try:
+                return self._head(self.packed.flats, normed)
+            except Exception as error:  # noqa: BLE001
+                self._failed(error)
+        return self.model.lm_head(normed)
 
 
-__all__ = ["CompiledDecoder", "decode_graph", "REDUCTION_ROWS", "MAX_ROWS"]
+__all__ = ["CompiledDecoder", "PackedWeights", "decode_graph", "mtp_graph", "REDUCTION_ROWS", "MAX_ROWS"]

@@ -194,6 +194,10 @@ class FastDecoder:
         h = h + _swiglu(head.mlp, _norm(head.post_attention_layernorm, h))
         return h, _norm(head.final_layernorm, h)
 
+    def head(self, normed: torch.Tensor) -> torch.Tensor:
+        """The output head, as the draft heads use it."""
+        return self.model.lm_head(normed)
+
 
 class _Routing:
     """The two fields of moe.Routing the dispatcher reads."""
@@ -219,6 +223,9 @@ class ModelForward:
         cache.begin(positions)
         ctx = AttentionContext(cos, sin, positions, cache, sparse=model.lsa_mode == "sparse")
         return model.mtp[depth - 1](emb, prev, ctx)
+
+    def head(self, normed: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(normed)
 
 
 __all__ = ["FastDecoder", "ModelForward", "LOOP_EXPERTS"]

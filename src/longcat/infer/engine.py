@@ -411,6 +411,9 @@ class _Generation:
         B = len(seqs)
         lengths = [len(s.prompt) for s in seqs]
         max_len = max(len(s.prompt) + s.params.max_new_tokens for s in seqs) + k
+        prepare = getattr(engine.runner, "prepare", None)
+        if prepare is not None:
+            prepare()  # the compiled runner re-packs weights the model re-allocated since
         with torch.inference_mode():
             cache = engine.cache_for(B, max_len)
             tokens = torch.zeros(B, max_len, dtype=torch.long, device=engine.device)

@@ -166,7 +166,7 @@ class MTPDrafter:
         return torch.stack(drafts, 1), q_all
 
     def _pick(self, normed: torch.Tensor, sampler: BatchSampler):
-        logits = self.model.lm_head(normed).unsqueeze(1)  # (B, 1, V)
+        logits = self.runner.head(normed).unsqueeze(1)  # (B, 1, V)
         tokens, probs = sampler.choose(sampler.process(logits))
         return tokens[:, 0], None if probs is None else probs[:, 0]
 
