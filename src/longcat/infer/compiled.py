@@ -18,9 +18,11 @@ Three choices matter for speed on CPU (measured in docs/INFERENCE.md):
 - Attention runs over the cached latents in place (absorbed MLA, one shared key head): the cache
   is an input, never copied, and the new tokens' keys are returned and written after the step.
 
-The cache length changes every step, so the graph is compiled with dynamic shapes (one graph for
-all lengths; a few more for batch 1 vs. larger, one vs. several tokens per row). Compilation
-takes tens of seconds the first time and is cached on disk by inductor afterwards.
+The cache length changes every step; torch.compile's automatic dynamic shapes make it a symbol
+after the first change (one graph for all lengths; a few more for batch 1 vs. larger, one vs.
+several tokens per row). Compilation takes tens of seconds per graph the first time and is cached
+on disk by inductor afterwards. The weights go in as a few flat buffers (`PackedWeights`): every
+graph input costs guard checks on every call.
 
 The MTP draft heads and the output head they feed are compiled the same way (`mtp_graph`,
 `head_graph`). Where a compiled graph does not apply, steps run through `FastDecoder` with the
