@@ -25,14 +25,6 @@ needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) i
                                     reason="no C++ compiler for torch.compile (inductor) on this machine")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     """Every feature on: n-gram embedding, sparse attention (index_topk 24), MTP, YaRN."""
