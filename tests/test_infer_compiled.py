@@ -167,3 +167,20 @@ def test_packed_weights_stay_the_models_own(tiny, tmp_path):
     longcat.save_hf(model, tmp_path / "hf")  # tensors sharing one storage still save
     loaded = longcat.load(tmp_path / "hf")
     torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight)
+
+
+@needs_compiler
+def test_generate_command_with_compile(tiny, tmp_path, capsys):
+    import json
+
+    from longcat.cli import main
+    from longcat.interop.native import save_model
+
+    save_model(tiny, tmp_path / "model")
+    args = ["generate", "--model", str(tmp_path / "model"), "--prompt-ids", "5,17,42,9", "--max-new-tokens", "12",
+            "--temperature", "0", "--ignore-eos", "--json"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(args + ["--compile"]) == 0
+    compiled = json.loads(capsys.readouterr().out)
+    assert compiled["token_ids"] == plain["token_ids"] and len(plain["token_ids"]) == 12

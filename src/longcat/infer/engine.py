@@ -229,7 +229,8 @@ class Engine:
         model.forward for every step (the reference path).
     compile: decode steps as one torch.compile'd graph (`CompiledDecoder`, same math): the fastest
         path at small batches, after a compilation of tens of seconds on first use (cached on disk
-        by inductor). Falls back to `FastDecoder` with a warning if compilation fails.
+        by inductor). It re-points the model's parameters into flat buffers (views, no copy; see
+        PackedWeights). Falls back to `FastDecoder` with a warning if compilation fails.
     """
 
     def __init__(
