@@ -65,6 +65,11 @@ def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu" or rows > REDUCTION_ROWS:
         return F.linear(x, w)
     flat = _realized(x.reshape(rows, x.shape[-1]))
+    if isinstance(rows, int) and rows > 1:
+        # a known, small row count: one single-row reduction each (vectorised along `in`, the
+        # fast form), rather than one reduction over (out, rows) whose loops inductor orders badly
+        y = torch.stack([(w * flat[r]).sum(-1) for r in range(rows)])  # (rows, out)
+        return y.reshape(*x.shape[:-1], w.shape[0])
     y = (w.unsqueeze(1) * flat.unsqueeze(0)).sum(-1)  # (out, rows): each weight row streamed once
     return y.t().reshape(*x.shape[:-1], w.shape[0])
 
