@@ -98,7 +98,7 @@ def _hf_cache_bytes(reference, prompt) -> int:
 MODES = ("eager", "compiled")
 
 
-def _engines(model, modes, tokenizer=None, log=print) -> dict[str, Engine]:
+def _engines(model, modes, tokenizer=None) -> dict[str, Engine]:
     """One engine per decode path: FastDecoder ("eager") and the compiled step ("compiled")."""
     engines = {}
     for mode in modes:
@@ -158,7 +158,7 @@ def run_infer_bench(
         f"({counts.active_params / 1e6:.1f}M active), fp32, {torch.get_num_threads()} thread(s), {clock} clock")
     greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     one = SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)
-    engines = _engines(model, modes, log=log)
+    engines = _engines(model, modes)
     # prompts of the batch section, warmed up too (batch 1 and batch > 1 are separate graphs)
     base = prompt_lengths[0]
     lengths = [max(1, base + d) for d in range(-(batch // 2), batch - batch // 2)]  # different lengths
@@ -298,7 +298,7 @@ def run_speculative_bench(model_dir: str, *, new_tokens: int = 128, rounds: int 
     log(f"speculative decoding on {path} ({count_parameters(model.config).total / 1e6:.1f}M parameters, "
         f"{len(model.mtp)} MTP head(s)), {len(prompts)} prompts, batch 1, greedy, {new_tokens} tokens")
     out = {"model": str(path)}
-    for mode, engine in _engines(model, modes, tokenizer, log).items():
+    for mode, engine in _engines(model, modes, tokenizer).items():
 
         def run(k: int):
             t0 = timer()
