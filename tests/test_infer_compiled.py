@@ -94,6 +94,43 @@ def test_compiled_step_matches_fast_decoder_on_every_feature(tiny):
 
 
 @needs_compiler
+def test_a_batch_runs_padded_to_its_bucket_without_touching_the_padding_rows(tiny):
+    """3 rows in a 4-row allocation run as the 4-row graph: results equal FastDecoder's on a 3-row
+    cache, and the spare row (garbage here) is read but never written. Without spare rows in the
+    allocation the step runs unpadded, with the same results."""
+    from longcat.infer.compiled import row_bucket
+
+    assert [row_bucket(n) for n in (1, 2, 3, 5, 8, 9, 64, 65)] == [1, 2, 4, 8, 8, 16, 64, 65]
+    c = tiny.config
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, c.vocab_size, (3, 9), generator=g)
+    with torch.inference_mode():
+        wide, exact, ref_cache = LatentCache(c, 4, 32), LatentCache(c, 3, 32), LatentCache(c, 3, 32)
+        for cache in (wide.narrow(3), exact, ref_cache):
+            tiny(ids, cache=cache, mtp=False, indexer_loss=False)
+        wide.c_kv[:, 3].normal_(0, 50)  # the spare row: finite garbage
+        wide.k_rope[:, 3].normal_(0, 50)
+        spare = wide.c_kv[:, 3].clone(), wide.k_rope[:, 3].clone()
+        positions = torch.tensor([[9], [9], [9]])
+        step = torch.randint(3, c.vocab_size, (3, 1), generator=g)
+        compiled = CompiledDecoder(tiny)
+        assert compiled.rows_for(3, wide.narrow(3)) == 4 and compiled.rows_for(3, exact) == 3
+        padded = compiled.forward(step, positions, wide.narrow(3), ids[:, 7:9])
+        unpadded = compiled.forward(step, positions, exact, ids[:, 7:9])
+        ref = FastDecoder(tiny).forward(step, positions, ref_cache, ids[:, 7:9])
+    assert compiled.failed is None
+    for ours in (padded, unpadded):
+        torch.testing.assert_close(ours[0], ref[0], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(ours[1], ref[1], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(wide.c_kv[:, :3], ref_cache.c_kv, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(wide.index_k[:, :3], ref_cache.index_k, atol=2e-5, rtol=1e-4)
+    assert torch.equal(wide.c_kv[:, 3], spare[0]) and torch.equal(wide.k_rope[:, 3], spare[1])
+    engine = Engine(tiny, compile=True)
+    engine.generate(_prompts([4, 5, 6]), GREEDY)
+    assert engine._cache.c_kv.shape[1] == 4  # the engine allocates the bucket's rows
+
+
+@needs_compiler
 def test_compiled_engine_equals_full_recomputation_and_switches_for_sparse_attention(tiny):
     """Greedy decoding with the compiled step equals rerunning the whole sequence; rows of different
     lengths decode together and leave as they finish; once a context passes index_topk the step

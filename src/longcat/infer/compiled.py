@@ -50,6 +50,15 @@ REDUCTION_ROWS = 8
 INDUCTOR_OPTIONS = {"cpp_wrapper": True}
 # Rows up to which a step runs compiled at all (beyond, the gathered-expert MoE does too much work).
 MAX_ROWS = 64
+# Batch sizes the graphs are compiled for: a batch runs padded to the next one, so that a finishing
+# row reuses a graph instead of compiling another, and the batch size stays a constant in generated
+# code (a symbolic row count turns the weight loops into a slower generic form).
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def row_bucket(rows: int) -> int:
+    """The compiled batch size that serves `rows` rows (rows itself above the largest bucket)."""
+    return next((b for b in ROW_BUCKETS if b >= rows), rows)
 
 
 def _realized(x: torch.Tensor) -> torch.Tensor:
@@ -225,16 +234,19 @@ def _moe(W, p: str, d: _Shape, x: torch.Tensor) -> torch.Tensor:
     # identity slots borrow an expert their token already uses (weight 0): its rows are cache-hot
     borrowed = indices.gather(1, is_ffn.int().argmax(1, keepdim=True))
     expert = torch.where(is_ffn, indices, borrowed).clamp(max=N - 1).flatten()  # (P,) P = M*k pairs
-    order = torch.argsort(expert, stable=True)
-    expert = expert[order]
+    # sorted expert ids come out of the sort itself: indexing with them is then one load per pair,
+    # not a chain of gathers inside every weight loop
+    expert, order = torch.sort(expert, stable=True)
     gate = (weights * is_ffn).flatten()[order].to(x.dtype)  # (P,)
-    xs = _realized(x[order // k])  # (P, H)
+    token = order // k  # (P,) the token of each pair
+    xs = _realized(x[token])  # (P, H)
     gate_up = (W[p + "experts.gate_up_proj"][expert] * xs[:, None, :]).sum(-1)  # (P, 2F)
     g, u = gate_up.chunk(2, dim=-1)
     act = _realized(F.silu(g) * u)  # (P, F)
-    y = (W[p + "experts.down_proj"][expert] * act[:, None, :]).sum(-1) * gate[:, None]  # (P, H)
-    y = y[torch.argsort(order)].view(x.shape[0], k, -1).sum(1)  # back to (M, H)
-    return (out + y).reshape(shape)
+    # realized in pair order (each expert's rows read once, while cache-hot), then added to the
+    # tokens: fused into the per-token sum, every output element would walk all k experts' rows
+    y = _realized((W[p + "experts.down_proj"][expert] * act[:, None, :]).sum(-1) * gate[:, None])  # (P, H)
+    return out.index_add(0, token, y).reshape(shape)
 
 
 def _rotary(inv_freq: torch.Tensor, positions: torch.Tensor, d: _Shape, dtype: torch.dtype):
@@ -332,7 +344,7 @@ class CompiledDecoder:
         self.fallback = FastDecoder(model)
         self.failed: str | None = None  # why compilation failed, once it has
         # graphs: batch 1 or more, 1 or more tokens per row, last-only logits or all, reductions or GEMMs
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.packed = PackedWeights(model)
         self._build()
 
@@ -369,6 +381,18 @@ class CompiledDecoder:
         warnings.warn(f"torch.compile of the decode step failed ({self.failed}); decoding without it",
                       RuntimeWarning, stacklevel=3)
 
+    @staticmethod
+    def cache_rows(batch: int) -> int:
+        """Rows a cache for `batch` sequences should have, so that steps can run padded to a bucket."""
+        return row_bucket(batch) if batch <= MAX_ROWS else batch
+
+    @staticmethod
+    def rows_for(batch: int, cache: LatentCache) -> int:
+        """The padded batch a step of `batch` rows runs as: its bucket, when the cache's allocation
+        has that many rows (the engine allocates them: Engine.cache_for), else the batch itself."""
+        rows = row_bucket(batch)
+        return rows if rows <= cache.allocated_rows else batch
+
     def _applies(self, ids: torch.Tensor, top: int) -> bool:
         if self.failed is not None or ids.numel() > MAX_ROWS:
             return False
@@ -386,20 +410,25 @@ class CompiledDecoder:
         S = cache._span - T  # the longest row's cached length
         n_sub = 2 * self.config.num_layers
         h = model.embed(ids, history)
+        rows = self.rows_for(B, cache)
+        c_cache, r_cache = _widened(cache.c_kv[:n_sub], 1, rows), _widened(cache.k_rope[:n_sub], 1, rows)
         try:
             logits, hidden, new_c, new_r, keys = self._graph(
-                self.packed.flats, h, positions, cache.c_kv[:n_sub], cache.k_rope[:n_sub], S, last_only)
+                self.packed.flats, *_static_rows(_pad(h, rows), _pad(positions, rows), dims=(0, 0)),
+                *_static_rows(c_cache, r_cache, dims=(1, 1)), S, last_only)
         except Exception as error:  # noqa: BLE001 - any compiler failure: decode eagerly instead
             self._failed(error)
             return self.fallback.forward(ids, positions, cache, history, last_only=last_only)
-        rows = torch.arange(B, device=ids.device).unsqueeze(1).expand(B, T)
-        cache.c_kv[:n_sub, rows, positions] = new_c.to(cache.c_kv.dtype)
-        cache.k_rope[:n_sub, rows, positions] = new_r.to(cache.k_rope.dtype)
+        logits, hidden, new_c, new_r = logits[:B], hidden[:B], new_c[:, :B], new_r[:, :B]
+        at = torch.arange(B, device=ids.device).unsqueeze(1).expand(B, T)
+        cache.c_kv[:n_sub, at, positions] = new_c.to(cache.c_kv.dtype)
+        cache.k_rope[:n_sub, at, positions] = new_r.to(cache.k_rope.dtype)
         if keys is not None:  # LSA: the indexer keys of the new tokens, from each layer's normed input
+            keys = keys[:, :B]
             cos, sin = model.rotary(positions, h.dtype)
             for i, layer in enumerate(model.layers):
                 key = layer.self_attn[0].indexer.keys(keys[i], cos, sin)
-                cache.index_k[i, rows, positions] = key.to(cache.index_k.dtype)
+                cache.index_k[i, at, positions] = key.to(cache.index_k.dtype)
         return logits, hidden
 
     def mtp(self, depth: int, emb, prev, positions, cache: LatentCache):
@@ -410,26 +439,60 @@ class CompiledDecoder:
             return self.fallback.mtp(depth, emb, prev, positions, cache)
         graph = self._mtp[depth - 1]
         sub = self.model.mtp[depth - 1].sublayer
-        S = cache._span - positions.shape[1]
+        B, T = positions.shape
+        S = cache._span - T
+        rows = self.rows_for(B, cache)
+        c_cache, r_cache = _widened(cache.c_kv[sub], 0, rows), _widened(cache.k_rope[sub], 0, rows)
         try:
-            h, normed, c, r = graph(self.packed.flats, emb, prev, positions, cache.c_kv[sub], cache.k_rope[sub], S)
+            h, normed, c, r = graph(self.packed.flats,
+                                    *_static_rows(_pad(emb, rows), _pad(prev, rows), _pad(positions, rows), dims=(0, 0, 0)),
+                                    *_static_rows(c_cache, r_cache, dims=(0, 0)), S)
         except Exception as error:  # noqa: BLE001
             self._failed(error)
             return self.fallback.mtp(depth, emb, prev, positions, cache)
-        B, T = positions.shape
-        rows = torch.arange(B, device=positions.device).unsqueeze(1).expand(B, T)
-        cache.c_kv[sub, rows, positions] = c.to(cache.c_kv.dtype)
-        cache.k_rope[sub, rows, positions] = r.to(cache.k_rope.dtype)
-        return h, normed
+        at = torch.arange(B, device=positions.device).unsqueeze(1).expand(B, T)
+        cache.c_kv[sub, at, positions] = c[:B].to(cache.c_kv.dtype)
+        cache.k_rope[sub, at, positions] = r[:B].to(cache.k_rope.dtype)
+        return h[:B], normed[:B]
 
     def head(self, normed: torch.Tensor) -> torch.Tensor:
         """The output head for draft tokens (B, H) -> (B, V)."""
-        if self.failed is None and normed.shape[0] <= MAX_ROWS:
+        B = normed.shape[0]
+        if self.failed is None and B <= MAX_ROWS:
             try:
-                return self._head(self.packed.flats, normed)
+                (padded,) = _static_rows(_pad(normed, row_bucket(B)), dims=(0,))
+                return self._head(self.packed.flats, padded)[:B]
             except Exception as error:  # noqa: BLE001
                 self._failed(error)
         return self.model.lm_head(normed)
 
 
-__all__ = ["CompiledDecoder", "PackedWeights", "decode_graph", "mtp_graph", "REDUCTION_ROWS", "MAX_ROWS"]
+def _pad(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x with its first dim padded to `rows` by repeating its first row (valid positions, finite
+    values; the padded rows' results are dropped)."""
+    if x.shape[0] == rows:
+        return x
+    return torch.cat([x, x[:1].expand(rows - x.shape[0], *x.shape[1:])])
+
+
+def _widened(store: torch.Tensor, dim: int, rows: int) -> torch.Tensor:
+    """`store` (rows 0.. of the cache allocation along `dim`) as a view of `rows` rows; the
+    allocation has them (LatentCache.allocated_rows). The added rows are only read, by padded rows
+    whose results are dropped."""
+    if store.shape[dim] == rows:
+        return store
+    size = list(store.shape)
+    size[dim] = rows
+    return store.as_strided(size, store.stride(), store.storage_offset())
+
+
+def _static_rows(*tensors: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """Marks each tensor's row dim static: a batch of another size compiles its own graph (one per
+    bucket) rather than turning the row count into a symbol in the existing one."""
+    for t, d in zip(tensors, dims):
+        torch._dynamo.mark_static(t, d)
+    return tensors
+
+
+__all__ = ["CompiledDecoder", "PackedWeights", "decode_graph", "mtp_graph", "row_bucket", "REDUCTION_ROWS", "MAX_ROWS",
+           "ROW_BUCKETS"]

@@ -381,8 +381,10 @@ class Engine:
     def cache_for(self, batch_size: int, max_len: int) -> LatentCache:
         """The engine's preallocated latent cache, grown (never shrunk) to fit, narrowed to the batch."""
         c = self._cache
-        if c is None or c.c_kv.shape[1] < batch_size or c.max_len < max_len or c.c_kv.dtype != self.dtype:
-            rows = max(batch_size, c.c_kv.shape[1] if c is not None else 0)
+        # the compiled runner pads a batch to a compiled size: the rows it pads with must exist
+        want = self.runner.cache_rows(batch_size) if hasattr(self.runner, "cache_rows") else batch_size
+        if c is None or c.c_kv.shape[1] < want or c.max_len < max_len or c.c_kv.dtype != self.dtype:
+            rows = max(want, c.c_kv.shape[1] if c is not None else 0)
             length = max(max_len, c.max_len if c is not None else 0)
             self._cache = None  # free the old one first
             self._cache = LatentCache(self.config, rows, length, dtype=self.dtype, device=self.device,

@@ -37,6 +37,8 @@ class LatentCache:
         # Tokens cached per sequence; maintained by the caller (the inference engine).
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self._span = max_len
+        # rows of the allocation, which narrowed views share (rows 0..allocated_rows-1, same strides)
+        self.allocated_rows = batch_size
 
     @staticmethod
     def bytes_per_token(config: ModelConfig, dtype_bytes: int = 2, with_mtp: bool = False) -> int:
@@ -86,6 +88,7 @@ class LatentCache:
             raise ValueError(f"cannot narrow a cache of {self.c_kv.shape[1]} rows to {batch_size}")
         view = object.__new__(LatentCache)
         view.config, view.max_len, view.num_sublayers = self.config, self.max_len, self.num_sublayers
+        view.allocated_rows = self.allocated_rows
         view.c_kv = self.c_kv[:, :batch_size]
         view.k_rope = self.k_rope[:, :batch_size]
         view.index_k = None if self.index_k is None else self.index_k[:, :batch_size]
