@@ -19,9 +19,10 @@ Three choices matter for speed on CPU (measured in docs/INFERENCE.md):
   is an input, never copied, and the new tokens' keys are returned and written after the step.
 
 The cache length changes every step; torch.compile's automatic dynamic shapes make it a symbol
-after the first change (one graph for all lengths; a few more for batch 1 vs. larger, one vs.
-several tokens per row). Compilation takes tens of seconds per graph the first time and is cached
-on disk by inductor afterwards. The weights go in as a few flat buffers (`PackedWeights`): every
+after the first change (one graph for all lengths). The batch size stays a constant: a batch runs
+padded to its row bucket (ROW_BUCKETS), one graph per bucket (and per tokens-per-row count), and
+finishing rows move it down the buckets instead of making it a symbol. Compilation takes tens of
+seconds per graph the first time and is cached on disk by inductor afterwards. The weights go in as a few flat buffers (`PackedWeights`): every
 graph input costs guard checks on every call.
 
 The MTP draft heads and the output head they feed are compiled the same way (`mtp_graph`,
