@@ -22,8 +22,8 @@ The cache length changes every step; torch.compile's automatic dynamic shapes ma
 after the first change (one graph for all lengths). The batch size stays a constant: a batch runs
 padded to its row bucket (ROW_BUCKETS), one graph per bucket (and per tokens-per-row count), and
 finishing rows move it down the buckets instead of making it a symbol. Compilation takes tens of
-seconds per graph the first time and is cached on disk by inductor afterwards. The weights go in as a few flat buffers (`PackedWeights`): every
-graph input costs guard checks on every call.
+seconds per graph the first time and is cached on disk by inductor afterwards. The weights go in
+as a few flat buffers (`PackedWeights`): every graph input costs guard checks on every call.
 
 The MTP draft heads and the output head they feed are compiled the same way (`mtp_graph`,
 `head_graph`). Where a compiled graph does not apply, steps run through `FastDecoder` with the
