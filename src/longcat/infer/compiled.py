@@ -385,7 +385,7 @@ class CompiledDecoder:
     @staticmethod
     def cache_rows(batch: int) -> int:
         """Rows a cache for `batch` sequences should have, so that steps can run padded to a bucket."""
-        return row_bucket(batch) if batch <= MAX_ROWS else batch
+        return row_bucket(batch)
 
     @staticmethod
     def rows_for(batch: int, cache: LatentCache) -> int:

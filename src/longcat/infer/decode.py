@@ -198,6 +198,14 @@ class FastDecoder:
         """The output head, as the draft heads use it."""
         return self.model.lm_head(normed)
 
+    def prepare(self) -> None:
+        """Called before each generation (the compiled runner re-packs weights there)."""
+
+    @staticmethod
+    def cache_rows(batch: int) -> int:
+        """Cache rows a batch of `batch` sequences needs (the compiled runner pads to buckets)."""
+        return batch
+
 
 class _Routing:
     """The two fields of moe.Routing the dispatcher reads."""
@@ -224,8 +232,9 @@ class ModelForward:
         ctx = AttentionContext(cos, sin, positions, cache, sparse=model.lsa_mode == "sparse")
         return model.mtp[depth - 1](emb, prev, ctx)
 
-    def head(self, normed: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(normed)
+    head = FastDecoder.head
+    prepare = FastDecoder.prepare
+    cache_rows = staticmethod(FastDecoder.cache_rows)
 
 
 __all__ = ["FastDecoder", "ModelForward", "LOOP_EXPERTS"]

@@ -381,8 +381,7 @@ class Engine:
     def cache_for(self, batch_size: int, max_len: int) -> LatentCache:
         """The engine's preallocated latent cache, grown (never shrunk) to fit, narrowed to the batch."""
         c = self._cache
-        # the compiled runner pads a batch to a compiled size: the rows it pads with must exist
-        want = self.runner.cache_rows(batch_size) if hasattr(self.runner, "cache_rows") else batch_size
+        want = self.runner.cache_rows(batch_size)  # the compiled runner pads a batch: those rows must exist
         if c is None or c.c_kv.shape[1] < want or c.max_len < max_len or c.c_kv.dtype != self.dtype:
             rows = max(want, c.c_kv.shape[1] if c is not None else 0)
             length = max(max_len, c.max_len if c is not None else 0)
@@ -414,9 +413,7 @@ class _Generation:
         B = len(seqs)
         lengths = [len(s.prompt) for s in seqs]
         max_len = max(len(s.prompt) + s.params.max_new_tokens for s in seqs) + k
-        prepare = getattr(engine.runner, "prepare", None)
-        if prepare is not None:
-            prepare()  # the compiled runner re-packs weights the model re-allocated since
+        engine.runner.prepare()  # the compiled runner re-packs weights the model re-allocated since
         with torch.inference_mode():
             cache = engine.cache_for(B, max_len)
             tokens = torch.zeros(B, max_len, dtype=torch.long, device=engine.device)
