@@ -265,20 +265,22 @@ def _visible(positions: torch.Tensor, S: int) -> torch.Tensor:
     return torch.cat([seen_old.expand(B, T, S), causal.expand(B, T, T)], -1).unsqueeze(2)
 
 
-def decode_graph(unpack, d: _Shape, flats, h, positions, c_cache, r_cache, S: int, last_only: bool):
+def decode_graph(unpack, d: _Shape, flats, h, positions, c_cache, r_cache, cached: torch.Tensor, last_only: bool):
     """The decode forward as a pure function (what torch.compile traces).
 
     unpack(flats): the weights by state-dict name (PackedWeights); h (B, T, H) embeddings of the step's
     tokens at positions (B, T) = lengths[b] + t, lengths the tokens already cached per row;
     c_cache (2L, B, max_len, kv), r_cache (2L, B, max_len, rope) the cache, of which the first
     S = max(lengths) positions are read (passing the whole allocation keeps its shape static:
-    a symbolic slice would add shape guards that cost more per call than the slicing).
+    a symbolic slice would add shape guards that cost more per call than the slicing); S comes in
+    as the length of `cached` (`_length_marker`), a size marked dynamic from the first call.
     Returns logits (B, 1 or T, V), pre-norm hidden (B, T, H), the new keys of every sublayer,
     c_kv (2L, B, T, kv) and k_rope (2L, B, T, rope), and for LSA models the input of each layer's
     first attention sublayer (L, B, T, H), from which the caller computes the indexer keys (in the
     graph, the indexer's rope trips a symbolic-stride check of inductor in torch 2.13), else None.
     """
     W = unpack(flats)
+    S = cached.shape[0]
     c_old, r_old = c_cache[:, :, :S], r_cache[:, :, :S]
     cos, sin = _rotary(W["rotary.inv_freq"], positions, d, h.dtype)
     visible = _visible(positions, S)  # (B, T, 1, S + T)
@@ -306,12 +308,13 @@ def decode_graph(unpack, d: _Shape, flats, h, positions, c_cache, r_cache, S: in
     return logits, h, torch.stack(new_c), torch.stack(new_r), torch.stack(index_inputs) if index_inputs else None
 
 
-def mtp_graph(unpack, d: _Shape, flats, emb, prev, positions, c_cache, r_cache, S: int):
+def mtp_graph(unpack, d: _Shape, flats, emb, prev, positions, c_cache, r_cache, cached: torch.Tensor):
     """One MTP head (MTPLayer.forward over the cache) as a pure function. unpack(flats): the head's
     own tensors (names without the "mtp.<i>." prefix) and rotary.inv_freq; emb, prev (B, T, H);
-    c_cache (B, max_len, kv), r_cache (B, max_len, rope) its cache sublayer, of which the first S
-    positions are read. -> hidden, normed hidden, new keys."""
+    c_cache (B, max_len, kv), r_cache (B, max_len, rope) its cache sublayer, of which the first
+    S = len(cached) positions are read. -> hidden, normed hidden, new keys."""
     W = unpack(flats)
+    S = cached.shape[0]
     c_old, r_old = c_cache[:, :S], r_cache[:, :S]
     cos, sin = _rotary(W["rotary.inv_freq"], positions, d, emb.dtype)
     visible = _visible(positions, S)
@@ -416,7 +419,7 @@ class CompiledDecoder:
         try:
             logits, hidden, new_c, new_r, keys = self._graph(
                 self.packed.flats, *_static_rows(_pad(h, rows), _pad(positions, rows), dims=(0, 0)),
-                *_static_rows(c_cache, r_cache, dims=(1, 1)), S, last_only)
+                *_static_rows(c_cache, r_cache, dims=(1, 1)), _length_marker(S), last_only)
         except Exception as error:  # noqa: BLE001 - any compiler failure: decode eagerly instead
             self._failed(error)
             return self.fallback.forward(ids, positions, cache, history, last_only=last_only)
@@ -447,7 +450,7 @@ class CompiledDecoder:
         try:
             h, normed, c, r = graph(self.packed.flats,
                                     *_static_rows(_pad(emb, rows), _pad(prev, rows), _pad(positions, rows), dims=(0, 0, 0)),
-                                    *_static_rows(c_cache, r_cache, dims=(0, 0)), S)
+                                    *_static_rows(c_cache, r_cache, dims=(0, 0)), _length_marker(S))
         except Exception as error:  # noqa: BLE001
             self._failed(error)
             return self.fallback.mtp(depth, emb, prev, positions, cache)
@@ -466,6 +469,18 @@ class CompiledDecoder:
             except Exception as error:  # noqa: BLE001
                 self._failed(error)
         return self.model.lm_head(normed)
+
+
+_ONE = torch.zeros(1)
+
+
+def _length_marker(length: int) -> torch.Tensor:
+    """A tensor of `length` elements (a stride-0 view: nothing allocated) whose size is dynamic from
+    the first call. Passed as an int, the cache length would be a constant in the first graph and
+    a symbol only from the second step on: every graph would compile twice (tens of seconds each)."""
+    marker = _ONE.expand(length)
+    torch._dynamo.maybe_mark_dynamic(marker, 0)
+    return marker
 
 
 def _pad(x: torch.Tensor, rows: int) -> torch.Tensor:
