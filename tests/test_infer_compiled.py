@@ -131,6 +131,29 @@ def test_a_batch_runs_padded_to_its_bucket_without_touching_the_padding_rows(tin
 
 
 @needs_compiler
+def test_a_bucket_compiles_once_for_every_cache_length_and_allocation(tiny):
+    """The cache length (every step) and the allocated length (the engine grows its cache for a
+    longer generation) are dynamic from the first call: the first generation compiles one graph
+    for all its steps, and a second one with a longer prompt, more tokens and a larger cache
+    compiles nothing new (each compile costs tens of seconds)."""
+    from torch._dynamo.utils import counters
+
+    engine = Engine(tiny, compile=True)
+    short = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    longer = SamplingParams(max_new_tokens=9, temperature=0, ignore_eos=True)
+    before = counters["stats"]["unique_graphs"]
+    first = engine.generate(_prompts([5], seed=7), short)  # contexts stay below index_topk (24)
+    allocated, compiled = engine._cache.max_len, counters["stats"]["unique_graphs"]
+    assert compiled == before + 1  # one graph for the 3 decode steps' cache lengths
+    second = engine.generate(_prompts([11], seed=8), longer)
+    assert engine._cache.max_len > allocated  # the cache was re-allocated, longer
+    assert counters["stats"]["unique_graphs"] == compiled
+    assert engine.runner.failed is None
+    for result, prompt, n in ((first, _prompts([5], seed=7)[0], 4), (second, _prompts([11], seed=8)[0], 9)):
+        assert result[0].token_ids == _full_recompute(tiny, prompt, n)
+
+
+@needs_compiler
 def test_compiled_engine_equals_full_recomputation_and_switches_for_sparse_attention(tiny):
     """Greedy decoding with the compiled step equals rerunning the whole sequence; rows of different
     lengths decode together and leave as they finish; once a context passes index_topk the step

@@ -18,8 +18,10 @@ Three choices matter for speed on CPU (measured in docs/INFERENCE.md):
 - Attention runs over the cached latents in place (absorbed MLA, one shared key head): the cache
   is an input, never copied, and the new tokens' keys are returned and written after the step.
 
-The cache length changes every step; torch.compile's automatic dynamic shapes make it a symbol
-after the first change (one graph for all lengths). The batch size stays a constant: a batch runs
+The cache length changes every step and the engine re-allocates a longer cache for a longer
+generation: both are marked dynamic from the first call (`_length_marker`, `_cache_inputs`), so one
+graph serves every length and allocation (left to automatic dynamic shapes, each would be a constant
+in the first graph and cost a recompile when it first changed). The batch size stays a constant: a batch runs
 padded to its row bucket (ROW_BUCKETS), one graph per bucket (and per tokens-per-row count), and
 finishing rows move it down the buckets instead of making it a symbol. Compilation takes tens of
 seconds per graph the first time and is cached on disk by inductor afterwards. The weights go in
@@ -419,7 +421,7 @@ class CompiledDecoder:
         try:
             logits, hidden, new_c, new_r, keys = self._graph(
                 self.packed.flats, *_static_rows(_pad(h, rows), _pad(positions, rows), dims=(0, 0)),
-                *_static_rows(c_cache, r_cache, dims=(1, 1)), _length_marker(S), last_only)
+                *_cache_inputs(c_cache, r_cache, row_dim=1), _length_marker(S), last_only)
         except Exception as error:  # noqa: BLE001 - any compiler failure: decode eagerly instead
             self._failed(error)
             return self.fallback.forward(ids, positions, cache, history, last_only=last_only)
@@ -450,7 +452,7 @@ class CompiledDecoder:
         try:
             h, normed, c, r = graph(self.packed.flats,
                                     *_static_rows(_pad(emb, rows), _pad(prev, rows), _pad(positions, rows), dims=(0, 0, 0)),
-                                    *_static_rows(c_cache, r_cache, dims=(0, 0)), _length_marker(S))
+                                    *_cache_inputs(c_cache, r_cache, row_dim=0), _length_marker(S))
         except Exception as error:  # noqa: BLE001
             self._failed(error)
             return self.fallback.mtp(depth, emb, prev, positions, cache)
@@ -508,6 +510,16 @@ def _static_rows(*tensors: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.T
     for t, d in zip(tensors, dims):
         torch._dynamo.mark_static(t, d)
     return tensors
+
+
+def _cache_inputs(*stores: torch.Tensor, row_dim: int) -> tuple[torch.Tensor, ...]:
+    """The cache allocation as graph inputs: rows static (one graph per bucket), the allocated
+    length (the dim after the rows) dynamic from the first call, so that a cache grown for a longer
+    generation reuses the graphs instead of compiling them again."""
+    for t in stores:
+        torch._dynamo.mark_static(t, row_dim)
+        torch._dynamo.maybe_mark_dynamic(t, row_dim + 1)
+    return stores
 
 
 __all__ = ["CompiledDecoder", "PackedWeights", "decode_graph", "mtp_graph", "row_bucket", "REDUCTION_ROWS", "MAX_ROWS",
