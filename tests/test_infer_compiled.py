@@ -132,25 +132,24 @@ def test_a_batch_runs_padded_to_its_bucket_without_touching_the_padding_rows(tin
 
 @needs_compiler
 def test_a_bucket_compiles_once_for_every_cache_length_and_allocation(tiny):
-    """The cache length (every step) and the allocated length (the engine grows its cache for a
-    longer generation) are dynamic from the first call: the first generation compiles one graph
-    for all its steps, and a second one with a longer prompt, more tokens and a larger cache
-    compiles nothing new (each compile costs tens of seconds)."""
+    """The cache length (every step) and the allocation's length and row count (the engine grows
+    its cache for a longer generation or a larger batch) are dynamic from the first call: the first
+    generation compiles one graph for all its steps, and a later one of the same batch size with a
+    longer prompt, more tokens and a larger cache compiles nothing new (each compile costs tens of
+    seconds)."""
     from torch._dynamo.utils import counters
 
     engine = Engine(tiny, compile=True)
-    short = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
-    longer = SamplingParams(max_new_tokens=9, temperature=0, ignore_eos=True)
-    before = counters["stats"]["unique_graphs"]
-    first = engine.generate(_prompts([5], seed=7), short)  # contexts stay below index_topk (24)
-    allocated, compiled = engine._cache.max_len, counters["stats"]["unique_graphs"]
-    assert compiled == before + 1  # one graph for the 3 decode steps' cache lengths
-    second = engine.generate(_prompts([11], seed=8), longer)
-    assert engine._cache.max_len > allocated  # the cache was re-allocated, longer
-    assert counters["stats"]["unique_graphs"] == compiled
+    runs = [([5], 4, 1), ([6, 7], 5, 1), ([11], 9, 0)]  # prompt lengths, new tokens, graphs expected
+    for seed, (lengths, n, graphs) in enumerate(runs):  # contexts stay below index_topk (24)
+        prompts = _prompts(lengths, seed=seed)
+        before, allocated = counters["stats"]["unique_graphs"], engine._cache
+        results = engine.generate(prompts, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))
+        assert counters["stats"]["unique_graphs"] - before == graphs
+        for result, prompt in zip(results, prompts):
+            assert result.token_ids == _full_recompute(tiny, prompt, n)
+    assert allocated is not engine._cache and engine._cache.c_kv.shape[1] == 2  # re-allocated, 2 rows
     assert engine.runner.failed is None
-    for result, prompt, n in ((first, _prompts([5], seed=7)[0], 4), (second, _prompts([11], seed=8)[0], 9)):
-        assert result[0].token_ids == _full_recompute(tiny, prompt, n)
 
 
 @needs_compiler

@@ -19,7 +19,7 @@ Three choices matter for speed on CPU (measured in docs/INFERENCE.md):
   is an input, never copied, and the new tokens' keys are returned and written after the step.
 
 The cache length changes every step and the engine re-allocates a longer cache for a longer
-generation: both are marked dynamic from the first call (`_length_marker`, `_cache_inputs`), so one
+generation: both are marked dynamic from the first call (`_length_marker`, `_allocation`), so one
 graph serves every length and allocation (left to automatic dynamic shapes, each would be a constant
 in the first graph and cost a recompile when it first changed). The batch size stays a constant: a batch runs
 padded to its row bucket (ROW_BUCKETS), one graph per bucket (and per tokens-per-row count), and
@@ -267,23 +267,28 @@ def _visible(positions: torch.Tensor, S: int) -> torch.Tensor:
     return torch.cat([seen_old.expand(B, T, S), causal.expand(B, T, T)], -1).unsqueeze(2)
 
 
-def decode_graph(unpack, d: _Shape, flats, h, positions, c_cache, r_cache, cached: torch.Tensor, last_only: bool):
+def decode_graph(unpack, d: _Shape, flats, h, positions, c_alloc, r_alloc, cached: torch.Tensor, last_only: bool):
     """The decode forward as a pure function (what torch.compile traces).
 
     unpack(flats): the weights by state-dict name (PackedWeights); h (B, T, H) embeddings of the step's
     tokens at positions (B, T) = lengths[b] + t, lengths the tokens already cached per row;
-    c_cache (2L, B, max_len, kv), r_cache (2L, B, max_len, rope) the cache, of which the first
-    S = max(lengths) positions are read (passing the whole allocation keeps its shape static:
-    a symbolic slice would add shape guards that cost more per call than the slicing); S comes in
-    as the length of `cached` (`_length_marker`), a size marked dynamic from the first call.
+    c_alloc (2L * R, max_len, kv), r_alloc (2L * R, max_len, rope) the whole cache allocation of
+    R >= B rows with its sublayer and row dims merged (`_allocation`: R and max_len are then plain
+    sizes, dynamic from the first call, where a view of B rows would carry R in a stride and
+    recompile when R changes), of which rows 0..B-1 and the first S = max(lengths) positions are
+    read; S comes in as the length of `cached` (`_length_marker`), also dynamic from the first call.
     Returns logits (B, 1 or T, V), pre-norm hidden (B, T, H), the new keys of every sublayer,
     c_kv (2L, B, T, kv) and k_rope (2L, B, T, rope), and for LSA models the input of each layer's
     first attention sublayer (L, B, T, H), from which the caller computes the indexer keys (in the
     graph, the indexer's rope trips a symbolic-stride check of inductor in torch 2.13), else None.
     """
     W = unpack(flats)
-    S = cached.shape[0]
-    c_old, r_old = c_cache[:, :, :S], r_cache[:, :, :S]
+    S, B = cached.shape[0], h.shape[0]
+    R = c_alloc.shape[0] // (2 * d.layers)  # rows of the allocation
+    # sublayer j's first B rows and S positions, (B, S, .): sliced, never reshaped (a reshape would
+    # make R a size, specialised by torch.compile when it is 1)
+    c_old = [c_alloc[j * R : j * R + B, :S] for j in range(2 * d.layers)]
+    r_old = [r_alloc[j * R : j * R + B, :S] for j in range(2 * d.layers)]
     cos, sin = _rotary(W["rotary.inv_freq"], positions, d, h.dtype)
     visible = _visible(positions, S)  # (B, T, 1, S + T)
     new_c, new_r, index_inputs = [], [], []
@@ -417,11 +422,11 @@ class CompiledDecoder:
         n_sub = 2 * self.config.num_layers
         h = model.embed(ids, history)
         rows = self.rows_for(B, cache)
-        c_cache, r_cache = _widened(cache.c_kv[:n_sub], 1, rows), _widened(cache.k_rope[:n_sub], 1, rows)
         try:
             logits, hidden, new_c, new_r, keys = self._graph(
                 self.packed.flats, *_static_rows(_pad(h, rows), _pad(positions, rows), dims=(0, 0)),
-                *_cache_inputs(c_cache, r_cache, row_dim=1), _length_marker(S), last_only)
+                _allocation(cache.c_kv[:n_sub], cache.allocated_rows),
+                _allocation(cache.k_rope[:n_sub], cache.allocated_rows), _length_marker(S), last_only)
         except Exception as error:  # noqa: BLE001 - any compiler failure: decode eagerly instead
             self._failed(error)
             return self.fallback.forward(ids, positions, cache, history, last_only=last_only)
@@ -513,13 +518,24 @@ def _static_rows(*tensors: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.T
 
 
 def _cache_inputs(*stores: torch.Tensor, row_dim: int) -> tuple[torch.Tensor, ...]:
-    """The cache allocation as graph inputs: rows static (one graph per bucket), the allocated
+    """One cache sublayer's rows as graph inputs: rows static (one graph per bucket), the allocated
     length (the dim after the rows) dynamic from the first call, so that a cache grown for a longer
     generation reuses the graphs instead of compiling them again."""
     for t in stores:
         torch._dynamo.mark_static(t, row_dim)
         torch._dynamo.maybe_mark_dynamic(t, row_dim + 1)
     return stores
+
+
+def _allocation(store: torch.Tensor, rows: int) -> torch.Tensor:
+    """`store` (sublayers, rows 0.., max_len, d), a view of the cache allocation, widened to all its
+    `rows` and viewed with the sublayer and row dims merged: (sublayers * rows, max_len, d), both
+    sizes dynamic from the first call. Any view of fewer rows has the allocation's row count in its
+    sublayer stride, and a new count (the engine grows its cache for a larger batch) would recompile."""
+    merged = _widened(store, 1, rows).view(store.shape[0] * rows, *store.shape[2:])  # a view: never a copy
+    torch._dynamo.maybe_mark_dynamic(merged, 0)
+    torch._dynamo.maybe_mark_dynamic(merged, 1)
+    return merged
 
 
 __all__ = ["CompiledDecoder", "PackedWeights", "decode_graph", "mtp_graph", "row_bucket", "REDUCTION_ROWS", "MAX_ROWS",
