@@ -382,9 +382,10 @@ class CompiledDecoder:
 
     @staticmethod
     def _compile(fn):
-        # Automatic dynamic shapes: static until a size is seen to change (the cache length S every
-        # step, batch rows as sequences finish), then symbolic. The weights' shapes stay constants:
-        # cheap guards and constant loop bounds in the generated code.
+        # Sizes are static unless marked: the cache length and allocation are marked dynamic from
+        # the first call (_length_marker, _allocation), batch rows static (one graph per bucket);
+        # anything else that changes becomes symbolic after the change (automatic dynamic shapes).
+        # The weights' shapes stay constants: cheap guards and constant loop bounds in the code.
         return torch.compile(fn, dynamic=None, fullgraph=True, options=dict(INDUCTOR_OPTIONS))
 
     def _failed(self, error: Exception) -> None:
