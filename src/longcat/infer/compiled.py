@@ -37,6 +37,7 @@ unsupported device), the engine warns once and decodes with `FastDecoder`.
 from __future__ import annotations
 
 import functools
+import mmap
 import warnings
 from dataclasses import dataclass
 
@@ -121,6 +122,30 @@ class _Shape:
                    model.layers[0].mlp.num_experts, router.top_k, router.scaling, attn.indexer is not None)
 
 
+# Below this, a buffer gains little from huge pages (a huge page is 2 MB).
+HUGE_PAGE_MIN_BYTES = 4 << 20
+
+
+def _weight_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised buffer for the packed weights. On CPU under Linux, fresh private memory
+    advised for transparent huge pages (THP in "madvise" mode, the common default, gives them only
+    to memory that asks): every decode step streams all the weights, and with 4 KB pages each page
+    costs a TLB miss and stops the hardware prefetchers at its boundary. Measured on the `small`
+    preset, bare decode graph, one thread: batch 1 1.8-2.1 -> 1.3-1.4 ms, batch 8 6.0-6.4 -> 4.5-4.6
+    ms. Elsewhere, or if the OS refuses, an ordinary allocation."""
+    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    advise = getattr(mmap, "MADV_HUGEPAGE", None)
+    if torch.device(device).type != "cpu" or advise is None or nbytes < HUGE_PAGE_MIN_BYTES:
+        return torch.empty(numel, dtype=dtype, device=device)
+    try:
+        # private and anonymous: shared anonymous memory is shmem, which THP does not back by default
+        memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        memory.madvise(advise)  # before the first touch: pages fault in huge
+    except (OSError, ValueError, AttributeError):
+        return torch.empty(numel, dtype=dtype, device=device)
+    return torch.frombuffer(memory, dtype=dtype, count=numel)  # keeps `memory` alive
+
+
 class PackedWeights:
     """The model's parameters and buffers, re-pointed into one flat buffer per dtype and device.
 
@@ -154,7 +179,7 @@ class PackedWeights:
             groups.setdefault((t.dtype, t.device), []).append(name)
         flats, self.where = [], {}
         for g, ((dtype, device), names) in enumerate(groups.items()):
-            flat = torch.empty(sum(tensors[n].numel() for n in names), dtype=dtype, device=device)
+            flat = _weight_buffer(sum(tensors[n].numel() for n in names), dtype, device)
             offset = 0
             for n in names:
                 t, size = tensors[n], tensors[n].numel()
