@@ -452,3 +452,46 @@ def test_generate_command_json_stream_and_run_directory(tiny, tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "run"), "--prompt-ids", "1,2,3", "--max-new-tokens",
                  "5000"]) == 2
     assert "context holds" in capsys.readouterr().err
+
+
+def _vma_field(address: int, field: str) -> int | None:
+    """`field` (e.g. THPeligible) of the memory mapping holding `address`, from /proc/self/smaps."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith(field + ":"):
+            return int(line.split()[1])
+    return None
+
+
+def test_packed_weights_live_in_huge_page_memory_where_the_os_offers_it(tmp_path):
+    """The compiled path's flat weight buffer is advised for transparent huge pages (the weights
+    stream every step; 4 KB pages cost a TLB miss each and stop the prefetchers), holds the model's
+    own weights, and saves and loads like any other."""
+    import sys
+    from pathlib import Path
+
+    from longcat import load, save_hf
+    from longcat.infer.compiled import HUGE_PAGE_MIN_BYTES, PackedWeights, _weight_buffer
+
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if sys.platform != "linux" or not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("no transparent huge pages on this machine")
+    small = _weight_buffer(16, torch.float32, torch.device("cpu"))
+    assert small.numel() == 16 and _vma_field(small.data_ptr(), "THPeligible") in (0, None)
+    model = build_model(preset("small"), seed=0).eval()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    packed = PackedWeights(model)
+    (flat,) = packed.flats
+    assert flat.numel() * 4 > HUGE_PAGE_MIN_BYTES
+    assert _vma_field(flat.data_ptr(), "THPeligible") == 1
+    weight = model.lm_head.weight
+    assert flat.data_ptr() <= weight.data_ptr() < flat.data_ptr() + flat.numel() * 4  # the model's own
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    save_hf(model, tmp_path / "m")
+    for name, value in load(tmp_path / "m").state_dict().items():
+        assert torch.equal(value, expected[name]), name
