@@ -39,7 +39,7 @@ def register(subparsers) -> None:
                    help="draft N tokens per step with the MTP heads (default: 0 = plain decoding)")
     p.add_argument("--compile", action="store_true",
                    help="run decode steps as one torch.compile'd graph: 3-4x faster decoding at batch 1 "
-                        "on one CPU thread (4-5x on two), after tens of seconds of compilation on first use "
+                        "on one CPU thread (3-5x on two), after tens of seconds of compilation on first use "
                         "(cached on disk)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--json", action="store_true",
