@@ -6,7 +6,7 @@ altogether: the step is written as one pure function of the model's parameters, 
 embeddings and a read-only view of the latent cache, and inductor turns it into a handful of fused
 C++ loops called from a C++ wrapper (`cpp_wrapper`), with no Python between them.
 
-Three choices matter for speed on CPU (measured in docs/INFERENCE.md):
+Four choices matter for speed on CPU (measured in docs/INFERENCE.md):
 
 - Weight products with few rows are written as multiply-and-sum reductions, which inductor
   generates and fuses with the norm or activation around them. MKL's GEMV on PyTorch's
@@ -17,15 +17,18 @@ Three choices matter for speed on CPU (measured in docs/INFERENCE.md):
   cache the second time, and zero-computation slots pointed at an expert the token already uses.
 - Attention runs over the cached latents in place (absorbed MLA, one shared key head): the cache
   is an input, never copied, and the new tokens' keys are returned and written after the step.
+- The weights live in one flat buffer in transparent huge pages (`PackedWeights`,
+  `_weight_buffer`): every step streams them all, and 4 KB pages cost a TLB miss each.
 
-The cache length changes every step and the engine re-allocates a longer cache for a longer
-generation: both are marked dynamic from the first call (`_length_marker`, `_allocation`), so one
-graph serves every length and allocation (left to automatic dynamic shapes, each would be a constant
-in the first graph and cost a recompile when it first changed). The batch size stays a constant: a batch runs
-padded to its row bucket (ROW_BUCKETS), one graph per bucket (and per tokens-per-row count), and
-finishing rows move it down the buckets instead of making it a symbol. Compilation takes tens of
-seconds per graph the first time and is cached on disk by inductor afterwards. The weights go in
-as a few flat buffers (`PackedWeights`): every graph input costs guard checks on every call.
+The cache length changes every step and the engine re-allocates its cache for a longer generation
+or a larger batch: the length and the allocation are marked dynamic from the first call
+(`_length_marker`, `_allocation`), so one graph serves every length and allocation (left to
+automatic dynamic shapes, each would be a constant in the first graph and cost a recompile when it
+first changed). The batch size stays a constant: a batch runs padded to its row bucket
+(ROW_BUCKETS), one graph per bucket (and per tokens-per-row count), and finishing rows move it down
+the buckets instead of making it a symbol. Compilation takes tens of seconds per graph the first
+time and is cached on disk by inductor afterwards. The weights go in as a few flat buffers
+(`PackedWeights`): every graph input costs guard checks on every call.
 
 The MTP draft heads and the output head they feed are compiled the same way (`mtp_graph`,
 `head_graph`). Where a compiled graph does not apply, steps run through `FastDecoder` with the
@@ -133,7 +136,7 @@ def _weight_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torc
     costs a TLB miss and stops the hardware prefetchers at its boundary. Measured on the `small`
     preset, bare decode graph, one thread: batch 1 1.8-2.1 -> 1.3-1.4 ms, batch 8 6.0-6.4 -> 4.5-4.6
     ms. Elsewhere, or if the OS refuses, an ordinary allocation."""
-    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     advise = getattr(mmap, "MADV_HUGEPAGE", None)
     if torch.device(device).type != "cpu" or advise is None or nbytes < HUGE_PAGE_MIN_BYTES:
         return torch.empty(numel, dtype=dtype, device=device)
