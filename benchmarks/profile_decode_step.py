@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import os
 import re
 import shutil
@@ -66,9 +67,6 @@ from longcat.infer import compiled as C  # noqa: E402
 from longcat.infer.benchmark import comparable_config  # noqa: E402
 from longcat.model import LatentCache, build_model  # noqa: E402
 
-SKIPPED = ("mtp.", "embed_tokens.", "ngram.")  # what the decode graph does not read
-
-
 def build_step(batch: int, cached: int, pinned: bool):
     """(compiled graph, its arguments, packed weights) for one decode step of `batch` rows."""
     config = comparable_config("small")
@@ -84,12 +82,9 @@ def build_step(batch: int, cached: int, pinned: bool):
     cache = LatentCache(config, batch, cached + 64)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, config.vocab_size, (batch, 1), generator=g)
-    positions = torch.full((batch, 1), cached)
     with torch.inference_mode():
         h = model.embed(ids, None)
-    n_sub = 2 * config.num_layers
-    args = (decoder.packed.flats, *C._static_rows(h, positions, dims=(0, 0)), C._allocation(cache.c_kv[:n_sub], batch),
-            C._allocation(cache.k_rope[:n_sub], batch), C._length_marker(cached), True)
+    args = (*decoder.graph_inputs(h, torch.full((batch, 1), cached), cache, cached, batch), True)
     return decoder._graph, args, decoder.packed
 
 
@@ -193,14 +188,15 @@ def attribute(graph, args, packed, seconds: float) -> None:
                 line_of[address] = int(number)
     nests = _loop_nests(source)
     spans = sorted((offset, offset + size, name) for name, (g, offset, size, shape) in packed.where.items()
-                   if not name.startswith(SKIPPED))
+                   if not name.startswith(C.NOT_IN_DECODE_GRAPH))
 
-    def weights(first: int, last: int) -> set[str]:
+    @functools.cache
+    def weights(first: int, last: int) -> frozenset[str]:
         body = "\n".join(source[first - 1 : last])
         found = set()
         for offset in map(int, re.findall(r"in_ptr\d+ \+ static_cast<int64_t>\((\d+)L \+", body)):
             found.update(name for lo, hi, name in spans if lo <= offset < hi)
-        return found
+        return frozenset(found)
 
     by_part: collections.Counter = collections.Counter()
     by_nest: collections.Counter = collections.Counter()

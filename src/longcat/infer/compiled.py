@@ -61,6 +61,8 @@ MAX_ROWS = 64
 # row reuses a graph instead of compiling another, and the batch size stays a constant in generated
 # code (a symbolic row count turns the weight loops into a slower generic form).
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# Tensors the decode graph does not read (the MTP heads have graphs of their own; embeddings run outside).
+NOT_IN_DECODE_GRAPH = ("mtp.", "embed_tokens.", "ngram.")
 
 
 def row_bucket(rows: int) -> int:
@@ -390,8 +392,7 @@ class CompiledDecoder:
     def _build(self) -> None:
         """The compiled graphs over the current flat buffers (torch.compile traces on first call)."""
         model, packed, shape = self.model, self.packed, _Shape.of(self.model)
-        skip = ("mtp.", "embed_tokens.", "ngram.")
-        main = {n: n for n in packed.where if not n.startswith(skip)}
+        main = {n: n for n in packed.where if not n.startswith(NOT_IN_DECODE_GRAPH)}
         self._graph = self._compile(functools.partial(decode_graph, packed.unpacker(main), shape))
         self._mtp = []  # per MTP depth, its compiled graph
         for i in range(len(model.mtp)):
@@ -452,10 +453,7 @@ class CompiledDecoder:
         h = model.embed(ids, history)
         rows = self.rows_for(B, cache)
         try:
-            logits, hidden, new_c, new_r, keys = self._graph(
-                self.packed.flats, *_static_rows(_pad(h, rows), _pad(positions, rows), dims=(0, 0)),
-                _allocation(cache.c_kv[:n_sub], cache.allocated_rows),
-                _allocation(cache.k_rope[:n_sub], cache.allocated_rows), _length_marker(S), last_only)
+            logits, hidden, new_c, new_r, keys = self._graph(*self.graph_inputs(h, positions, cache, S, rows), last_only)
         except Exception as error:  # noqa: BLE001 - any compiler failure: decode eagerly instead
             self._failed(error)
             return self.fallback.forward(ids, positions, cache, history, last_only=last_only)
@@ -470,6 +468,14 @@ class CompiledDecoder:
                 key = layer.self_attn[0].indexer.keys(keys[i], cos, sin)
                 cache.index_k[i, at, positions] = key.to(cache.index_k.dtype)
         return logits, hidden
+
+    def graph_inputs(self, h, positions, cache: LatentCache, cached: int, rows: int) -> tuple:
+        """decode_graph's inputs after `unpack, d` and before `last_only`: the flat weights, the
+        step's embeddings and positions padded to `rows`, the cache allocation, its length `cached`."""
+        n_sub = 2 * self.config.num_layers
+        return (self.packed.flats, *_static_rows(_pad(h, rows), _pad(positions, rows), dims=(0, 0)),
+                _allocation(cache.c_kv[:n_sub], cache.allocated_rows),
+                _allocation(cache.k_rope[:n_sub], cache.allocated_rows), _length_marker(cached))
 
     def mtp(self, depth: int, emb, prev, positions, cache: LatentCache):
         """MTP head `depth` (1-based) over its cache sublayer, positions (B, T) consecutive from the
@@ -568,4 +574,4 @@ def _allocation(store: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 __all__ = ["CompiledDecoder", "PackedWeights", "decode_graph", "mtp_graph", "row_bucket", "REDUCTION_ROWS", "MAX_ROWS",
-           "ROW_BUCKETS"]
+           "ROW_BUCKETS", "NOT_IN_DECODE_GRAPH"]
