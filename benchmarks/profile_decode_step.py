@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 
+from longcat.config import ConfigError, parse_overrides, preset
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,12 +44,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pin-experts", action="store_true", help="also time the step with routing pinned to 8 experts")
     p.add_argument("--attribute", action="store_true", help="perf samples by loop nest and weight (needs perf)")
     p.add_argument("--seconds", type=float, default=5.0, help="perf sampling time per graph (default 5)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a field of the `small` preset (e.g. hidden_size=512), as `longcat bench infer`")
     args = p.parse_args(argv)
     for name in ("batch", "threads", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
     if args.cached < 1 or args.seconds <= 0:
         p.error("--cached must be at least 1 and --seconds positive")
+    try:
+        args.overrides = parse_overrides(args.overrides)
+        preset("small", **args.overrides)  # checked here: names and values
+    except ConfigError as error:
+        p.error(str(error))
     return args
 
 
@@ -67,9 +76,9 @@ from longcat.infer import compiled as C  # noqa: E402
 from longcat.infer.benchmark import comparable_config  # noqa: E402
 from longcat.model import LatentCache, build_model  # noqa: E402
 
-def build_step(batch: int, cached: int, pinned: bool):
+def build_step(batch: int, cached: int, pinned: bool, overrides: dict | None = None):
     """(compiled graph, its arguments, packed weights) for one decode step of `batch` rows."""
-    config = comparable_config("small")
+    config = comparable_config("small", **(overrides or {}))
     model = build_model(config, seed=0).eval()
     if pinned:
         with torch.no_grad():
@@ -230,10 +239,11 @@ def main() -> None:
     args = ARGS or parse_args()
     torch.set_num_threads(args.threads)
     variants = [("routed as trained", False)] + ([("pinned to 8 experts", True)] if args.pin_experts else [])
-    print(f"compiled decode step, `small` preset, batch {args.batch}, {args.cached} cached tokens, "
+    overridden = "".join(f", {k}={v}" for k, v in args.overrides.items())
+    print(f"compiled decode step, `small` preset{overridden}, batch {args.batch}, {args.cached} cached tokens, "
           f"{args.threads} thread(s); compiling ...", flush=True)
     for label, pinned in variants:
-        graph, step_args, packed = build_step(args.batch, args.cached, pinned)
+        graph, step_args, packed = build_step(args.batch, args.cached, pinned, args.overrides)
         ms = time_step(graph, step_args, args.rounds)
         print(f"{label:22s} {ms:7.3f} ms/step  ({args.batch / ms * 1e3:7.0f} tokens/s, graph only)", flush=True)
         if args.attribute:

@@ -13,8 +13,8 @@ Four choices matter for speed on CPU (measured in docs/INFERENCE.md):
   (out, in) weight layout streams weights at about a third of this machine's memory bandwidth;
   the generated loop reads each weight row once, for every row of the input.
 - The MoE runs only the chosen experts with static shapes: every (token, slot) pair reads its
-  expert's weights by index, pairs sorted by expert so that an expert chosen twice is read from
-  cache the second time, and zero-computation slots pointed at an expert the token already uses.
+  expert's weights by index, and zero-computation slots point at an expert the token already uses
+  (read from cache).
 - Attention runs over the cached latents in place (absorbed MLA, one shared key head): the cache
   is an input, never copied, and the new tokens' keys are returned and written after the step.
 - The weights live in one flat buffer in transparent huge pages (`PackedWeights`,
@@ -49,11 +49,17 @@ import torch.nn.functional as F
 
 from ..model import LatentCache, LongCatForCausalLM
 from ..model.layers import apply_rope
+from . import kernels
 from .decode import FastDecoder
 
 # Rows (tokens in flight) up to which weight products are generated reductions on CPU; above it,
 # the BLAS GEMM, whose register blocking wins once the weights are reused across many rows.
 REDUCTION_ROWS = 8
+# Rows from which those products call the prefetching kernel (kernels.py) when it is built: with 4
+# and more rows the hardware prefetchers fall behind the arithmetic (bare step, one thread: 2.9-3.1
+# -> 2.2-2.4 ms at 4 rows, 4.4-4.6 -> 3.9-4.0 ms at 8); with 1 or 2, the generated loop fused with
+# the norm or activation before it is as fast or faster.
+KERNEL_ROWS = 4
 INDUCTOR_OPTIONS = {"cpp_wrapper": True}
 # Rows up to which a step runs compiled at all (beyond, the gathered-expert MoE does too much work).
 MAX_ROWS = 64
@@ -82,6 +88,10 @@ def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
     if x.device.type != "cpu" or rows > REDUCTION_ROWS:
         return F.linear(x, w)
+    if isinstance(rows, int) and rows >= KERNEL_ROWS and kernels.rows_linear_applies(x, w, rows):
+        # the generated loop plus a weight prefetch (csrc/rows_linear.cpp)
+        y = torch.ops.longcat.rows_linear(x.reshape(rows, x.shape[-1]), w)  # (rows, out)
+        return y.reshape(*x.shape[:-1], w.shape[0])
     flat = _realized(x.reshape(rows, x.shape[-1]))
     if isinstance(rows, int) and rows > 1:
         # a known, small row count: one single-row reduction each (vectorised along `in`, the
@@ -255,7 +265,7 @@ def _mlp(W, p: str, x: torch.Tensor) -> torch.Tensor:
 
 def _moe(W, p: str, d: _Shape, x: torch.Tensor) -> torch.Tensor:
     """The MoE block with static shapes: route as the model does, then every (token, slot) pair
-    reads its own expert's weights (sorted by expert, so a repeated expert is read from cache)."""
+    reads its own expert's weights, in (token, slot) order."""
     shape = x.shape
     x = x.reshape(-1, shape[-1])  # (M, H)
     N, k = d.experts, d.top_k
@@ -266,20 +276,19 @@ def _moe(W, p: str, d: _Shape, x: torch.Tensor) -> torch.Tensor:
     out = x * (weights * ~is_ffn).sum(-1, keepdim=True).to(x.dtype)  # zero-computation (identity) experts
     # identity slots borrow an expert their token already uses (weight 0): its rows are cache-hot
     borrowed = indices.gather(1, is_ffn.int().argmax(1, keepdim=True))
-    expert = torch.where(is_ffn, indices, borrowed).clamp(max=N - 1).flatten()  # (P,) P = M*k pairs
-    # sorted expert ids come out of the sort itself: indexing with them is then one load per pair,
-    # not a chain of gathers inside every weight loop
-    expert, order = torch.sort(expert, stable=True)
-    gate = (weights * is_ffn).flatten()[order].to(x.dtype)  # (P,)
-    token = order // k  # (P,) the token of each pair
-    xs = _realized(x[token])  # (P, H)
+    # realized: one load per pair in the weight loops, not the chain of gathers that computes it
+    expert = _realized(torch.where(is_ffn, indices, borrowed).clamp(max=N - 1).flatten())  # (P,) P = M*k
+    gate = (weights * is_ffn).flatten().to(x.dtype)  # (P,)
+    xs = _realized(x[:, None, :].expand(-1, k, -1).reshape(-1, shape[-1]))  # (P, H)
     gate_up = (W[p + "experts.gate_up_proj"][expert] * xs[:, None, :]).sum(-1)  # (P, 2F)
     g, u = gate_up.chunk(2, dim=-1)
     act = _realized(F.silu(g) * u)  # (P, F)
-    # realized in pair order (each expert's rows read once, while cache-hot), then added to the
-    # tokens: fused into the per-token sum, every output element would walk all k experts' rows
+    # realized per pair (each expert's rows read once): fused into the per-token sum instead,
+    # every output element would walk all k experts' rows. The sum is over a reshape, not an
+    # index_add: a scatter here was read before it was complete when inductor fused it with its
+    # readers (torch 2.13, seen with an extern kernel after it)
     y = _realized((W[p + "experts.down_proj"][expert] * act[:, None, :]).sum(-1) * gate[:, None])  # (P, H)
-    return out.index_add(0, token, y).reshape(shape)
+    return (out + y.view(-1, k, shape[-1]).sum(1)).reshape(shape)
 
 
 def _rotary(inv_freq: torch.Tensor, positions: torch.Tensor, d: _Shape, dtype: torch.dtype):
@@ -386,6 +395,7 @@ class CompiledDecoder:
         self.failed: str | None = None  # why compilation failed, once it has
         # graphs: batch 1 or more, 1 or more tokens per row, last-only logits or all, reductions or GEMMs
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        kernels.rows_linear_enabled()  # built before tracing (once per machine); warns if it cannot be
         self.packed = PackedWeights(model)
         self._build()
 
