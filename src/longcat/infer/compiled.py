@@ -6,12 +6,15 @@ altogether: the step is written as one pure function of the model's parameters, 
 embeddings and a read-only view of the latent cache, and inductor turns it into a handful of fused
 C++ loops called from a C++ wrapper (`cpp_wrapper`), with no Python between them.
 
-Four choices matter for speed on CPU (measured in docs/INFERENCE.md):
+Five choices matter for speed on CPU (measured in docs/INFERENCE.md):
 
 - Weight products with few rows are written as multiply-and-sum reductions, which inductor
   generates and fuses with the norm or activation around them. MKL's GEMV on PyTorch's
   (out, in) weight layout streams weights at about a third of this machine's memory bandwidth;
   the generated loop reads each weight row once, for every row of the input.
+- With 4-8 rows those products call a hand-written C++ kernel instead (`longcat::rows_linear`,
+  kernels.py): the same loop plus a software prefetch of the weights, which keeps the weight
+  stream ahead of the arithmetic.
 - The MoE runs only the chosen experts with static shapes: every (token, slot) pair reads its
   expert's weights by index, and zero-computation slots point at an expert the token already uses
   (read from cache).
@@ -395,7 +398,8 @@ class CompiledDecoder:
         self.failed: str | None = None  # why compilation failed, once it has
         # graphs: batch 1 or more, 1 or more tokens per row, last-only logits or all, reductions or GEMMs
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        kernels.rows_linear_enabled()  # built before tracing (once per machine); warns if it cannot be
+        if next(model.parameters()).device.type == "cpu":
+            kernels.rows_linear_enabled()  # built before tracing (once per machine); warns if it cannot be
         self.packed = PackedWeights(model)
         self._build()
 
