@@ -8,7 +8,7 @@ generated loops.
 
 The build needs what the compiled step needs anyway (a C++ compiler, as inductor uses) and an x86
 CPU with AVX2+FMA or AVX-512. It takes about ten seconds once; the library is cached under
-`$LONGCAT_CACHE_DIR` (default `~/.cache/longcat`), keyed by the source, torch version, compiler and
+`$LONGCAT_CACHE_DIR/kernels` (default `~/.cache/longcat/kernels`), keyed by the source, torch version, compiler and
 CPU. `LONGCAT_CPU_KERNELS=0` turns the kernels off. If the build fails, a warning says why, once,
 and decoding goes on without them.
 """
@@ -31,14 +31,14 @@ SOURCE = Path(__file__).with_name("csrc") / "rows_linear.cpp"
 MAX_ROWS = 8  # rows the kernel handles (a compile-time accumulator count per row count)
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "enabled": bool, "why": str when not
-_enabled = False  # what rows_linear_enabled() found; read (not built) while torch.compile traces
+_enabled: bool | None = None  # None until rows_linear_enabled() ran; read (not built) while torch.compile traces
+_why: str | None = None  # why not, when not
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("LONGCAT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "longcat")
-    return Path(root) / "kernels"
+    from ..data.tokens import default_cache_dir  # $LONGCAT_CACHE_DIR, else $XDG_CACHE_HOME/longcat, ...
+
+    return default_cache_dir() / "kernels"
 
 
 def _compiler() -> str:
@@ -114,10 +114,11 @@ def _registered() -> bool:
 def rows_linear_enabled() -> bool:
     """Whether `torch.ops.longcat.rows_linear` can be used; builds and loads it on the first call.
     A failed build warns once (RuntimeWarning, with the reason) and returns False from then on."""
-    if "enabled" in _state:
-        return bool(_state["enabled"])
+    global _enabled, _why
+    if _enabled is not None:
+        return _enabled
     with _lock:
-        if "enabled" not in _state:
+        if _enabled is None:
             why = unsupported_reason()
             if why is None and not _registered():
                 try:
@@ -125,30 +126,27 @@ def rows_linear_enabled() -> bool:
                 except (RuntimeError, OSError) as error:
                     why = str(error)
                     warnings.warn(f"longcat: the CPU decode kernel could not be built ({why}); decoding uses "
-                                  "generated loops instead (same results, slower at batch > 1)",
+                                  "generated loops instead (same results, slower at 4 or more rows)",
                                   RuntimeWarning, stacklevel=3)
-            _state["enabled"], _state["why"] = why is None, why
-            global _enabled
-            _enabled = why is None
-    return bool(_state["enabled"])
+            _why, _enabled = why, why is None
+    return _enabled
 
 
 def disabled_reason() -> str | None:
     """Why rows_linear is not in use (after rows_linear_enabled() was called), or None."""
-    return _state.get("why")  # type: ignore[return-value]
+    return _why
 
 
 def rows_linear_applies(x: torch.Tensor, w: torch.Tensor, rows: int) -> bool:
     """Whether x (viewed as `rows` rows) @ w.T can run through the kernel. Builds nothing (it runs
     inside torch.compile's tracing): call rows_linear_enabled() first, outside the compiled code."""
-    return (_enabled and 1 <= rows <= MAX_ROWS and x.device.type == "cpu" and w.device.type == "cpu"
+    return (_enabled is True and 1 <= rows <= MAX_ROWS and x.device.type == "cpu" and w.device.type == "cpu"
             and x.dtype == torch.float32 and w.dtype == torch.float32 and w.dim() == 2 and w.is_contiguous())
 
 
 def _reset_for_tests() -> None:
-    global _enabled
-    _state.clear()
-    _enabled = False
+    global _enabled, _why
+    _enabled = _why = None
 
 
 __all__ = ["rows_linear_enabled", "rows_linear_applies", "disabled_reason", "unsupported_reason", "cache_dir"]
