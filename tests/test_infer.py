@@ -334,6 +334,11 @@ def test_prompt_that_does_not_fit_is_refused_or_truncated_on_request(tiny):
         engine.generate([long_prompt], GREEDY)
     r = engine.generate([long_prompt], GREEDY, truncate_prompt=True)[0]
     assert r.prompt_token_ids == long_prompt[-40:] and len(r.token_ids) == 24
+    # no prompt fits beside 64 new tokens in 64 positions: truncation cannot help, and is not offered
+    for truncate in (False, True):
+        with pytest.raises(GenerationError, match="asks for 64 new tokens") as refused:
+            engine.generate([[5, 6]], SamplingParams(max_new_tokens=64, temperature=0), truncate_prompt=truncate)
+        assert "truncat" not in str(refused.value)
     with pytest.raises(GenerationError, match="tokenizer"):
         engine.generate(["text"], GREEDY)
     with pytest.raises(GenerationError, match="vocabulary"):
@@ -452,6 +457,11 @@ def test_generate_command_json_stream_and_run_directory(tiny, tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "run"), "--prompt-ids", "1,2,3", "--max-new-tokens",
                  "5000"]) == 2
     assert "context holds" in capsys.readouterr().err
+    missing_device = "cuda:4096" if torch.cuda.is_available() else "cuda"
+    assert main(args + ["--device", missing_device]) == 2
+    assert f"--device {missing_device}: " in capsys.readouterr().err
+    assert main(args + ["--threads", "0"]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
 
 
 def _vma_field(address: int, field: str) -> int | None:

@@ -107,6 +107,12 @@ def test_bad_input_gives_one_line_and_no_checkpoint(tmp_path, corpus, capsys, mo
     assert "unknown field 'hiden_size'" in _fail([*base, "--data", str(corpus), "--set", "model.hiden_size=8"], capsys)
     assert "'train.lr=fast'" in _fail([*base, "--data", str(corpus), "--set", "train.lr=fast"], capsys)
     assert "'optimizer' must be" in _fail([*base, "--data", str(corpus), "--set", "train.optimizer=sgd"], capsys)
+    # a device this machine lacks is refused before any data work (nothing written)
+    on_device = ["train", *TINY, "--out", str(tmp_path / "out_device"), "--steps", "2", "--data", str(corpus)]
+    assert "train.device='gpu0' is not a device" in _fail([*on_device, "--set", "train.device=gpu0"], capsys)
+    missing_device = "cuda:4096" if torch.cuda.is_available() else "cuda"
+    assert f"train.device='{missing_device}':" in _fail([*on_device, "--set", f"train.device={missing_device}"], capsys)
+    assert not (tmp_path / "out_device").exists()
 
     import longcat.data.corpus as corpus_mod
 

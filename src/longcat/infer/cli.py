@@ -51,8 +51,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-bos", action="store_true", help="do not put the beginning-of-text token before text prompts")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights and cache dtype (default: as stored)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu",
+                   help="torch device: cpu, cuda, cuda:N, mps, xpu, ..., or auto for the best one present (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=run)
 
 
@@ -130,11 +131,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import load
+    from ..devices import resolve_device
     from ..interop.safetensors_io import CheckpointError
     from .engine import Engine
     from .sampling import GenerationError, SamplingParams
 
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise _user_error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     prompts: list = list(args.prompt) + [_parse_ids(s) for s in args.prompt_ids]
     if not prompts:
@@ -147,8 +151,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.prompt:
         raise _user_error(f"no tokenizer.json next to {model_dir}: pass --tokenizer PATH, or give --prompt-ids")
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    device = resolve_device(args.device, setting="--device")
     try:
-        model = load(model_dir, device=args.device, dtype=dtype)
+        model = load(model_dir, device=device, dtype=dtype)
     except CheckpointError as exc:
         raise _user_error(str(exc)) from exc
     model.eval()

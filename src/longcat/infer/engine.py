@@ -361,13 +361,18 @@ class Engine:
             if p.stop and self.tokenizer is None:
                 raise GenerationError("stop strings need a tokenizer; use stop_token_ids with token-id prompts")
             room = self.max_seq_len - p.max_new_tokens
+            if room < 1:
+                raise GenerationError(
+                    f"prompt {i} asks for {p.max_new_tokens} new tokens, but the context holds {self.max_seq_len} "
+                    "(max_seq_len), prompt included: lower max_new_tokens below max_seq_len, or raise max_seq_len"
+                )
             if len(ids) > room:
-                if not truncate or room < 1:
+                if not truncate:
                     raise GenerationError(
                         f"prompt {i} has {len(ids)} tokens and asks for {p.max_new_tokens} new ones, but the "
                         f"context holds {self.max_seq_len} (max_seq_len): shorten the prompt, lower max_new_tokens, "
-                        "raise max_seq_len" + ("" if truncate else ", or allow truncation (truncate_prompt=True / "
-                                               "--truncate-prompt keeps the prompt's end)")
+                        "raise max_seq_len, or allow truncation (truncate_prompt=True / --truncate-prompt keeps the "
+                        "prompt's end)"
                     )
                 ids = ids[len(ids) - room :]
             stops = set(p.stop_token_ids)

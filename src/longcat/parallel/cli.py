@@ -61,6 +61,7 @@ def register(subparsers) -> None:
 def run_check(args) -> int:
     from ..cli import UserError
     from ..config import parse_overrides, preset
+    from ..devices import resolve_device
     from .engine import LossWeights
     from .launch import launch
     from .layout import ParallelLayout
@@ -72,6 +73,7 @@ def run_check(args) -> int:
     weights = LossWeights(mtp=args.mtp_weight, z_loss=args.z_loss, balance=args.balance_loss,
                           indexer=args.indexer_loss_weight)
     # Everything the workers would reject, rejected here first (no processes started).
+    resolve_device(args.device, setting="--device")
     layout.validate(
         config, args.nproc, seq_len=args.seq_len, global_batch=args.batch,
         with_mtp=weights.mtp > 0 and config.mtp_num_layers > 0,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from ..config import ConfigError, ModelConfig
+from ..devices import auto_device
 
 # Degrees, in mesh order (outermost first). ep is carved out of dp_shard.
 DEGREES = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep")
@@ -234,19 +235,7 @@ def device_type_for(device: str | torch.device | None = None) -> str:
     name = str(device or "auto")
     if name != "auto":
         return torch.device(name).type
-    if torch.cuda.is_available():
-        return "cuda"
-    try:
-        import torch_npu  # noqa: F401  (registers the 'npu' device)
-
-        if torch.npu.is_available():  # type: ignore[attr-defined]
-            return "npu"
-    except ImportError:
-        pass
-    accel = getattr(torch, "accelerator", None)
-    if accel is not None and accel.is_available():
-        return accel.current_accelerator().type
-    return "cpu"
+    return auto_device().type
 
 
 def backend_for(device_type: str) -> str:

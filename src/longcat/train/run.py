@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError
+from ..devices import resolve_device
 from . import checkpoint as ckpt
 from .config import RunConfig, run_config_from_dict
 from .trainer import EvalData, Trainer, TrainResult
@@ -116,6 +117,7 @@ def unigram_heldout_bpb(train: np.ndarray, heldout: np.ndarray, heldout_bytes: i
 
 
 def train_run(run: RunConfig, out_dir: Path, *, resume: bool, console) -> tuple[TrainResult, Trainer, PreparedData]:
+    resolve_device(run.train.device, setting="train.device")  # a device this machine lacks fails before the data work
     data = prepare_data(run, out_dir, resume=resume, console=console)
     run = with_tokenizer_ids(run, data.tokenizer)
     trainer = build_trainer(run, out_dir, data, resume=resume, console=console)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, ModelConfig, from_dict
+from ..devices import resolve_device
 from ..model import build_model, training_losses
 from . import checkpoint as ckpt
 from .config import RunConfig
@@ -121,17 +122,6 @@ def update_router_bias(model: torch.nn.Module, counts: torch.Tensor, rate: float
 # ---------------------------------------------------------------------------------------------------
 
 
-def resolve_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    accel = getattr(torch, "accelerator", None)
-    if accel is not None and accel.is_available():
-        return torch.device(accel.current_accelerator().type)
-    return torch.device("cpu")
-
-
 def cpu_has_bf16() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
@@ -201,7 +191,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, setting="train.device")
         self.autocast_dtype = resolve_precision(cfg.precision, self.device)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -553,5 +543,5 @@ class _Progress:
 
 __all__ = [
     "BatchSource", "EvalData", "Trainer", "TrainResult", "TrainingError", "router_target_share",
-    "update_router_bias", "resolve_device", "resolve_precision",
+    "update_router_bias", "resolve_precision",
 ]
