@@ -462,6 +462,10 @@ def test_generate_command_json_stream_and_run_directory(tiny, tmp_path, capsys):
     assert f"--device {missing_device}: " in capsys.readouterr().err
     assert main(args + ["--threads", "0"]) == 2
     assert "--threads must be >= 1" in capsys.readouterr().err
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a model")
+    assert main(["generate", "--model", str(a_file), "--prompt-ids", "1,2"]) == 2
+    assert "is a file; give a model directory" in capsys.readouterr().err
 
 
 def _vma_field(address: int, field: str) -> int | None:

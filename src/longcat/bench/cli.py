@@ -6,9 +6,26 @@ import argparse
 import json
 
 
+def _check(checks: list[tuple[str, bool, str]]) -> None:
+    """Every bad argument refused before a benchmark starts (they run for minutes)."""
+    from ..cli import UserError
+
+    for flag, ok, rule in checks:
+        if not ok:
+            raise UserError(f"{flag} {rule}")
+
+
 def run_model(args: argparse.Namespace) -> int:
     from ..config import parse_overrides
     from .model_bench import run_model_bench
+
+    _check([
+        ("--batch", args.batch >= 1, f"must be >= 1, got {args.batch}"),
+        ("--seq-len", args.seq_len >= 1, f"must be >= 1, got {args.seq_len}"),
+        ("--rounds", args.rounds >= 1, f"must be >= 1, got {args.rounds}"),
+        ("--warmup", args.warmup >= 0, f"must be >= 0, got {args.warmup}"),
+        ("--threads", args.threads is None or args.threads >= 1, f"must be >= 1, got {args.threads}"),
+    ])
 
     results = run_model_bench(
         args.preset,
@@ -41,8 +58,25 @@ def run_infer(args: argparse.Namespace) -> int:
     from ..config import parse_overrides
     from ..infer.benchmark import run_infer_bench
 
+    _check([
+        ("--prompt-lengths", all(n >= 1 for n in args.prompt_lengths), f"must all be >= 1, got {args.prompt_lengths}"),
+        ("--new-tokens", args.new_tokens >= 2,
+         f"must be >= 2 (decode speed is timed after the first token), got {args.new_tokens}"),
+        ("--batch", args.batch >= 1, f"must be >= 1, got {args.batch}"),
+        ("--rounds", args.rounds >= 1, f"must be >= 1, got {args.rounds}"),
+        ("--threads", args.threads >= 1, f"must be >= 1, got {args.threads}"),
+        ("--speculative", all(k >= 1 for k in args.speculative), f"draft counts must be >= 1, got {args.speculative}"),
+    ])
     if args.model is None and Path("runs/demo").is_dir():
         args.model = "runs/demo"
+    if args.model is not None:  # the speculative section comes last: a bad model fails now, not minutes later
+        from ..config import load_config
+        from ..infer.cli import _user_error, resolve_model_dir
+
+        model_dir = resolve_model_dir(args.model)
+        if load_config(model_dir).mtp_num_layers == 0:
+            raise _user_error(f"--model {args.model}: {model_dir} has no MTP heads (mtp_num_layers = 0), so there is "
+                              "nothing to draft with; give a model trained with MTP (make demo writes one)")
     report = run_infer_bench(
         args.preset, prompt_lengths=tuple(args.prompt_lengths), new_tokens=args.new_tokens, batch=args.batch,
         rounds=args.rounds, threads=args.threads, clock=args.clock, model_dir=args.model,

@@ -70,6 +70,9 @@ def resolve_model_dir(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise _user_error(f"model path {path} does not exist")
+    if not path.is_dir():
+        raise _user_error(f"model path {path} is a file; give a model directory (config.json and safetensors), "
+                          "a Hugging Face LongcatFlash directory or a training run directory")
     if path.is_dir() and not (path / "config.json").exists():
         from ..interop.native import newest_checkpoint
 
