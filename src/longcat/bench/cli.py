@@ -70,12 +70,13 @@ def run_infer(args: argparse.Namespace) -> int:
     if args.model is None and Path("runs/demo").is_dir():
         args.model = "runs/demo"
     if args.model is not None:  # the speculative section comes last: a bad model fails now, not minutes later
+        from ..cli import UserError
         from ..config import load_config
-        from ..infer.cli import _user_error, resolve_model_dir
+        from ..infer.cli import resolve_model_dir
 
         model_dir = resolve_model_dir(args.model)
         if load_config(model_dir).mtp_num_layers == 0:
-            raise _user_error(f"--model {args.model}: {model_dir} has no MTP heads (mtp_num_layers = 0), so there is "
+            raise UserError(f"--model {args.model}: {model_dir} has no MTP heads (mtp_num_layers = 0), so there is "
                               "nothing to draft with; give a model trained with MTP (make demo writes one)")
     report = run_infer_bench(
         args.preset, prompt_lengths=tuple(args.prompt_lengths), new_tokens=args.new_tokens, batch=args.batch,

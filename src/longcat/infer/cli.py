@@ -37,8 +37,8 @@ def register(subparsers) -> None:
                    help="report each token's logprob and the N likeliest alternatives (with --json)")
     p.add_argument("--speculative", type=int, default=0, metavar="N",
                    help="draft N tokens per step with the MTP heads (default: 0 = plain decoding); same output "
-                        "when greedy; on the demo model's CPU runs, 1.25x faster on the default path and break-even "
-                        "with --compile (docs/INFERENCE.md)")
+                        "when greedy; on the demo model's CPU runs, 1.25x faster on the default path, and with --compile "
+                        "break-even at 1 draft and slower with more (docs/INFERENCE.md)")
     p.add_argument("--compile", action="store_true",
                    help="run decode steps as one torch.compile'd graph: about 4x faster decoding at batch 1 "
                         "on one CPU thread (about 5x on two), after tens of seconds of compilation on first use "
@@ -73,7 +73,7 @@ def resolve_model_dir(path: str | Path) -> Path:
     if not path.is_dir():
         raise _user_error(f"model path {path} is a file; give a model directory (config.json and safetensors), "
                           "a Hugging Face LongcatFlash directory or a training run directory")
-    if path.is_dir() and not (path / "config.json").exists():
+    if not (path / "config.json").exists():
         from ..interop.native import newest_checkpoint
 
         found = newest_checkpoint(path)
