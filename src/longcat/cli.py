@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from .errors import UserError
+
 # Modules that contribute subcommands, in --help order.
 COMMAND_MODULES = [
     "longcat.info",
@@ -22,10 +24,6 @@ COMMAND_MODULES = [
     "longcat.serve.cli",
     "longcat.parallel.cli",
 ]
-
-
-class UserError(Exception):
-    """An error the user can fix; printed without a traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ import json
 
 def _check(checks: list[tuple[str, bool, str]]) -> None:
     """Every bad argument refused before a benchmark starts (they run for minutes)."""
-    from ..cli import UserError
+    from ..errors import UserError
 
     for flag, ok, rule in checks:
         if not ok:
@@ -70,7 +70,7 @@ def run_infer(args: argparse.Namespace) -> int:
     if args.model is None and Path("runs/demo").is_dir():
         args.model = "runs/demo"
     if args.model is not None:  # the speculative section comes last: a bad model fails now, not minutes later
-        from ..cli import UserError
+        from ..errors import UserError
         from ..config import load_config
         from ..infer.cli import resolve_model_dir
 

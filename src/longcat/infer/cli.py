@@ -60,7 +60,7 @@ def register(subparsers) -> None:
 
 
 def _user_error(message: str):
-    from ..cli import UserError
+    from ..errors import UserError
 
     return UserError(message)
 

@@ -59,7 +59,7 @@ def register(subparsers) -> None:
 
 
 def run_check(args) -> int:
-    from ..cli import UserError
+    from ..errors import UserError
     from ..config import parse_overrides, preset
     from ..devices import resolve_device
     from .engine import LossWeights

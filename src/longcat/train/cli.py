@@ -28,7 +28,7 @@ DEMO_MARKER = ".longcat-demo"
 
 
 def _user_error(exc: Exception):
-    from ..cli import UserError
+    from ..errors import UserError
 
     return UserError(str(exc))
 
