@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev,plot,serve]"
+	$(BIN)/pip install -q -e ".[dev,plot]"
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -27,14 +27,15 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
 
+# Benchmarks: `longcat bench --help`. Numbers and the commands behind them: docs/BENCHMARKS.md.
 bench-model: $(STAMP)
-	$(BIN)/python benchmarks/bench_model.py
+	$(BIN)/longcat bench model
 
 bench-infer: $(STAMP)
-	$(BIN)/python benchmarks/bench_infer.py
+	$(BIN)/longcat bench infer
 
 bench-plan: $(STAMP)
-	$(BIN)/python benchmarks/plan_vs_measured.py
+	$(BIN)/longcat bench plan
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

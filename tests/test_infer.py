@@ -97,9 +97,7 @@ class CharTokenizer:
 # exactness
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["fast-decoder", "model-forward"])
-def test_cached_decoding_equals_full_recomputation_with_sparse_attention(tiny, monkeypatch, fast):
-    import longcat.infer.decode as decode
+def test_cached_decoding_equals_full_recomputation_with_sparse_attention(tiny, monkeypatch):
     import longcat.model.attention as attention
 
     sparse_calls = []
@@ -111,9 +109,8 @@ def test_cached_decoding_equals_full_recomputation_with_sparse_attention(tiny, m
         return keep
 
     monkeypatch.setattr(attention, "select_tokens", counting)
-    monkeypatch.setattr(decode, "select_tokens", counting)
     prompts = _prompts([30, 7, 2])  # 30 + 24 > index_topk = 24: LSA selects tokens while decoding
-    results = Engine(tiny, prefill_chunk=8, fast=fast).generate(prompts, GREEDY)
+    results = Engine(tiny, prefill_chunk=8).generate(prompts, GREEDY)
     assert any(sparse_calls), "decode never ran the sparse selection over cached indexer keys"
     for prompt, result in zip(prompts, results):
         expected, _ = _full_recompute(tiny, prompt, GREEDY.max_new_tokens)
@@ -121,35 +118,38 @@ def test_cached_decoding_equals_full_recomputation_with_sparse_attention(tiny, m
         assert result.finish_reason == "length" and len(result.token_ids) == 24
 
 
-def test_fast_decoder_matches_model_forward_on_every_feature(tiny):
-    """Logits, hidden states and MTP heads of FastDecoder against model.forward, over the same cache
-    contents: rows at different positions, 3 tokens per row, sparse attention selecting tokens."""
-    from longcat.infer.decode import FastDecoder, ModelForward
+def test_decode_step_matches_the_full_forward_on_every_feature(tiny, monkeypatch):
+    """model.decode (absorbed attention over the cache, only the chosen experts) and decode_mtp
+    against model.forward without a cache (expanded attention, the grouped-GEMM experts) over the
+    same sequences: rows at different positions, 3 tokens per row, sparse attention selecting."""
+    import longcat.model.moe as moe
 
     c = tiny.config
     g = torch.Generator().manual_seed(3)
     B, P = 2, 34  # past index_topk = 24: LSA picks tokens
     ids = torch.randint(3, c.vocab_size, (B, P), generator=g)
-    caches = []
+    positions = torch.tensor([[20, 21, 22], [30, 31, 32]])  # rows at their own positions
+    step = torch.randint(3, c.vocab_size, (B, 3), generator=g)
     with torch.inference_mode():
-        for _ in range(2):
-            cache = LatentCache(c, B, 64)
-            tiny(ids, cache=cache, mtp=False, indexer_loss=False)
-            caches.append(cache)
-        positions = torch.tensor([[20, 21, 22], [30, 31, 32]])  # rows at their own positions
-        step = torch.randint(3, c.vocab_size, (B, 3), generator=g)
+        cache = LatentCache(c, B, 64)
+        prefill = tiny(ids, cache=cache, mtp=True, indexer_loss=False).pre_norm_hidden
         history = ids.gather(1, positions[:, :1] - torch.tensor([2, 1]))  # the n-gram state
-        outs = [runner.forward(step, positions, cache, history, last_only=False)
-                for runner, cache in zip((FastDecoder(tiny), ModelForward(tiny)), caches)]
-        torch.testing.assert_close(outs[0][0], outs[1][0], atol=2e-5, rtol=1e-4)
-        torch.testing.assert_close(outs[0][1], outs[1][1], atol=2e-5, rtol=1e-4)
-        emb = tiny.embed(step)
-        heads = [runner.mtp(1, emb, outs[1][1], positions, cache)
-                 for runner, cache in zip((FastDecoder(tiny), ModelForward(tiny)), caches)]
-        for a, b in zip(*heads):
-            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
-        for name in ("c_kv", "k_rope", "index_k"):
-            torch.testing.assert_close(getattr(caches[0], name), getattr(caches[1], name), atol=2e-5, rtol=1e-4)
+        cache.begin(positions)
+        logits, hidden = tiny.decode(step, positions, cache, history, last_only=False)
+        # the MTP head from the position before the step (it reads the step's first token) on
+        before = positions[:, :1] - 1
+        prev = torch.cat([prefill.gather(1, before.unsqueeze(-1).expand(-1, -1, c.hidden_size)), hidden[:, :2]], 1)
+        mtp_positions = torch.cat([before, positions[:, :2]], 1)
+        cache.begin(mtp_positions)
+        _, normed_mtp = tiny.decode_mtp(1, step, prev, mtp_positions, cache, ids.gather(1, before - torch.tensor([1, 0])))
+        monkeypatch.setattr(moe, "GATHER_TOKENS", 0)  # the reference runs the grouped experts
+        for b in range(B):
+            start = int(positions[b, 0])
+            seq = torch.cat([ids[b, :start], step[b]]).unsqueeze(0)
+            ref = tiny(seq, mtp=True, indexer_loss=False)
+            torch.testing.assert_close(logits[b], ref.logits[0, -3:], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(hidden[b], ref.pre_norm_hidden[0, -3:], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(tiny.head(normed_mtp[b]), ref.mtp_logits[0][0, -3:], atol=2e-5, rtol=1e-4)
 
 
 def test_batched_equals_one_at_a_time_greedy_and_seeded(tiny):
@@ -428,13 +428,14 @@ def test_rejection_rule_keeps_the_target_distribution():
 def test_generate_command_json_stream_and_run_directory(tiny, tmp_path, capsys):
     from longcat.cli import main
     from longcat.data import train_tokenizer
-    from longcat.interop.native import COMPLETE_MARKER, save_model
+    from longcat.interop.native import save_model
+    from longcat.interop.runs import COMPLETE
 
     tok = train_tokenizer(["the cat sat on the mat, the dog sat on the log."] * 40, vocab_size=300,
                           show_progress=False)
     step = tmp_path / "run" / "checkpoints" / "step_5"
     save_model(tiny, step / "model", tokenizer_json=tok.to_json())
-    (step / COMPLETE_MARKER).write_text("step 5\n")
+    (step / COMPLETE).write_text("step 5\n")
 
     args = ["generate", "--model", str(tmp_path / "run"), "--prompt", "the cat", "--max-new-tokens", "8",
             "--temperature", "0", "--ignore-eos"]
@@ -481,29 +482,26 @@ def _vma_field(address: int, field: str) -> int | None:
     return None
 
 
-def test_packed_weights_live_in_huge_page_memory_where_the_os_offers_it(tmp_path):
-    """The compiled path's flat weight buffer is advised for transparent huge pages (the weights
-    stream every step; 4 KB pages cost a TLB miss each and stop the prefetchers), holds the model's
-    own weights, and saves and loads like any other."""
+def test_compiled_mode_weights_live_in_huge_page_memory_where_the_os_offers_it(tmp_path):
+    """The compiled mode moves the weights into memory advised for transparent huge pages (they
+    stream every step; 4 KB pages cost a TLB miss each and stop the prefetchers): the tensors stay
+    the model's own, with the same values, and save and load like any other."""
     import sys
     from pathlib import Path
 
     from longcat import load, save_hf
-    from longcat.infer.compiled import HUGE_PAGE_MIN_BYTES, PackedWeights, _weight_buffer
+    from longcat.infer.step import huge_page_weights
 
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if sys.platform != "linux" or not thp.exists() or "[never]" in thp.read_text():
         pytest.skip("no transparent huge pages on this machine")
-    small = _weight_buffer(16, torch.float32, torch.device("cpu"))
-    assert small.numel() == 16 and _vma_field(small.data_ptr(), "THPeligible") in (0, None)
     model = build_model(preset("small"), seed=0).eval()
     expected = {k: v.clone() for k, v in model.state_dict().items()}
-    packed = PackedWeights(model)
-    (flat,) = packed.flats
-    assert flat.numel() * 4 > HUGE_PAGE_MIN_BYTES
-    assert _vma_field(flat.data_ptr(), "THPeligible") == 1
-    weight = model.lm_head.weight
-    assert flat.data_ptr() <= weight.data_ptr() < flat.data_ptr() + flat.numel() * 4  # the model's own
+    params = {name: p for name, p in model.named_parameters()}
+    assert huge_page_weights(model)
+    assert all(p is params[name] for name, p in model.named_parameters())  # the model's own tensors
+    assert _vma_field(model.lm_head.weight.data_ptr(), "THPeligible") == 1
+    assert all(t.data_ptr() % 64 == 0 for t in model.state_dict().values())
     for name, value in model.state_dict().items():
         assert torch.equal(value, expected[name]), name
     save_hf(model, tmp_path / "m")

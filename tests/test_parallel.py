@@ -7,7 +7,6 @@ import torch
 
 from longcat.config import ConfigError, preset
 from longcat.parallel.context import zigzag_index
-from longcat.parallel.engine import router_bias_delta
 from longcat.parallel.launch import relaunch_argv, torchrun_command
 from longcat.parallel.layout import ParallelLayout, backend_for
 
@@ -104,20 +103,29 @@ def test_zigzag_balances_and_covers_the_sequence():
     assert len(work) == 1
 
 
-def test_router_bias_rule_matches_the_trainer(tiny):
-    trainer = pytest.importorskip("longcat.train.trainer")
-    from longcat.model import build_model
+def test_router_bias_update_on_a_pipeline_rank_moves_only_its_layers(tiny):
+    """The one router-bias rule (longcat.train.engine) on the layers a pipeline rank holds, keyed
+    by their global index: layer i gets row i of the global update, the other layers nothing."""
+    from torch import nn
 
-    a, b = build_model(tiny, seed=0), build_model(tiny, seed=0)
+    from longcat.model import build_model
+    from longcat.train.engine import update_router_bias
+
+    whole, part_of = build_model(tiny, seed=0), build_model(tiny, seed=0)
+
+    class Stage(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = tiny
+            self.layers = nn.ModuleDict({"1": part_of.layers[1]})
+
     counts = torch.randint(0, 50, (tiny.num_layers, tiny.num_experts_total))
     for mode in ("sign", "diff"):
-        trainer.update_router_bias(a, counts, 1e-3, mode)
-        delta = router_bias_delta(tiny, counts, 1e-3, mode)
-        with torch.no_grad():
-            for i, layer in enumerate(b.layers):
-                layer.mlp.router.e_score_correction_bias.add_(delta[i])
-        for la, lb in zip(a.layers, b.layers):
-            torch.testing.assert_close(la.mlp.router.e_score_correction_bias, lb.mlp.router.e_score_correction_bias)
+        update_router_bias(whole, counts, 1e-3, mode)
+        update_router_bias(Stage(), counts, 1e-3, mode)
+    bias = lambda m, i: m.layers[i].mlp.router.e_score_correction_bias  # noqa: E731
+    torch.testing.assert_close(bias(part_of, 1), bias(whole, 1))
+    assert not bias(part_of, 0).any() and bias(whole, 0).any()
 
 
 def test_launcher_command_lines():

@@ -1,8 +1,11 @@
 """Every parallelism against one process on the same global batch, with real processes (gloo).
 
-Most scenarios run in ONE torchrun launch of 2 ranks (one after the other, each with its own
-mesh) to pay the process start-up once; each writes its own results and final checkpoint. The
-single-process reference (`reference_run`) is plain PyTorch in this test process.
+Both sides are the same `longcat.train.Trainer`: on the ranks it drives a `ParallelModel` on the
+layout (`run_training`), in this test process a `LocalEngine` (`reference_run`). Most scenarios
+run in ONE torchrun launch of 2 ranks (one after the other, each with its own mesh) to pay the
+process start-up once; each writes its own results and final checkpoint. Some evaluate a
+held-out batch of 3 rows, which does not split over 2 data ranks (or 4 micro-batches): the
+engine pads it with masked rows and must still match one process on the same 3 rows.
 
 Tolerances (fp32): losses within 1e-4 relative, final parameters within 1e-5. The learning rate
 is 1e-3 and Adam's epsilon 1e-5. With the usual 3e-3 and 1e-8, one process disagrees with
@@ -36,12 +39,12 @@ AUX = dict(mtp_weight=0.3, z_loss=1e-4, balance_loss=0.01, indexer_loss_weight=1
 
 # name -> spec. seq_len 32 > index_topk 24, so LSA really selects tokens where it is on.
 SCENARIOS = {
-    "fsdp": RunSpec(layout="dp_shard=2"),
+    "fsdp": RunSpec(layout="dp_shard=2", eval_batch=3),
     "hsdp": RunSpec(layout="dp_replicate=2"),
-    "fsdp_ep_all_losses": RunSpec(layout="dp_shard=2,ep=2", seq_len=32, **AUX),
+    "fsdp_ep_all_losses": RunSpec(layout="dp_shard=2,ep=2", seq_len=32, eval_batch=3, **AUX),
     "tp_with_mtp": RunSpec(layout="tp=2", mtp_weight=0.3, z_loss=1e-4, balance_loss=0.01),
     "cp_with_lsa_indexer": RunSpec(layout="cp=2", seq_len=32, z_loss=1e-4, balance_loss=0.01, indexer_loss_weight=1.0),
-    "pp_1f1b": RunSpec(layout="pp=2,pp_microbatches=4"),
+    "pp_1f1b": RunSpec(layout="pp=2,pp_microbatches=4", eval_batch=3),
     "pp_interleaved": RunSpec(layout="pp=2,pp_schedule=interleaved,pp_stages_per_rank=2",
                               overrides={"num_layers": 4}),
     "nan_on_one_rank": RunSpec(layout="dp_shard=2", steps=5, nan_at_step=3, nan_rank=1),
@@ -81,10 +84,11 @@ def two_rank_results(tmp_path_factory):
     specs = {}
     for name, spec in SCENARIOS.items():
         specs[name] = replace(spec, steps=spec.steps if name not in PARITY else STEPS, lr=LR, adam_eps=EPS,
-                              results=str(root / f"{name}.json"), save_final=str(root / name), quiet=True)
+                              results=str(root / f"{name}.json"), out=str(root / name), peak_tflops=1.0, quiet=True)
     for name, (source, layout) in RESHARD.items():
-        specs[name] = RunSpec(layout=layout, steps=0, load_from=str(root / source / f"step_{STEPS:08d}"),
-                              resave_after_load=str(root / name), results=str(root / f"{name}.json"), quiet=True)
+        specs[name] = RunSpec(layout=layout, steps=0, load_from=str(root / source / "checkpoints" / f"step_{STEPS:08d}"),
+                              resave_after_load=str(root / name), out=str(root / f"{name}_run"),
+                              results=str(root / f"{name}.json"), peak_tflops=1.0, quiet=True)
     _run(list(specs.values()), nproc=2)
     return {name: (json.loads(Path(s.results).read_text()), s) for name, s in specs.items()}
 
@@ -93,14 +97,14 @@ def two_rank_results(tmp_path_factory):
 def test_layout_matches_single_process(two_rank_results, name):
     got, spec = two_rank_results[name]
     assert got["world_size"] == 2 and not got["skipped"]
-    ref, model, optimizer = reference_run(spec, return_model=True)
+    ref, trainer = reference_run(spec, return_trainer=True)
     _assert_losses_match(got, ref, range(1, spec.steps + 1))
     assert abs(got["eval_loss"] - ref["eval_loss"]) <= 1e-4 * ref["eval_loss"]  # forward-only path
     for step in range(1, spec.steps + 1):
         a, b = got["grad_norms"][str(step)], ref["grad_norms"][step]
         assert abs(a - b) <= 1e-4 * b, f"grad norm at step {step}: {a} vs {b}"
     saved = _checkpoint_tensors(Path(got["final_checkpoint"]))["model"]
-    expected = model.state_dict()
+    expected = trainer.model.state_dict()
     pipelined = "pp" in name
     # a pipelined rank holds no MTP heads (pp trains the next-token loss only)
     wanted = {k for k in expected if not (pipelined and k.startswith("mtp."))}
@@ -112,11 +116,11 @@ def test_layout_matches_single_process(two_rank_results, name):
 def test_non_finite_loss_on_one_rank_skips_the_step_everywhere(two_rank_results):
     got, spec = two_rank_results["nan_on_one_rank"]
     assert got["skipped"] == [3]  # rank 0's own loss was finite: it learned of rank 1's NaN by the flag
-    ref, model, _ = reference_run(spec, return_model=True)  # the reference skips step 3 too
+    ref, trainer = reference_run(spec, return_trainer=True)  # the reference skips step 3 too
     assert ref["skipped"] == [3]
     _assert_losses_match(got, ref, range(1, spec.steps + 1))
     saved = _checkpoint_tensors(Path(got["final_checkpoint"]))["model"]
-    for key, value in model.state_dict().items():
+    for key, value in trainer.model.state_dict().items():
         assert torch.isfinite(saved[key]).all()
         torch.testing.assert_close(saved[key], value, atol=1e-5, rtol=0)
 
@@ -152,11 +156,12 @@ def test_checkpoints_reshard_between_layouts(tmp_path):
     Each resume re-saves right after loading: the state must be identical to what was saved,
     and the losses of the whole chain must match one uninterrupted single-process run."""
     ckpt = tmp_path / "ckpt"
-    base = RunSpec(checkpoint_dir=str(ckpt), checkpoint_every=4, lr=LR, adam_eps=EPS, quiet=True)
+    base = RunSpec(checkpoint_dir=str(ckpt), checkpoint_every=4, lr=LR, adam_eps=EPS, peak_tflops=1.0, quiet=True)
     chain = [("dp_shard=2", 2), ("dp_shard=2,ep=2", 2), ("", 1), ("pp=2", 2)]
     results = []
     for i, (layout, nproc) in enumerate(chain):
         spec = replace(base, layout=layout, steps=4 * (i + 1), results=str(tmp_path / f"r{i}.json"),
+                       out=str(tmp_path / f"run{i}"),
                        resave_after_load=str(tmp_path / f"resaved{i}") if i else None)
         _run([spec], nproc=nproc)
         results.append(json.loads(Path(spec.results).read_text()))
@@ -182,10 +187,10 @@ def test_four_rank_compositions(four_rank_results, name):
     """FSDP+TP (with MTP heads) and FSDP+CP+EP (LSA selecting tokens, all losses but MTP)."""
     got, spec = four_rank_results[name]
     assert got["world_size"] == 4
-    ref, model, _ = reference_run(spec, return_model=True)
+    ref, trainer = reference_run(spec, return_trainer=True)
     _assert_losses_match(got, ref, range(1, spec.steps + 1))
     saved = _checkpoint_tensors(Path(got["final_checkpoint"]))["model"]
-    worst = max(float((saved[k] - v).abs().max()) for k, v in model.state_dict().items())
+    worst = max(float((saved[k] - v).abs().max()) for k, v in trainer.model.state_dict().items())
     assert worst <= 1e-5, f"largest parameter difference {worst}"
 
 
@@ -198,7 +203,7 @@ def four_rank_results(tmp_path_factory):
                               indexer_loss_weight=1.0),
     }
     specs = {name: replace(spec, steps=STEPS, lr=LR, adam_eps=EPS, results=str(root / f"{name}.json"),
-                           save_final=str(root / name), quiet=True) for name, spec in scenarios.items()}
+                           out=str(root / name), peak_tflops=1.0, quiet=True) for name, spec in scenarios.items()}
     _run(list(specs.values()), nproc=4)
     return {name: (json.loads(Path(s.results).read_text()), s) for name, s in specs.items()}
 

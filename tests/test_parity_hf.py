@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from longcat.config import from_hf_config, preset
-from longcat.interop.hf import load, save_hf
+from longcat.interop.hf import save_hf
+from longcat.interop.loader import load
 from longcat.interop.safetensors_io import CheckpointError, SafetensorsDir
 from longcat.model import build_model
 
@@ -141,7 +142,7 @@ def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_missing_path_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         load(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="no config.json"):
         load(tmp_path)

@@ -13,15 +13,17 @@ import torch
 from longcat.config import ConfigError, preset
 from longcat.model import build_model
 from longcat.train import checkpoint as ckpt
-from longcat.train import trainer as trainer_mod
+from longcat.train import engine as engine_mod
 from longcat.train.config import RunConfig, TrainConfig, build_run_config, split_overrides
 from longcat.train.metrics import read_metrics
 from longcat.train.optim import ExpertMuon, WSDSchedule, batched_newton_schulz, build_optimizers
-from longcat.train.trainer import EvalData, Trainer, TrainingError, router_target_share, update_router_bias
+from longcat.train.engine import router_target_share, update_router_bias
+from longcat.train.trainer import EvalData, Trainer, TrainingError
 
 REQUIRED_KEYS = {
     "step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mfu_peak_flops", "mfu_peak_source",
-    "mem_peak_gib", "tokens_seen", "zero_expert_share", "ffn_slots_per_token", "active_params",
+    "mem_peak_gib", "tokens_seen", "zero_expert_share", "ffn_slots_per_token", "active_params", "world_size",
+    "layout",
 }
 
 
@@ -199,7 +201,7 @@ def test_resume_with_other_architecture_names_fields(tmp_path):
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     poisoned = {3, 4}
     calls = {"n": 0}
-    real = trainer_mod.training_losses
+    real = engine_mod.training_losses
 
     def maybe_nan(output, labels, **weights):
         calls["n"] += 1
@@ -209,7 +211,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
             losses["loss_total"] = losses["loss_total"] * float("nan")
         return losses
 
-    monkeypatch.setattr(trainer_mod, "training_losses", maybe_nan)
+    monkeypatch.setattr(engine_mod, "training_losses", maybe_nan)
     snapshots = {}
 
     def snapshot(trainer, record):

@@ -1,5 +1,5 @@
-"""`longcat train --nproc N --parallel LAYOUT`: a real 2-process run against one process, and
-impossible layouts refused before any process starts."""
+"""`longcat train --nproc N --parallel LAYOUT`: a real 2-process run of the Trainer against the
+same Trainer in one process, and impossible layouts refused before any process starts."""
 
 from __future__ import annotations
 
@@ -39,18 +39,33 @@ def test_two_process_train_matches_one_process(corpus, tmp_path):
     proc = subprocess.run([*cmd, "--nproc", "2", "--parallel", "dp_shard=2,ep=2", "--out", str(out2)],
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    losses2, records = _train_losses(out2)
+    assert "held-out loss" in proc.stderr and "throughput" in proc.stderr  # the end-of-run summary, once
+    assert proc.stderr.count("trained to step 6") == 1
+    losses2, records2 = _train_losses(out2)
     assert sorted(losses2) == [1, 2, 3, 4, 5, 6]
     assert all(math.isfinite(v) for v in losses2.values())
-    assert records[-1]["kind"] == "eval" and math.isfinite(records[-1]["eval_loss"])
+    assert records2[-1]["kind"] == "eval" and math.isfinite(records2[-1]["eval_loss"])
     ckpt = out2 / "checkpoints" / "step_00000006"
     assert (ckpt / "COMPLETE").exists() and (ckpt / "train_config.json").exists()
 
     proc = subprocess.run([*cmd, "--out", str(out1)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    losses1, _ = _train_losses(out1)
+    losses1, records1 = _train_losses(out1)
     for step, loss in losses1.items():
         assert abs(losses2[step] - loss) <= 1e-4 * abs(loss), (step, losses2[step], loss)
+    # one metrics record: the same keys on 1 and 2 ranks, the same active-parameter count for MFU
+    train1 = [r for r in records1 if r["kind"] == "train"]
+    train2 = [r for r in records2 if r["kind"] == "train"]
+    assert [set(r) for r in train1] == [set(r) for r in train2]
+    assert all(r["mem_peak_gib"] > 0 for r in train2)
+    assert (train1[0]["world_size"], train2[0]["world_size"]) == (1, 2)
+    for a, b in zip(train1, train2):
+        assert a["active_params"] == pytest.approx(b["active_params"], rel=1e-3)
+        assert b["mfu_peak_flops"] == 2 * a["mfu_peak_flops"]  # the peak of every device used
+    eval1 = [r for r in records1 if r["kind"] == "eval"][-1]
+    eval2 = records2[-1]
+    assert eval1["eval_tokens"] == eval2["eval_tokens"]  # no held-out row dropped on 2 ranks
+    assert abs(eval1["eval_loss"] - eval2["eval_loss"]) <= 1e-4 * eval1["eval_loss"]
 
 
 def test_impossible_layout_fails_before_launch(corpus, tmp_path, capsys, monkeypatch):

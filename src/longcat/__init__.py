@@ -6,8 +6,9 @@ __version__ = "0.1.0"
 
 
 def load(path, **kwargs):
-    """Load a model from a Hugging Face LongcatFlash directory or a longcat checkpoint directory."""
-    from .interop.hf import load
+    """Load a model from a Hugging Face LongcatFlash directory, our model directory, a training run
+    directory (its newest complete checkpoint, one process or several) or one checkpoint step_N."""
+    from .interop.loader import load
 
     return load(path, **kwargs)
 

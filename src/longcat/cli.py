@@ -19,9 +19,9 @@ COMMAND_MODULES = [
     "longcat.train.cli",
     "longcat.data.cli",
     "longcat.infer.cli",
+    "longcat.interop.cli",
     "longcat.bench.cli",
     "longcat.plan.cli",
-    "longcat.serve.cli",
     "longcat.parallel.cli",
 ]
 

@@ -8,15 +8,14 @@ alike. The reported number is the ratio of median step times.
 from __future__ import annotations
 
 import statistics
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from ..config import ModelConfig, preset
-from ..interop.hf import transformers_reference
+from ..reference import transformers_reference
 from ..model import build_model, lm_losses
+from .common import Timer, comparable_config
 
 
 @dataclass
@@ -39,18 +38,13 @@ class BenchResult:
         return None if self.reference_s is None else self.reference_s / self.ours_s
 
 
-def comparable_config(name: str, **overrides) -> ModelConfig:
-    """The preset without the parts transformers lacks (n-grams, LSA, MTP)."""
-    return preset(name, **{**overrides, "oe_vocab_size_ratio": 0.0, "index_n_heads": 0, "mtp_num_layers": 0})
-
-
-def _step(loss_fn, x: torch.Tensor, precision: str, clock) -> float:
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-autocast" else nullcontext()
-    t0 = clock()
+def _step(loss_fn, x: torch.Tensor, precision: str, timer: Timer) -> float:
+    ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if precision == "bf16-autocast" else nullcontext()
+    t0 = timer()
     with ctx:
         loss = loss_fn(x)
     loss.backward()
-    return clock() - t0
+    return timer() - t0
 
 
 def run_model_bench(
@@ -64,20 +58,25 @@ def run_model_bench(
     with_reference: bool = True,
     threads: int | None = None,
     clock: str = "wall",
+    device: torch.device | str = "cpu",
     overrides: dict | None = None,
     log=print,
 ) -> list[BenchResult]:
     if threads:
         torch.set_num_threads(threads)
+    device = torch.device(device)
     # "cpu" (process CPU time) is robust to other load on a shared machine; use it with threads=1.
-    timer = time.perf_counter if clock == "wall" else time.process_time
+    timer = Timer(clock, device)
     config = comparable_config(name, **(overrides or {}))
-    ours = build_model(config, seed=0).train()
+    # built on the CPU and then moved, so every device runs the same weights
+    ours = build_model(config, seed=0)
     reference = transformers_reference(ours, log) if with_reference else None
+    ours.to(device).train()
     if reference is not None:
-        reference.train()
+        reference.to(device).train()
     # One extra token: inputs are the first seq_len, labels the next (each side's own loss API).
     x = torch.randint(0, config.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    x = x.to(device)
     ours_fwd = lambda t: lm_losses(ours(t[:, :-1], mtp=False), t[:, 1:])["lm"]  # noqa: E731
     # transformers' own training loss (it shifts labels inside)
     ref_fwd = (lambda t: reference(t[:, :-1], labels=t[:, :-1]).loss) if reference is not None else None  # noqa: E731

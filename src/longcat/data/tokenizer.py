@@ -8,6 +8,14 @@ tokenizer_config.json beside it, when there is one).
 Text from data is encoded with special tokens *not* recognised: a document that happens to contain
 the characters "<eos>" gets the bytes of "<eos>", never the end-of-text id. Only the pipeline
 places special ids.
+
+How a prompt starts (`Tokenizer.prompt_prefix`). Training streams are documents each followed by
+eos, never a bos (see batches.py), so a model of ours has only ever seen a document start right
+after an eos. Our tokenizers record that in their own tokenizer.json, as a post-processor that puts
+eos before a sequence: the inference engine reads it, and so does transformers' tokenizer for an
+exported model. A Hugging Face checkpoint keeps its own policy: `add_bos_token` in its
+tokenizer_config.json, else what its tokenizer.json's post-processor adds (Llama 3 adds
+<|begin_of_text|>, GPT-2 adds nothing).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from .errors import DataError
 from .progress import byte_progress
@@ -42,10 +50,11 @@ class Tokenizer:
 
     bos and pad fall back to the eos id when a foreign tokenizer has no such token (GPT-2 style);
     a tokenizer without an end-of-text token is refused, since documents are separated by it.
+    prompt_prefix: the ids a text prompt starts with (see the module docstring).
     """
 
     def __init__(self, hf: tokenizers.Tokenizer, *, source: str = "tokenizer",
-                 config_tokens: dict[str, str] | None = None) -> None:
+                 config_tokens: dict[str, str] | None = None, add_bos_token: bool | None = None) -> None:
         self.hf = hf
         self.hf.encode_special_tokens = True  # data text never turns into special ids
         self.source = source
@@ -63,6 +72,17 @@ class Tokenizer:
         pad = _find_token(vocab, config_tokens.get("pad_token"), PAD_NAMES)
         self.bos_id: int = eos if bos is None else bos
         self.pad_id: int = eos if pad is None else pad
+        self._config_tokens = config_tokens
+        if add_bos_token is not None:  # tokenizer_config.json overrides tokenizer.json, as in transformers
+            self.prompt_prefix: list[int] = [self.bos_id] if add_bos_token else []
+        elif hf.post_processor is not None:
+            self.prompt_prefix = _added_before(hf)
+        elif [vocab.get(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS))):
+            # ours, trained before the policy was written into tokenizer.json: training documents
+            # start after an eos all the same
+            self.prompt_prefix = [self.eos_id]
+        else:
+            self.prompt_prefix = []
 
     # --- files ------------------------------------------------------------------------------------
 
@@ -82,7 +102,9 @@ class Tokenizer:
             raise DataError(f"cannot read tokenizer {file}: permission denied") from exc
         except Exception as exc:  # tokenizers raises a bare Exception for malformed files
             raise DataError(f"{file} is not a valid tokenizer.json: {exc}") from exc
-        return cls(hf, source=str(file), config_tokens=_read_tokenizer_config(file.parent / "tokenizer_config.json"))
+        config = _read_tokenizer_config(file.parent / "tokenizer_config.json")
+        add_bos = config.pop("add_bos_token", None)
+        return cls(hf, source=str(file), config_tokens=config, add_bos_token=add_bos)
 
     @classmethod
     def from_json(cls, text: str, *, source: str = "tokenizer") -> "Tokenizer":
@@ -94,6 +116,15 @@ class Tokenizer:
 
     def to_json(self) -> str:
         return self.hf.to_str()
+
+    def for_training(self) -> "Tokenizer":
+        """This tokenizer with eos recorded as the start of every prompt: what a model trained on
+        our packed streams (documents separated by eos, no bos) saw before each document. Training
+        saves this one with its checkpoints, so a foreign tokenizer's bos policy (e.g. Llama 3's)
+        does not reach a model that never saw that token. Encoding data is unaffected."""
+        hf = tokenizers.Tokenizer.from_str(self.to_json())
+        hf.post_processor = _document_start(self.id_to_token(self.eos_id), self.eos_id)
+        return Tokenizer(hf, source=self.source, config_tokens=self._config_tokens)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write tokenizer.json to path (a .json file name, or a folder). Written atomically."""
@@ -111,8 +142,12 @@ class Tokenizer:
 
     @property
     def sha256(self) -> str:
-        """Hash of the tokenizer.json content: part of every token cache key."""
-        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+        """Hash of what decides the ids of data text, part of every token cache key: tokenizer.json
+        without its post-processor. That only adds a prompt's special tokens, and data is encoded
+        without them, so `for_training()` leaves the key, and the cached tokens, as they were."""
+        hf = tokenizers.Tokenizer.from_str(self.to_json())
+        hf.post_processor = None
+        return hashlib.sha256(hf.to_str().encode("utf-8")).hexdigest()
 
     # --- encoding -----------------------------------------------------------------------------------
 
@@ -161,6 +196,7 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int = 8192, *, show_pr
     hf = tokenizers.Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
+    hf.post_processor = _document_start(EOS_TOKEN, SPECIAL_TOKENS.index(EOS_TOKEN))
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
@@ -188,6 +224,23 @@ def _counted(documents: Iterable[str], counts: dict, bar) -> Iterator[str]:
     bar.update(0, info=f"{counts['docs']:,} documents; computing merges")
 
 
+def _document_start(eos_token: str, eos_id: int) -> processors.TemplateProcessing:
+    """A post-processor that puts eos before each sequence, as documents sit in a training stream."""
+    return processors.TemplateProcessing(single=f"{eos_token} $A", pair=f"{eos_token} $A {eos_token} $B:1",
+                                         special_tokens=[(eos_token, eos_id)])
+
+
+def _added_before(hf: tokenizers.Tokenizer) -> list[int]:
+    """The ids hf's post-processor puts before a single sequence."""
+    probe = "a"
+    plain = hf.encode(probe, add_special_tokens=False).ids
+    full = hf.encode(probe, add_special_tokens=True).ids
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
 def _find_token(vocab: dict[str, int], configured: str | None, names: tuple[str, ...]) -> int | None:
     if configured is not None and configured in vocab:
         return vocab[configured]
@@ -197,17 +250,22 @@ def _find_token(vocab: dict[str, int], configured: str | None, names: tuple[str,
     return None
 
 
-def _read_tokenizer_config(path: Path) -> dict[str, str]:
-    """{"eos_token": "...", ...} from a Hugging Face tokenizer_config.json; {} when absent or odd."""
+def _read_tokenizer_config(path: Path) -> dict[str, str | bool]:
+    """{"eos_token": "...", "add_bos_token": bool, ...} from a Hugging Face tokenizer_config.json;
+    {} when absent or odd."""
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    found = {}
+    if not isinstance(config, dict):
+        return {}
+    found: dict[str, str | bool] = {}
     for role in ("eos_token", "bos_token", "pad_token"):
-        value = config.get(role) if isinstance(config, dict) else None
+        value = config.get(role)
         if isinstance(value, dict):
             value = value.get("content")
         if isinstance(value, str):
             found[role] = value
+    if isinstance(config.get("add_bos_token"), bool):
+        found["add_bos_token"] = config["add_bos_token"]
     return found

@@ -37,12 +37,10 @@ def register(subparsers) -> None:
                    help="report each token's logprob and the N likeliest alternatives (with --json)")
     p.add_argument("--speculative", type=int, default=0, metavar="N",
                    help="draft N tokens per step with the MTP heads (default: 0 = plain decoding); same output "
-                        "when greedy; on the demo model's CPU runs, 1.25x faster on the default path, and with --compile "
-                        "break-even at 1 draft and slower with more (docs/INFERENCE.md)")
+                        "when greedy; faster when the drafts are accepted often (docs/INFERENCE.md says how to judge)")
     p.add_argument("--compile", action="store_true",
-                   help="run decode steps as one torch.compile'd graph: about 4x faster decoding at batch 1 "
-                        "on one CPU thread (about 5x on two), after tens of seconds of compilation on first use "
-                        "(cached on disk)")
+                   help="wrap the model's decode step in torch.compile: the fastest decoding at small batches, "
+                        "after tens of seconds of compilation per batch size on first use (cached on disk)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt (text, token_ids, ttft_s, tokens_per_s, acceptance_rate, ...)")
@@ -50,7 +48,10 @@ def register(subparsers) -> None:
                    help="context for prompt plus new tokens (default: the model's max_position_embeddings)")
     p.add_argument("--truncate-prompt", action="store_true",
                    help="keep the end of a prompt that does not fit the context instead of failing")
-    p.add_argument("--no-bos", action="store_true", help="do not put the beginning-of-text token before text prompts")
+    p.add_argument("--prompt-start", choices=("tokenizer", "bos", "none"), default="tokenizer",
+                   help="what goes before a text prompt: the tokenizer's own policy (default; eos for models "
+                        "trained by longcat, whose training documents start after one, a Hugging Face "
+                        "tokenizer's bos setting otherwise), the bos token, or nothing")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights and cache dtype (default: as stored)")
     p.add_argument("--device", default="cpu",
@@ -67,20 +68,13 @@ def _user_error(message: str):
 
 def resolve_model_dir(path: str | Path) -> Path:
     """The directory `longcat.load` reads for `path` (a run directory -> its newest checkpoint)."""
-    path = Path(path)
-    if not path.exists():
-        raise _user_error(f"model path {path} does not exist")
-    if not path.is_dir():
-        raise _user_error(f"model path {path} is a file; give a model directory (config.json and safetensors), "
-                          "a Hugging Face LongcatFlash directory or a training run directory")
-    if not (path / "config.json").exists():
-        from ..interop.native import newest_checkpoint
+    from ..interop.runs import resolve
+    from ..interop.safetensors_io import CheckpointError
 
-        found = newest_checkpoint(path)
-        if found is None:
-            raise _user_error(f"{path} has no config.json and no complete checkpoint under it")
-        return found
-    return path
+    try:
+        return resolve(path).weights
+    except CheckpointError as exc:
+        raise _user_error(str(exc)) from exc
 
 
 def find_tokenizer(model_dir: Path, given: Path | None = None) -> Path | None:
@@ -95,34 +89,13 @@ def find_tokenizer(model_dir: Path, given: Path | None = None) -> Path | None:
 
 
 def load_tokenizer(path: str | Path):
-    """longcat.data.Tokenizer when available, else a minimal adapter over `tokenizers`."""
-    try:
-        from ..data import Tokenizer
-    except ImportError:  # the data package is optional for inference
-        return _TokenizersAdapter(Path(path))
+    """The tokenizer at path, with the ids a text prompt starts with (`Tokenizer.prompt_prefix`)."""
+    from ..data import DataError, Tokenizer
+
     try:
         return Tokenizer.load(path)
-    except Exception as exc:  # DataError and friends: a one-line message is enough
+    except DataError as exc:
         raise _user_error(str(exc)) from exc
-
-
-class _TokenizersAdapter:
-    """encode/decode/eos_id/bos_id over a raw tokenizer.json."""
-
-    def __init__(self, path: Path) -> None:
-        import tokenizers
-
-        file = path / "tokenizer.json" if path.is_dir() else path
-        self.hf = tokenizers.Tokenizer.from_file(str(file))
-        vocab = self.hf.get_vocab(with_added_tokens=True)
-        self.eos_id = next((vocab[t] for t in ("<eos>", "</s>", "<|endoftext|>") if t in vocab), None)
-        self.bos_id = next((vocab[t] for t in ("<bos>", "<s>", "<|begin_of_text|>") if t in vocab), self.eos_id)
-
-    def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=True)
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -170,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
             logprobs=args.logprobs,
         )
         engine = Engine(model, tokenizer, max_seq_len=args.max_seq_len, speculative=args.speculative,
-                        add_bos=not args.no_bos, compile=args.compile)
+                        add_bos={"tokenizer": None, "bos": True, "none": False}[args.prompt_start],
+                        compile=args.compile)
         events = engine.stream(prompts, params, truncate_prompt=args.truncate_prompt)
     except GenerationError as exc:
         raise _user_error(str(exc)) from exc

@@ -11,9 +11,10 @@ One `generate` call runs its prompts as one batch:
   right-padded to the longest prompt), writing `[c_kv, k_rope]` per token per attention sublayer
   into a preallocated `LatentCache` that the engine keeps between calls;
 - decode: every step feeds each row's newest token at that row's own position, so prompts of
-  different lengths decode together; attention runs in the absorbed form directly over the
-  cached latents (MLA._absorbed_path), LongCat sparse attention over the cached indexer keys, and
-  the n-gram embedding reads each row's last n-1 tokens from the token buffer;
+  different lengths decode together, through the model's own decode forward
+  (`LongCatForCausalLM.decode`, eagerly or torch.compile'd: step.py): attention in the absorbed
+  form directly over the cached latents, only the chosen experts, LongCat sparse attention over
+  the cached indexer keys, the n-gram embedding reading each row's last n-1 tokens;
 - speculative decoding (`speculative=k`): the MTP heads draft k tokens, one main-model forward
   verifies them (speculative.py);
 - finished rows leave the batch at once (the last live rows move into their slots).
@@ -33,8 +34,7 @@ import torch
 
 from ..model import LatentCache, LongCatForCausalLM
 from .batch import DecodeBatch, token_history
-from .decode import FastDecoder, ModelForward
-from .compiled import CompiledDecoder
+from .step import DecodeStep
 from .sampling import BatchSampler, GenerationError, SamplingParams, top_logprobs
 from .speculative import MTPDrafter, greedy_accept, rejection_accept
 
@@ -218,19 +218,18 @@ def _is_token_ids(prompt) -> bool:
 class Engine:
     """Generation for a `LongCatForCausalLM` (any device, any dtype).
 
-    tokenizer: any object with encode(str) -> ids, decode(ids) -> str and eos_id (and bos_id);
-        needed for text prompts, text output and stop strings.
+    tokenizer: any object with encode(str) -> ids, decode(ids) -> str and eos_id (and bos_id,
+        prompt_prefix); needed for text prompts, text output and stop strings.
     max_seq_len: the context a request may use, prompt plus new tokens (default: the model's
         max_position_embeddings). The cache is allocated for what a batch needs, up to this.
     prefill_chunk: prompt positions per prefill forward (bounds the prefill's attention memory).
     speculative: MTP draft tokens per step by default (0 = plain decoding; a call can override).
-    add_bos: put the tokenizer's beginning-of-text token before text prompts (as training samples do).
-    fast: decode steps through `FastDecoder` (same math, fewer operations); False runs
-        model.forward for every step (the reference path).
-    compile: decode steps as one torch.compile'd graph (`CompiledDecoder`, same math): the fastest
-        path at small batches, after a compilation of tens of seconds on first use (cached on disk
-        by inductor). It re-points the model's parameters into flat buffers (views, no copy; see
-        PackedWeights). Falls back to `FastDecoder` with a warning if compilation fails.
+    add_bos: None starts text prompts with the tokenizer's `prompt_prefix` (eos for our models, whose
+        training documents start after one; a Hugging Face tokenizer's own bos policy; nothing
+        for a tokenizer without one). True puts bos first instead, False nothing.
+    compile: wrap the model's decode step in torch.compile (step.py; the same code as the eager
+        step): the fastest path at small batches, after a compilation of tens of seconds per row
+        bucket on first use (cached on disk by inductor).
     """
 
     def __init__(
@@ -241,8 +240,7 @@ class Engine:
         max_seq_len: int | None = None,
         prefill_chunk: int = 512,
         speculative: int = 0,
-        add_bos: bool = True,
-        fast: bool = True,
+        add_bos: bool | None = None,
         compile: bool = False,
     ) -> None:
         self.model = model
@@ -255,7 +253,6 @@ class Engine:
             raise GenerationError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
         self.speculative = self._check_speculative(speculative)
-        self.add_bos = add_bos
         weight = model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.eos_id = getattr(tokenizer, "eos_id", None)
@@ -264,14 +261,13 @@ class Engine:
         self.bos_id = getattr(tokenizer, "bos_id", None)
         if self.bos_id is None:
             self.bos_id = self.config.bos_token_id
+        if add_bos is None:
+            self.prompt_prefix = [int(t) for t in getattr(tokenizer, "prompt_prefix", [])]
+        else:
+            self.prompt_prefix = [self.bos_id] if add_bos else []
         self._cache: LatentCache | None = None
         self._busy = False  # one generation at a time: they share the cache
-        if compile and not fast:
-            raise GenerationError("compile=True compiles the fast decode path; it cannot be combined with fast=False")
-        if compile:
-            self.runner = CompiledDecoder(model)
-        else:
-            self.runner = FastDecoder(model) if fast else ModelForward(model)
+        self.runner = DecodeStep(model, compile=compile)
 
     # --- public API ------------------------------------------------------------------------------
     def generate(
@@ -349,8 +345,8 @@ class Engine:
                 if self.tokenizer is None:
                     raise GenerationError("text prompts need a tokenizer: pass Engine(model, tokenizer) or token ids")
                 ids = list(self.tokenizer.encode(prompt))
-                if self.add_bos and (not ids or ids[0] != self.bos_id):
-                    ids = [self.bos_id] + ids
+                if self.prompt_prefix and ids[: len(self.prompt_prefix)] != self.prompt_prefix:
+                    ids = self.prompt_prefix + ids
             else:
                 ids = prompt
             if not ids:
@@ -418,7 +414,7 @@ class _Generation:
         B = len(seqs)
         lengths = [len(s.prompt) for s in seqs]
         max_len = max(len(s.prompt) + s.params.max_new_tokens for s in seqs) + k
-        engine.runner.prepare()  # the compiled runner re-packs weights the model re-allocated since
+        engine.runner.prepare()  # the compiled step checks the weights' dtype and device once here
         with torch.inference_mode():
             cache = engine.cache_for(B, max_len)
             tokens = torch.zeros(B, max_len, dtype=torch.long, device=engine.device)

@@ -20,6 +20,13 @@ of the *true* pair (h_{d-1}[t], x[t+d]); after a step that is known for t <= N' 
 newest position). `frontier[d]` counts those slots; the next draft of depth d recomputes from
 there to N'-1, so draft-based entries are always overwritten before a later query can see them.
 The hidden states of depths 0..D-2 are kept by position for the depth above.
+
+Steady state. After the first draft (which runs over the whole prompt), the windows are short:
+depth d's frontier trails n by at most k + D positions. Every depth then runs over a window of
+exactly W = k + D positions ending at n-1 (the positions left of the frontier are recomputed from
+their true inputs, which rewrites the same keys), so the compiled step has one draft graph per
+row bucket instead of one per window width, and the output head runs in the same graph on the
+last position only (`DecodeStep.draft`).
 """
 
 from __future__ import annotations
@@ -76,7 +83,7 @@ class MTPDrafter:
 
     def __init__(self, model: LongCatForCausalLM, runner, num_draft: int, batch_size: int, max_len: int,
                  chunk: int) -> None:
-        """runner: FastDecoder or ModelForward (decode.py), whose mtp() runs one head over the cache."""
+        """runner: the engine's DecodeStep (step.py), whose mtp() runs one head over the cache."""
         if not model.mtp:
             raise ValueError("this model has no MTP heads (mtp_num_layers = 0): speculative decoding needs them")
         self.model = model
@@ -107,17 +114,25 @@ class MTPDrafter:
         H = hidden.shape[-1]
         self.hidden[0].scatter_(1, positions.unsqueeze(-1).expand(-1, -1, H), hidden.to(self.hidden.dtype))
 
-    def _run_head(self, depth: int, batch: DecodeBatch, positions: torch.Tensor, prev: torch.Tensor):
-        """MTP head `depth` (1-based) at positions (B, T) with previous hidden prev (B, T, H):
-        the token read at position t is x[t + depth] (from the batch's token buffer)."""
-        model = self.model
+    def _head_inputs(self, depth: int, batch: DecodeBatch, positions: torch.Tensor):
+        """The tokens MTP head `depth` reads at positions (B, T), x[t + depth], and their n-gram state."""
         L = batch.tokens.shape[1]
         ids = batch.tokens.gather(1, (positions + depth).clamp_max(L - 1))
         history = None
         if self.history:
             history = token_history(batch.tokens, positions[:, 0] + depth, self.history)
-        emb = model.embed(ids, history)
-        return self.runner.mtp(depth, emb, prev, positions, batch.cache)  # (hidden, normed hidden)
+        return ids, history
+
+    def _run_head(self, depth: int, batch: DecodeBatch, positions: torch.Tensor, prev: torch.Tensor):
+        """MTP head `depth` (1-based) at positions (B, T) with previous hidden prev (B, T, H)
+        -> (hidden, normed hidden)."""
+        ids, history = self._head_inputs(depth, batch, positions)
+        return self.runner.mtp(depth, ids, prev, positions, batch.cache, history)
+
+    def _draft_last(self, depth: int, batch: DecodeBatch, positions: torch.Tensor, prev: torch.Tensor):
+        """As _run_head, but -> (hidden (B, T, H), logits of the last position (B, V)), one graph."""
+        ids, history = self._head_inputs(depth, batch, positions)
+        return self.runner.draft(depth, ids, prev, positions, batch.cache, history)
 
     def draft(self, batch: DecodeBatch, sampler: BatchSampler) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Write k drafts per row into batch.tokens at n+1..n+k.
@@ -127,28 +142,22 @@ class MTPDrafter:
         n, B = batch.n, batch.size
         H = self.hidden.shape[-1]
         L = batch.tokens.shape[1]
+        W = self.k + self.depths  # the steady-state window
         drafts, probs = [], []
         last_h = None
         for d in range(1, self.depths + 1):
             # one right-aligned window per row that ends at position n-1 and covers the frontier
-            width = int((n - self.frontier[d - 1]).max())
-            start = (n - width).clamp_min(0)
-            target_col = n - 1 - start  # the column of position n-1
-            last_normed = self.hidden.new_zeros(B, H)
-            last_h = self.hidden.new_zeros(B, H)
-            for c0 in range(0, width, self.chunk):
-                c1 = min(width, c0 + self.chunk)
-                positions = start.unsqueeze(1) + torch.arange(c0, c1, device=n.device)  # (B, T)
-                gather = positions.clamp_max(L - 1).unsqueeze(-1).expand(-1, -1, H)
-                prev = self.hidden[d - 1].gather(1, gather)
-                h, normed = self._run_head(d, batch, positions, prev)
+            width, shortest = torch.stack([(n - self.frontier[d - 1]).max(), n.min()]).tolist()
+            if width <= W <= shortest:
+                positions = (n - W).unsqueeze(1) + torch.arange(W, device=n.device)  # (B, W)
+                gather = positions.unsqueeze(-1).expand(-1, -1, H)
+                h, logits = self._draft_last(d, batch, positions, self.hidden[d - 1].gather(1, gather))
                 if d < self.depths:
                     self.hidden[d].scatter_(1, gather, h)
-                col = (target_col - c0).clamp(0, c1 - c0 - 1).view(B, 1, 1).expand(B, 1, H)
-                here = ((target_col >= c0) & (target_col < c1)).unsqueeze(1)
-                last_normed = torch.where(here, normed.gather(1, col).squeeze(1), last_normed)
-                last_h = torch.where(here, h.gather(1, col).squeeze(1), last_h)
-            token, q = self._pick(last_normed, sampler)
+                last_h = h[:, -1]
+            else:
+                last_h, logits = self._draft_window(d, batch, width)
+            token, q = self._pick(logits, sampler)
             batch.tokens.scatter_(1, (n + d).unsqueeze(1), token.unsqueeze(1))
             self.frontier[d - 1] = (n - d + 1).clamp_min(0)
             drafts.append(token)
@@ -156,18 +165,41 @@ class MTPDrafter:
         # more drafts than heads: the last head runs on, its output standing in for the hidden state
         for j in range(self.depths + 1, self.k + 1):
             positions = (n + j - self.depths - 1).unsqueeze(1)  # (B, 1)
-            h, normed = self._run_head(self.depths, batch, positions, last_h.unsqueeze(1))
+            h, logits = self._draft_last(self.depths, batch, positions, last_h.unsqueeze(1))
             last_h = h[:, 0]
-            token, q = self._pick(normed[:, 0], sampler)
+            token, q = self._pick(logits, sampler)
             batch.tokens.scatter_(1, (n + j).unsqueeze(1), token.unsqueeze(1))
             drafts.append(token)
             probs.append(q)
         q_all = None if probs[0] is None else torch.stack(probs, 1)
         return torch.stack(drafts, 1), q_all
 
-    def _pick(self, normed: torch.Tensor, sampler: BatchSampler):
-        logits = self.runner.head(normed).unsqueeze(1)  # (B, 1, V)
-        tokens, probs = sampler.choose(sampler.process(logits))
+    def _draft_window(self, d: int, batch: DecodeBatch, width: int):
+        """Depth d over a window of `width` positions per row ending at n-1 (the first draft after a
+        prefill: the whole prompt, in chunks) -> (hidden, logits) at position n-1 (B, H), (B, V)."""
+        n, B = batch.n, batch.size
+        H = self.hidden.shape[-1]
+        L = batch.tokens.shape[1]
+        start = (n - width).clamp_min(0)
+        target_col = n - 1 - start  # the column of position n-1
+        last_normed = self.hidden.new_zeros(B, H)
+        last_h = self.hidden.new_zeros(B, H)
+        for c0 in range(0, width, self.chunk):
+            c1 = min(width, c0 + self.chunk)
+            positions = start.unsqueeze(1) + torch.arange(c0, c1, device=n.device)  # (B, T)
+            gather = positions.clamp_max(L - 1).unsqueeze(-1).expand(-1, -1, H)
+            prev = self.hidden[d - 1].gather(1, gather)
+            h, normed = self._run_head(d, batch, positions, prev)
+            if d < self.depths:
+                self.hidden[d].scatter_(1, gather, h)
+            col = (target_col - c0).clamp(0, c1 - c0 - 1).view(B, 1, 1).expand(B, 1, H)
+            here = ((target_col >= c0) & (target_col < c1)).unsqueeze(1)
+            last_normed = torch.where(here, normed.gather(1, col).squeeze(1), last_normed)
+            last_h = torch.where(here, h.gather(1, col).squeeze(1), last_h)
+        return last_h, self.runner.head(last_normed)
+
+    def _pick(self, logits: torch.Tensor, sampler: BatchSampler):
+        tokens, probs = sampler.choose(sampler.process(logits.unsqueeze(1)))  # logits (B, V)
         return tokens[:, 0], None if probs is None else probs[:, 0]
 
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig, from_hf_config, is_hf_config, load_config, to_hf_config
+from ..config import ModelConfig, from_hf_config, load_config, to_hf_config
 from ..model import LongCatForCausalLM
-from ..model.layers import RotaryEmbedding
+from .materialize import materialize
 from .safetensors_io import CheckpointError, SafetensorsDir, write_sharded
 
 _EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -172,33 +172,6 @@ def state_dict_from_hf(config: ModelConfig, source: SafetensorsDir) -> dict[str,
     return out
 
 
-def _materialize(config: ModelConfig, state: dict[str, torch.Tensor], device, dtype, origin) -> LongCatForCausalLM:
-    with torch.device("meta"):
-        model = LongCatForCausalLM(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:5])})")
-        if extra:
-            parts.append(f"{len(extra)} unexpected tensors (e.g. {', '.join(extra[:5])})")
-        raise CheckpointError(f"{origin} does not match its config: " + "; ".join(parts))
-    for name, t in expected.items():
-        if tuple(state[name].shape) != tuple(t.shape):
-            raise CheckpointError(
-                f"{origin}: tensor '{name}' has shape {tuple(state[name].shape)}, the config implies {tuple(t.shape)}"
-            )
-    state = {k: v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else v.dtype) for k, v in state.items()}
-    model.load_state_dict(state, assign=True)
-    model.rotary = RotaryEmbedding(config, config.qk_rope_head_dim).to(device)
-    # Router bias and classifier stay fp32 whatever the weight dtype (routing decisions are fragile).
-    for layer in model.layers:
-        layer.mlp.router.float()
-    return model
-
-
 def load_hf(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None) -> LongCatForCausalLM:
     path = Path(path)
     raw = json.loads((path / "config.json").read_text())
@@ -208,45 +181,7 @@ def load_hf(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None 
         warnings.warn(f"{path} has no MTP weights; loading without MTP heads (mtp_num_layers=0)", stacklevel=2)
         config = config.replace(mtp_num_layers=0)
     state = state_dict_from_hf(config, source)
-    return _materialize(config, state, device, dtype, str(path))
+    return materialize(config, state, device=device, dtype=dtype, origin=str(path))
 
 
-def load(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None) -> LongCatForCausalLM:
-    """Load a HF LongcatFlash directory or a longcat checkpoint directory (config.json + safetensors)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist")
-    if path.is_dir() and not (path / "config.json").exists():
-        from .native import newest_checkpoint
-
-        found = newest_checkpoint(path)
-        if found is None:
-            raise CheckpointError(f"{path} has no config.json and no complete checkpoint under it")
-        path = found
-    raw = json.loads((path / "config.json").read_text())
-    if is_hf_config(raw):
-        return load_hf(path, device=device, dtype=dtype)
-    from .native import load_model
-
-    return load_model(path, device=device, dtype=dtype)
-
-
-def transformers_reference(model: LongCatForCausalLM, log=print):
-    """The same weights in transformers' LongcatFlashForCausalLM (fp32), or None without transformers.
-
-    Benchmarks and parity checks use it as the baseline; n-grams, LSA and MTP must be off.
-    """
-    import tempfile
-
-    try:
-        from transformers import LongcatFlashForCausalLM
-    except ImportError:
-        log("transformers is not installed: measuring ours only (pip install transformers)")
-        return None
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        save_hf(model, tmp)
-        return LongcatFlashForCausalLM.from_pretrained(tmp, dtype=torch.float32)
-
-
-__all__ = ["transformers_reference", "save_hf", "load", "load_hf", "hf_tensors", "state_dict_from_hf", "CheckpointError", "load_config"]
+__all__ = ["save_hf", "load_hf", "hf_tensors", "state_dict_from_hf", "CheckpointError", "load_config"]

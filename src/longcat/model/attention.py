@@ -5,7 +5,9 @@ Two execution paths share one set of weights:
   `scaled_dot_product_attention` (causal, or masked to the sparse selection);
 - with a latent cache: the *absorbed* form. The nope part of `kv_b_proj` is folded into the
   query and its value part into the output, so attention runs directly over the cached
-  `[c_kv, k_rope]` (kv_lora + rope values per token) as one shared key/value head.
+  `[c_kv, k_rope]` (kv_lora + rope values per token) as one shared key/value head. This is the
+  decode path, eager and compiled alike: the cache is written in place, the shared key head is
+  never copied per query head, and every weight product goes through `layers.linear`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import RMSNorm, apply_rope
+from .layers import RMSNorm, apply_rope, linear
 
 
 @dataclass
@@ -92,6 +94,13 @@ def select_tokens(scores: torch.Tensor, causal: torch.Tensor, config: ModelConfi
     return keep & causal
 
 
+# Queries per row up to which the absorbed attention is written out (scores over the cache as
+# batched products, no per-head copy of the shared key head: decode steps and verify windows);
+# longer ones (prefill, context-parallel training) use the fused SDPA kernel, which never holds
+# the (heads, queries, keys) scores in memory.
+DECODE_QUERIES = 16
+
+
 class MLA(nn.Module):
     def __init__(self, config: ModelConfig, has_indexer: bool = False) -> None:
         super().__init__()
@@ -123,11 +132,11 @@ class MLA(nn.Module):
         `keep` is the selection computed by sublayer 0 of the same layer (reused by sublayer 1).
         """
         B, T, _ = x.shape
-        q_latent = self.q_a_layernorm(self.q_a_proj(x))  # (B, T, q_lora)
-        q = self.q_b_proj(q_latent).view(B, T, self.n_heads, self.nope + self.rope)
+        q_latent = self.q_a_layernorm(linear(x, self.q_a_proj.weight))  # (B, T, q_lora)
+        q = linear(q_latent, self.q_b_proj.weight).view(B, T, self.n_heads, self.nope + self.rope)
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
         q_rope = apply_rope(q_rope, ctx.cos, ctx.sin)
-        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora, self.rope], dim=-1)
+        c_kv, k_rope = linear(x, self.kv_a_proj_with_mqa.weight).split([self.kv_lora, self.rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv) * self.kv_scale  # (B, T, kv_lora)
         k_rope = apply_rope(k_rope, ctx.cos, ctx.sin)  # (B, T, rope)
 
@@ -149,7 +158,7 @@ class MLA(nn.Module):
         else:
             mask = causal if keep is None else keep
             out = self._absorbed_path(q_nope, q_rope, c_kv_all, k_rope_all, mask)
-        return self.o_proj(out.reshape(B, T, -1)), keep, index_loss
+        return linear(out.reshape(B, T, -1), self.o_proj.weight), keep, index_loss
 
     # ------------------------------------------------------------------------------------------
     def _dense_path(self, q_nope, q_rope, c_kv, k_rope, keep):
@@ -177,17 +186,35 @@ class MLA(nn.Module):
         return w[:, : self.nope], w[:, self.nope :]
 
     def _absorbed_path(self, q_nope, q_rope, c_kv_all, k_rope_all, mask):
-        """Attend over the latent cache directly: one shared 'head' of size kv_lora + rope."""
-        w_uk, w_uv = self.absorbed_weights()
-        q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk.to(q_nope.dtype))  # (B, h, T, kv_lora)
-        q = torch.cat([q_lat, q_rope.transpose(1, 2)], dim=-1)  # (B, h, T, kv_lora+rope)
-        k = torch.cat([c_kv_all, k_rope_all], dim=-1).unsqueeze(1).to(q.dtype)  # (B, 1, S, kv_lora+rope)
-        v = c_kv_all.unsqueeze(1).to(q.dtype)  # (B, 1, S, kv_lora)
-        h = q.shape[1]
-        o_lat = F.scaled_dot_product_attention(
-            q, k.expand(-1, h, -1, -1), v.expand(-1, h, -1, -1), attn_mask=mask.unsqueeze(1), scale=self.scale
-        )  # (B, h, T, kv_lora)
-        return torch.einsum("bhtc,hvc->bthv", o_lat, w_uv.to(o_lat.dtype))
+        """Attend over the latent cache directly: one shared 'head' of size kv_lora + rope.
+
+        q_nope (B, T, h, nope), q_rope (B, T, h, rope), c_kv_all (B, S, kv), k_rope_all (B, S, rope),
+        mask (B, T, S) -> (B, T, h, v).
+        """
+        B, T, h, _ = q_nope.shape
+        kv = self.kv_lora
+        w_uk, w_uv = self.absorbed_weights()  # (h, nope, kv), (h, v, kv)
+        # W_uk folded into the query, per head: (h, B*T, nope) -> (h, B*T, kv)
+        q_lat = linear(q_nope.permute(2, 0, 1, 3).reshape(h, B * T, self.nope), w_uk.transpose(1, 2).to(q_nope.dtype))
+        if T > DECODE_QUERIES:
+            q = torch.cat([q_lat.view(h, B, T, kv).transpose(0, 1), q_rope.transpose(1, 2)], dim=-1)  # (B, h, T, kv+rope)
+            k = torch.cat([c_kv_all, k_rope_all], dim=-1).unsqueeze(1).to(q.dtype)  # (B, 1, S, kv+rope)
+            v = c_kv_all.unsqueeze(1).to(q.dtype)  # (B, 1, S, kv)
+            o_lat = F.scaled_dot_product_attention(
+                q, k.expand(-1, h, -1, -1), v.expand(-1, h, -1, -1), attn_mask=mask.unsqueeze(1), scale=self.scale
+            )  # (B, h, T, kv)
+        else:
+            S = c_kv_all.shape[1]
+            q_lat = q_lat.view(h, B, T, kv).transpose(0, 1).reshape(B, h * T, kv)
+            q_r = q_rope.permute(0, 2, 1, 3).reshape(B, h * T, self.rope)
+            c_all = c_kv_all.to(q_lat.dtype)
+            scores = torch.baddbmm(torch.bmm(q_r, k_rope_all.to(q_r.dtype).transpose(1, 2)), q_lat, c_all.transpose(1, 2))
+            scores = scores.view(B, h, T, S).float() * self.scale  # (B, h, T, S)
+            probs = scores.masked_fill(~mask.unsqueeze(1), float("-inf")).softmax(-1).to(c_all.dtype)
+            o_lat = torch.bmm(probs.view(B, h * T, S), c_all).view(B, h, T, kv)
+        o_lat = o_lat.transpose(0, 1).reshape(h, B * T, kv)
+        out = linear(o_lat, w_uv.to(o_lat.dtype))  # (h, B*T, v): W_uv applied per head
+        return out.view(h, B, T, self.v_dim).permute(1, 2, 0, 3)
 
     # ------------------------------------------------------------------------------------------
     def _select(self, x, q_latent, ctx, layer, causal, q_nope, q_rope, c_kv_all, k_rope_all):
@@ -199,7 +226,14 @@ class MLA(nn.Module):
         keys = self.indexer.keys(xi, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             keys = ctx.cache.write_index(layer, ctx.positions, keys)
-        need_scores = train_indexer or int(causal.sum(-1).max()) > cfg.index_topk
+        if train_indexer:
+            need_scores = True
+        elif not ctx.sparse or causal.shape[-1] <= cfg.index_topk:
+            # no selection, or no query can see more than index_topk keys: exactly dense. Decided
+            # from a size where it can be, so a compiled decode step has no data-dependent branch.
+            need_scores = False
+        else:
+            need_scores = int(causal.sum(-1).max()) > cfg.index_topk
         if not need_scores:
             return None, None
         scores = self.indexer.scores(xi, qi, keys, ctx.cos, ctx.sin)  # (B, T, S)

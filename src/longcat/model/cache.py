@@ -3,6 +3,14 @@
 That is kv_lora + rope values per token per sublayer (576 at LongCat sizes) instead of
 heads * (nope + rope + v) for an expanded per-head cache. Sublayers are numbered 2*i and 2*i+1 for
 decoder layer i, then 2*L + d for MTP depth d. LSA layers also cache their indexer keys.
+
+The storage is one allocation per kind with the sublayer and row dims merged,
+(sublayers * allocated rows, max_len, d); `c_kv`, `k_rope`, `index_k` are (sublayers, rows,
+max_len, d) views of its first `rows` rows. A forward writes its tokens' keys with one `index_put_`
+into that allocation (in place under torch.compile too: the static-cache pattern), then reads
+positions 0..span-1. A compiled decode step gets the allocations as inputs and rebuilds the cache
+around them with `LatentCache.over`, its span the size of a tensor (dynamic, so one graph serves
+every length).
 """
 
 from __future__ import annotations
@@ -23,22 +31,42 @@ class LatentCache:
         device: torch.device | str = "cpu",
         with_mtp: bool = True,
     ) -> None:
-        self.config = config
-        self.max_len = max_len
-        self.num_sublayers = 2 * config.num_layers + (config.mtp_num_layers if with_mtp else 0)
-        shape = (self.num_sublayers, batch_size, max_len)
-        self.c_kv = torch.zeros(*shape, config.kv_lora_rank, dtype=dtype, device=device)
-        self.k_rope = torch.zeros(*shape, config.qk_rope_head_dim, dtype=dtype, device=device)
-        self.index_k = None
+        n = 2 * config.num_layers + (config.mtp_num_layers if with_mtp else 0)
+        alloc = (n * batch_size, max_len)
+        c = torch.zeros(*alloc, config.kv_lora_rank, dtype=dtype, device=device)
+        r = torch.zeros(*alloc, config.qk_rope_head_dim, dtype=dtype, device=device)
+        i = None
         if config.lsa_enabled:
-            self.index_k = torch.zeros(
-                config.num_layers, batch_size, max_len, config.index_head_dim, dtype=dtype, device=device
-            )
+            i = torch.zeros(config.num_layers * batch_size, max_len, config.index_head_dim, dtype=dtype, device=device)
+        self._setup(config, n, (c, r, i), batch_size, max_len)
         # Tokens cached per sequence; maintained by the caller (the inference engine).
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self._span = max_len
-        # rows of the allocation, which narrowed views share (rows 0..allocated_rows-1, same strides)
-        self.allocated_rows = batch_size
+
+    def _setup(self, config: ModelConfig, num_sublayers: int, storage: tuple, rows, span) -> None:
+        self.config, self.num_sublayers = config, num_sublayers
+        self._c, self._r, self._i = storage
+        self.max_len = self._c.shape[1]
+        # rows of the allocation, which narrowed views share
+        self.allocated_rows = self._c.shape[0] // num_sublayers
+        self.rows = rows
+        self._span = span
+        R, L = self.allocated_rows, self.max_len
+        self.c_kv = self._c.view(num_sublayers, R, L, -1)[:, :rows]  # (sublayers, rows, max_len, kv)
+        self.k_rope = self._r.view(num_sublayers, R, L, -1)[:, :rows]
+        self.index_k = None if self._i is None else self._i.view(config.num_layers, R, L, -1)[:, :rows]
+
+    @classmethod
+    def over(cls, config: ModelConfig, storage: tuple, rows: int, span, num_sublayers: int) -> "LatentCache":
+        """A cache of `rows` rows over existing allocations (`storage()` of another cache), attending
+        to `span` positions: what a compiled step builds around its inputs (span may be symbolic)."""
+        view = object.__new__(cls)
+        view._setup(config, num_sublayers, storage, rows, span)
+        view.lengths = None
+        return view
+
+    def storage(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The allocations (sublayers * allocated rows, max_len, d) of c_kv, k_rope, index keys."""
+        return self._c, self._r, self._i
 
     @staticmethod
     def bytes_per_token(config: ModelConfig, dtype_bytes: int = 2, with_mtp: bool = False) -> int:
@@ -48,13 +76,10 @@ class LatentCache:
         return (n * per_sublayer + index) * dtype_bytes
 
     def nbytes(self) -> int:
-        total = self.c_kv.numel() * self.c_kv.element_size() + self.k_rope.numel() * self.k_rope.element_size()
-        if self.index_k is not None:
-            total += self.index_k.numel() * self.index_k.element_size()
-        return total
+        return sum(t.numel() * t.element_size() for t in self.storage() if t is not None)
 
     def begin(self, positions: torch.Tensor) -> None:
-        """Called by the model at the start of a forward: attention spans keys 0..max(pos)."""
+        """Called at the start of a forward: attention spans keys 0..max(pos)."""
         top = int(positions.max()) + 1
         if top > self.max_len:
             raise ValueError(
@@ -63,37 +88,35 @@ class LatentCache:
             )
         self._span = top
 
-    def _scatter(self, store: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """store (B, S, d) <- values (B, T, d) at positions (B, T); returns store[:, :span]."""
-        B, T, d = values.shape
-        index = positions.expand(B, T).unsqueeze(-1).expand(B, T, d)
-        store.scatter_(1, index, values.to(store.dtype))
-        return store[:, : self._span]
+    @property
+    def span(self):
+        """Positions a forward attends over (0..span-1): set by begin(), or given to over()."""
+        return self._span
+
+    def _write(self, store: torch.Tensor, index: int, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """store[index] (rows, max_len, d) <- values (B, T, d) at positions (B|1, T); returns
+        store[index][:, :span] (B, S, d)."""
+        B, T, _ = values.shape
+        R = self.allocated_rows
+        at = (index * R + torch.arange(B, device=values.device)).unsqueeze(1)  # (B, 1) rows of the allocation
+        store.index_put_((at, positions.expand(B, T)), values.to(store.dtype))
+        return store[index * R : index * R + B, : self._span]
 
     def write(self, sublayer: int, positions: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor):
-        return (
-            self._scatter(self.c_kv[sublayer], positions, c_kv),
-            self._scatter(self.k_rope[sublayer], positions, k_rope),
-        )
+        return self._write(self._c, sublayer, positions, c_kv), self._write(self._r, sublayer, positions, k_rope)
 
     def write_index(self, layer: int, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        return self._scatter(self.index_k[layer], positions, keys)
+        return self._write(self._i, layer, positions, keys)
 
     def narrow(self, batch_size: int) -> "LatentCache":
         """A cache over the first `batch_size` rows that shares this cache's storage (no copy).
 
         The inference engine keeps one preallocated cache and runs batches of any size up to it.
         """
-        if not 0 < batch_size <= self.c_kv.shape[1]:
-            raise ValueError(f"cannot narrow a cache of {self.c_kv.shape[1]} rows to {batch_size}")
-        view = object.__new__(LatentCache)
-        view.config, view.max_len, view.num_sublayers = self.config, self.max_len, self.num_sublayers
-        view.allocated_rows = self.allocated_rows
-        view.c_kv = self.c_kv[:, :batch_size]
-        view.k_rope = self.k_rope[:, :batch_size]
-        view.index_k = None if self.index_k is None else self.index_k[:, :batch_size]
+        if not 0 < batch_size <= self.allocated_rows:
+            raise ValueError(f"cannot narrow a cache of {self.allocated_rows} rows to {batch_size}")
+        view = LatentCache.over(self.config, self.storage(), batch_size, self._span, self.num_sublayers)
         view.lengths = self.lengths[:batch_size]
-        view._span = self._span
         return view
 
     def copy_rows(self, src: torch.Tensor, dst: torch.Tensor) -> None:

@@ -1,4 +1,5 @@
-"""Small building blocks: RMSNorm, SwiGLU, rotary embedding with YaRN."""
+"""Small building blocks: the weight product every module calls, RMSNorm, SwiGLU, rotary embedding
+with YaRN."""
 
 from __future__ import annotations
 
@@ -9,6 +10,43 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, yarn_mscale
+
+
+# Rows (input vectors per weight matrix) up to which `linear` is a generated reduction when compiled
+# on CPU; above it, the BLAS GEMM, whose register blocking wins once each weight is reused enough.
+REDUCTION_ROWS = 8
+
+
+def realized(x: torch.Tensor) -> torch.Tensor:
+    """x itself, computed into a buffer once when compiled. Inductor otherwise inlines a cheap
+    producer (a norm, an activation) into the reduction that reads it and recomputes it for every
+    weight row; an as_strided view needs real storage, so the producer is realized first. Eager:
+    a free view."""
+    return torch.as_strided(x, x.shape, x.stride())
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T: w (out, in) with x (..., in) -> (..., out); or grouped, w (G, out, in) with
+    x (G, N, in) -> (G, N, out) (group g's rows times group g's matrix).
+
+    Eager this is F.linear / bmm. Compiled for a CPU with few rows per weight matrix (decode), it
+    is written as a multiply-and-sum, which inductor generates as one vectorised loop that streams
+    each weight row once for all rows, fused with the norm or activation producing x. BLAS GEMV on
+    the (out, in) layout streams weights well below memory bandwidth, and a decode step is mostly
+    weight streaming.
+    """
+    grouped = w.dim() == 3
+    rows = x.shape[-2] if grouped else x.numel() // x.shape[-1]
+    few = torch.compiler.is_compiling() and x.device.type == "cpu" and isinstance(rows, int) and rows <= REDUCTION_ROWS
+    if not few:
+        return torch.bmm(x, w.transpose(1, 2)) if grouped else F.linear(x, w)
+    if grouped:
+        return (w.unsqueeze(1) * realized(x).unsqueeze(2)).sum(-1)  # (G, N, out)
+    flat = realized(x.reshape(rows, x.shape[-1]))  # (rows, in)
+    # one single-row reduction per row (vectorised along `in`), rather than one reduction over
+    # (out, rows) whose loops inductor orders badly; the row count is a constant of the graph
+    y = torch.stack([(w * flat[r]).sum(-1) for r in range(rows)])  # (rows, out)
+    return y.reshape(*x.shape[:-1], w.shape[0])
 
 
 class RMSNorm(nn.Module):
@@ -38,7 +76,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linear(x, self.gate_proj.weight), linear(x, self.up_proj.weight)
+        return linear(F.silu(gate) * up, self.down_proj.weight)
 
 
 def rope_inv_freq(config: ModelConfig, dim: int) -> tuple[torch.Tensor, float]:

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import MLA, AttentionContext
-from .layers import RMSNorm, RotaryEmbedding, SwiGLU
+from .layers import RMSNorm, RotaryEmbedding, SwiGLU, linear
 from .moe import MoE, MoEStats
 from .ngram import NgramEmbedding
 
@@ -62,7 +62,7 @@ class MTPLayer(nn.Module):
 
     def forward(self, emb: torch.Tensor, h: torch.Tensor, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
         """emb, h (B, T, H) aligned (emb of the token d steps ahead) -> (hidden, normed hidden)."""
-        h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
+        h = linear(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1), self.eh_proj.weight)
         attn, _, _ = self.self_attn(self.input_layernorm(h), ctx, self.sublayer)
         h = h + attn
         h = h + self.mlp(self.post_attention_layernorm(h))
@@ -205,7 +205,7 @@ class LongCatForCausalLM(nn.Module):
             if il is not None:
                 index_losses.append(il)
         normed = self.norm(h)
-        logits = self.lm_head(normed[:, -logits_to_keep:] if logits_to_keep else normed)
+        logits = linear(normed[:, -logits_to_keep:] if logits_to_keep else normed, self.lm_head.weight)
 
         mtp_logits = []
         if mtp and self.mtp:
@@ -216,7 +216,7 @@ class LongCatForCausalLM(nn.Module):
                 # position t of depth d reads the embedding of x[t+d] and predicts x[t+d+1]
                 sub = AttentionContext(cos[..., : T - d, :], sin[..., : T - d, :], positions[..., : T - d], cache, ctx.sparse)
                 prev, normed_d = head(emb[:, d:], prev[:, : T - d], sub)
-                mtp_logits.append(self.lm_head(normed_d))
+                mtp_logits.append(linear(normed_d, self.lm_head.weight))
 
         slot, base = self._active_counts()
         router = RouterStats(
@@ -235,6 +235,45 @@ class LongCatForCausalLM(nn.Module):
             indexer_loss=torch.stack(index_losses).mean() if index_losses else None,
             pre_norm_hidden=h,
         )
+
+    # --- decoding over a latent cache: what the inference engine runs for every step, eagerly or
+    # wrapped by torch.compile (the same code either way) ------------------------------------------
+    def _decode_context(self, positions: torch.Tensor, dtype: torch.dtype, cache) -> AttentionContext:
+        cos, sin = self.rotary(positions, dtype)
+        return AttentionContext(cos, sin, positions, cache, sparse=self.lsa_mode == "sparse", indexer_loss=False)
+
+    def decode(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, cache, ngram_history: torch.Tensor | None = None,
+        *, last_only: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode step: input_ids, positions (B, T) over a LatentCache whose span covers them
+        (`cache.begin(positions)`, or built by `LatentCache.over`) -> (logits (B, 1 or T, V),
+        pre-norm hidden (B, T, H)). The tokens' keys are written into the cache.
+
+        `forward` with a cache computes the same; this leaves out what only training reads
+        (router statistics, MTP logits) and the data-dependent cache bookkeeping.
+        """
+        emb = self.embed(input_ids, ngram_history)
+        ctx = self._decode_context(positions, emb.dtype, cache)
+        h = emb
+        for layer in self.layers:
+            h, _, _ = layer(h, ctx)
+        normed = self.norm(h[:, -1:] if last_only else h)
+        return self.head(normed), h
+
+    def decode_mtp(
+        self, depth: int, input_ids: torch.Tensor, prev: torch.Tensor, positions: torch.Tensor, cache,
+        ngram_history: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP head `depth` (1-based) over its cache sublayer: input_ids (B, T) the tokens `depth`
+        ahead of positions (B, T), prev (B, T, H) the hidden state of depth-1 there -> (hidden,
+        normed hidden) (B, T, H), as `forward` computes them for training; `head` gives logits."""
+        emb = self.embed(input_ids, ngram_history)
+        return self.mtp[depth - 1](emb, prev, self._decode_context(positions, emb.dtype, cache))
+
+    def head(self, normed: torch.Tensor) -> torch.Tensor:
+        """The output head: normed hidden states (..., H) -> logits (..., V)."""
+        return linear(normed, self.lm_head.weight)
 
 
 def lm_losses(output: CausalLMOutput, labels: torch.Tensor, ignore_index: int = -100) -> dict[str, torch.Tensor]:

@@ -4,6 +4,10 @@ route -> dispatch (permute tokens by expert) -> grouped-GEMM experts -> combine.
 the one seam expert parallelism replaces (all_to_all_single instead of a local permute); the
 layer code never changes. Tokens routed to identity experts never enter the dispatcher: their
 contribution, weight * x, is computed where the token lives.
+
+Inference with few tokens (decode steps) skips the dispatcher: every (token, slot) pair reads its
+own expert's weights by index, with static shapes, so the same code runs eagerly and under
+torch.compile (where the weight reads fuse into the product loops and nothing is copied).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .layers import linear, realized
 
 
 @dataclass
@@ -39,7 +44,7 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> Routing:
         """x (T, H) -> Routing. Logits in fp32 whatever the autocast state."""
         with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.classifier.weight.float())
+            logits = linear(x.float(), self.classifier.weight.float())
         probs = logits.softmax(dim=-1)
         with torch.no_grad():
             indices = torch.topk(probs + self.e_score_correction_bias, self.top_k, dim=-1, sorted=False).indices
@@ -59,7 +64,7 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     # grouped_mm is not covered by autocast: cast by hand to the autocast dtype.
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
@@ -83,21 +88,21 @@ class GroupedExperts(nn.Module):
         """x (M, H) sorted by expert, counts (N,) -> (M, H)."""
         if x.shape[0] == 0:
             return x.new_zeros(x.shape)
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         offsets = counts.cumsum(0).to(torch.int32)
         gate_up = self.gate_up_proj.to(dtype).transpose(-2, -1)  # (N, H, 2F)
         down = self.down_proj.to(dtype).transpose(-2, -1)  # (N, F, H)
-        h = _grouped_mm(x.to(dtype), gate_up, offsets, counts)
+        h = grouped_mm(x.to(dtype), gate_up, offsets, counts)
         gate, up = h.split(self.inner, dim=-1)
         h = (F.silu(gate) * up).contiguous()
-        return _grouped_mm(h, down, offsets, counts)
+        return grouped_mm(h, down, offsets, counts)
 
 
 # Devices where torch._grouped_mm is known to work; elsewhere (e.g. Ascend NPU) loop over experts.
 _GROUPED_MM_DEVICES = {"cpu", "cuda"}
 
 
-def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """rows of x grouped by expert (offsets = cumulative counts) @ w[e] (E, K, N) -> (M, N)."""
     few_rows = x.shape[0] < w.shape[0]  # decode: grouped_mm pays per group, used or not
     if not few_rows and hasattr(torch, "_grouped_mm") and x.device.type in _GROUPED_MM_DEVICES:
@@ -148,6 +153,18 @@ class MoEStats:
     num_tokens: int
 
 
+# Tokens up to which an inference forward (no autograd) runs only the chosen experts, pair by pair
+# with static shapes, instead of sorting the pairs by expert for the grouped GEMM (which on CPU also
+# pays for every one of the N experts, used or not).
+GATHER_TOKENS = 64
+
+
+def entry_counts(indices: torch.Tensor, entries: int) -> torch.Tensor:
+    """Slots per router entry (entries,): bincount with a static size (traceable by torch.compile)."""
+    flat = indices.reshape(-1)
+    return torch.zeros(entries, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -164,12 +181,40 @@ class MoE(nn.Module):
         identity = routing.indices >= self.num_experts
         identity_weight = (routing.weights * identity).sum(-1, keepdim=True)  # (T, 1)
         out = x * identity_weight.to(x.dtype)
-        rows, counts, state = self.dispatcher.dispatch(x, routing, self.num_experts)
-        rows = self.experts(rows, counts)
-        out = self.dispatcher.combine(rows, state, out)
+        few = x.shape[0] <= GATHER_TOKENS and not torch.is_grad_enabled()
+        if few and type(self.dispatcher) is LocalDispatcher:
+            out = out + self.chosen_experts(x, routing)
+        else:
+            rows, counts, state = self.dispatcher.dispatch(x, routing, self.num_experts)
+            rows = self.experts(rows, counts)
+            out = self.dispatcher.combine(rows, state, out)
         stats = MoEStats(
-            counts=torch.bincount(routing.indices.reshape(-1), minlength=routing.probs.shape[1]).detach(),
+            counts=entry_counts(routing.indices, routing.probs.shape[1]).detach(),
             mean_probs=routing.probs.mean(0),
             num_tokens=x.shape[0],
         )
         return out.reshape(shape), stats
+
+    def chosen_experts(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """The FFN experts' weighted sum for each token, x (T, H) -> (T, H), pair by pair: pair
+        (t, j) runs token t through expert indices[t, j]. Static shapes, no sort, no scatter.
+
+        An identity slot borrows an FFN expert its token already uses, with gate 0: compiled, its
+        weight rows are already in cache, so the slot costs no memory traffic.
+        """
+        T, H = x.shape
+        k, N = routing.indices.shape[1], self.num_experts
+        is_ffn = routing.indices < N
+        borrowed = routing.indices.gather(1, is_ffn.int().argmax(1, keepdim=True))
+        # realized: one load per pair in the weight loops, not the chain of ops that computes it
+        expert = realized(torch.where(is_ffn, routing.indices, borrowed).clamp(max=N - 1).flatten())  # (P,) P = T*k
+        dtype = compute_dtype(x)
+        gate = (routing.weights * is_ffn).flatten().to(dtype)  # (P,)
+        xs = x.to(dtype).unsqueeze(1).expand(T, k, H).reshape(T * k, 1, H)  # (P, 1, H)
+        gate_up = linear(xs, self.experts.gate_up_proj[expert].to(dtype))  # (P, 1, 2F)
+        g, u = gate_up.split(self.experts.inner, dim=-1)
+        y = linear(F.silu(g) * u, self.experts.down_proj[expert].to(dtype)) * gate.view(-1, 1, 1)  # (P, 1, H)
+        # realized per pair, then summed over a reshape: fused into the per-token sum instead, every
+        # output element would walk all k experts' rows (and a scatter here was read before it had
+        # finished when inductor fused it with its readers, torch 2.13)
+        return realized(y).view(T, k, H).sum(1).to(x.dtype)

@@ -1,7 +1,8 @@
 """Scale-out on torch.distributed: FSDP2, expert, tensor, context and pipeline parallelism.
 
 The model code stays free of distributed code; `parallelize` applies the plans to a built model
-(TorchTitan's order: pipeline split, TP, EP, CP, then FSDP). See docs/PARALLEL.md.
+(TorchTitan's order: pipeline split, TP, EP, CP, then FSDP). The training loop is
+`longcat.train.Trainer`, given the `ParallelDims` of `setup`. See docs/PARALLEL.md.
 
 Names are imported lazily: `import longcat.parallel` stays cheap for the CLI.
 """
@@ -12,8 +13,8 @@ _EXPORTS = {
     "ParallelLayout": "layout", "ParallelDims": "layout", "init_distributed": "layout",
     "shutdown_distributed": "layout",
     "setup": "engine", "parallelize": "engine", "ParallelModel": "engine", "LossWeights": "engine",
-    "StepResult": "engine", "build_adamw": "engine",
-    "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "latest_checkpoint": "checkpoint",
+    "StepResult": "engine",
+    "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
     "launch": "launch", "run_under_torchrun": "launch", "is_torchrun_worker": "launch",
 }
 __all__ = list(_EXPORTS)

@@ -6,6 +6,10 @@ A checkpoint is a directory `step_00000010/` holding DCP shards of the model and
 Because DCP records global shapes and `get_state_dict`/`set_state_dict` translate to and from
 FSDP/TP/EP shards, a run saved on one layout resumes on another: 2 ranks -> 1, 1 -> 2,
 FSDP -> FSDP+EP, pipelined <-> flat. Loading reads only the bytes each rank needs.
+
+Finding the newest complete checkpoint is `longcat.interop.runs.newest_complete` (one finder for
+these and the single-process checkpoints); reading the model out of one in a single process,
+without a process group, is `longcat.load` (`longcat.interop.dcp`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-MARKER = "COMPLETE"
+from ..interop.runs import COMPLETE as MARKER
+from ..interop.runs import DCP_CHECKPOINT, checkpoint_format, list_complete, newest_complete
+from ..interop.safetensors_io import CheckpointError
+
 STATE_FILE = "train_state.json"
 
 
@@ -28,18 +35,14 @@ def step_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"step_{step:08d}"
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under root (a crash mid-save leaves no marker)."""
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    done = sorted(p for p in root.glob("step_*") if (p / MARKER).exists())
-    return done[-1] if done else None
-
-
 def save_checkpoint(root: str | Path, step: int, module: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    train_state: dict | None = None, *, keep: int = 0) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+                    train_state: dict | None = None, *, keep: int = 0,
+                    extra_files: dict[str, str] | None = None) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory.
+
+    `extra_files` ({name: text}, e.g. train_config.json and tokenizer.json) are written by rank 0
+    before the COMPLETE marker, so a reader that sees the marker also sees them.
+    """
     path = step_dir(root, step)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0 and path.exists():
@@ -52,10 +55,11 @@ def save_checkpoint(root: str | Path, step: int, module: nn.Module, optimizer: t
     dcp.save(state, checkpoint_id=str(path))
     if rank == 0:
         (path / STATE_FILE).write_text(json.dumps({"step": step, **(train_state or {})}, indent=1))
+        for name, text in (extra_files or {}).items():
+            (path / name).write_text(text)
         (path / MARKER).write_text("ok\n")
         if keep > 0:
-            done = sorted(p for p in Path(root).glob("step_*") if (p / MARKER).exists())
-            for old in done[:-keep]:
+            for _, old in list_complete(root)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return path
@@ -65,7 +69,11 @@ def load_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.
     """Collective: fill the (already parallelized) module and optimizer; returns train_state.json."""
     path = Path(path)
     if not (path / MARKER).exists():
-        raise FileNotFoundError(f"{path} is not a complete distributed checkpoint (no {MARKER} marker)")
+        raise CheckpointError(f"{path} is not a complete distributed checkpoint (no {MARKER} marker: its save was "
+                              "interrupted); resume from the newest complete one (newest_complete of its folder)")
+    if checkpoint_format(path) != DCP_CHECKPOINT:
+        raise CheckpointError(f"{path} is a single-process checkpoint, which a multi-process run cannot resume; "
+                              "continue that run with one process (no --nproc/--parallel) or start a new --out")
     model_sd, optim_sd = _state(module, optimizer)
     state = {"model": model_sd}
     if optim_sd is not None:
@@ -101,4 +109,4 @@ def _barrier() -> None:
         dist.barrier()
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "step_dir", "MARKER", "STATE_FILE"]
+__all__ = ["save_checkpoint", "load_checkpoint", "newest_complete", "step_dir", "MARKER", "STATE_FILE"]

@@ -2,15 +2,17 @@
 
     longcat parallel check --nproc 2 --parallel dp_shard=2,ep=2 --steps 5 --compare
 
-The layout is checked against the model and the process count before anything starts. With
---compare the same steps also run in one process and the largest relative loss difference is
-printed (it should be ~1e-6 in fp32).
+The layout is checked against the model and the process count before anything starts. The
+ranks run `longcat.train.Trainer` on the layout; with --compare the same Trainer also runs the
+same steps in one process and the largest relative loss difference is printed (about 1e-7 in
+fp32).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -46,12 +48,15 @@ def register(subparsers) -> None:
                        help="FSDP parameter precision (auto: bf16 on accelerators)")
     check.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     check.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts after a rank dies")
-    check.add_argument("--checkpoint-dir", default=None, help="distributed checkpoints here; resumes from the newest")
+    check.add_argument("--checkpoint-dir", default=None,
+                       help="distributed checkpoints here (default: a temporary directory); resumes from the newest")
     check.add_argument("--checkpoint-every", type=int, default=0)
     check.add_argument("--crash-at-step", type=int, default=0,
-                       help="fault injection: SIGKILL one rank before this step (first attempt only)")
+                       help="fault injection: SIGKILL one rank right after this step, before its checkpoint "
+                            "(first attempt only)")
     check.add_argument("--crash-rank", type=int, default=0)
-    check.add_argument("--compare", action="store_true", help="also run in one process and compare losses")
+    check.add_argument("--compare", action="store_true",
+                       help="also run the same Trainer in one process and compare the losses")
     check.add_argument("--timeout", type=float, default=900.0, help="seconds before the whole group is killed")
     check.add_argument("--json", default=None, help="write the rank-0 summary here")
     check.set_defaults(func=run_check)
@@ -59,8 +64,8 @@ def register(subparsers) -> None:
 
 
 def run_check(args) -> int:
-    from ..errors import UserError
     from ..config import parse_overrides, preset
+    from ..errors import UserError
     from ..devices import resolve_device
     from .engine import LossWeights
     from .launch import launch
@@ -76,8 +81,8 @@ def run_check(args) -> int:
     resolve_device(args.device, setting="--device")
     layout.validate(
         config, args.nproc, seq_len=args.seq_len, global_batch=args.batch,
-        with_mtp=weights.mtp > 0 and config.mtp_num_layers > 0,
-        with_indexer_loss=weights.indexer > 0 and config.lsa_enabled, with_aux_losses=weights.any_aux,
+        with_mtp=weights.with_mtp(config), with_indexer_loss=weights.with_indexer(config),
+        with_aux_losses=weights.any_aux,
     )
     with tempfile.TemporaryDirectory(prefix="longcat-parallel-") as tmp:
         results = Path(args.json) if args.json else Path(tmp) / "results.json"
@@ -85,7 +90,7 @@ def run_check(args) -> int:
             preset=args.preset, overrides=overrides, layout=str(layout), steps=args.steps, batch=args.batch,
             seq_len=args.seq_len, lr=args.lr, seed=args.seed, mtp_weight=args.mtp_weight, z_loss=args.z_loss,
             balance_loss=args.balance_loss, indexer_loss_weight=args.indexer_loss_weight, device=args.device,
-            precision=args.precision, threads=args.threads, checkpoint_dir=args.checkpoint_dir,
+            precision=args.precision, threads=args.threads, out=str(Path(tmp) / "run"), checkpoint_dir=args.checkpoint_dir,
             checkpoint_every=args.checkpoint_every, crash_at_step=args.crash_at_step, crash_rank=args.crash_rank,
             results=str(results),
         )
@@ -94,7 +99,7 @@ def run_check(args) -> int:
         try:
             proc = launch(["-m", "longcat.parallel.worker", spec.to_json()], nproc=args.nproc,
                           max_restarts=args.max_restarts, threads_per_rank=args.threads, timeout=args.timeout)
-        except Exception as exc:  # TimeoutExpired
+        except subprocess.TimeoutExpired as exc:
             raise UserError(f"the distributed run did not finish: {exc}") from None
         if proc.returncode != 0:
             print(f"longcat parallel check: the distributed run failed (exit {proc.returncode}); "
@@ -103,9 +108,9 @@ def run_check(args) -> int:
         summary = json.loads(results.read_text())
         print(f"done: {summary['tokens_per_s']:,.0f} tokens/s (steady state, all ranks together)")
         if args.compare:
-            if args.device not in ("cpu",) and args.precision != "fp32":
-                print("note: --compare runs the reference in fp32 on CPU")
-            ref = reference_run(RunSpec(**{**json.loads(spec.to_json()), "device": "cpu", "threads": args.threads}))
+            if args.device != "cpu" or args.precision != "fp32":
+                print("note: --compare runs the one-process reference with fp32 parameters on CPU")
+            ref = reference_run(RunSpec(**{**json.loads(spec.to_json()), "device": "cpu", "precision": "fp32"}))
             worst = 0.0
             for step, loss in ref["losses"].items():
                 got = summary["losses"].get(str(step))

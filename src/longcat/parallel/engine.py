@@ -1,21 +1,22 @@
 """Set up the world, parallelize a model, and run one distributed training step.
 
-What a training loop calls, in order (see docs/PARALLEL.md for a complete loop):
+`ParallelModel` is the N-rank step engine of `longcat.train.Trainer` (the interface is
+`longcat.train.engine.StepEngine`): the Trainer owns the loop, this file what depends on the
+layout. What a Trainer with `dims=` does, in order (docs/PARALLEL.md has more):
 
     dims = setup(layout, config, seq_len=T, global_batch=B, ...)   # validate, init, mesh
     model = build_model(config, device=dims.device, seed=seed)       # same seed on every rank
     pm = parallelize(model, dims, seq_len=T)                         # TP -> EP -> CP -> PP -> FSDP
-    optimizer = build_adamw(pm.module, lr=...)
     each step:
-        optimizer.zero_grad()
         result = pm.forward_backward(inputs, labels, weights)        # the GLOBAL batch, every rank
         norm = pm.clip_grad_norm_(max_norm)
-        if pm.all_finite(result.loss_total, norm): optimizer.step(); pm.update_router_bias(...)
+        if pm.all_finite(result.loss_total, norm): optimizer.step(); update_router_bias(pm.module, result.counts, ...)
     shutdown_distributed()
 
 Every rank passes the same global batch (B, T); `forward_backward` takes this rank's rows (data
 parallel) and zig-zag chunks (context parallel). Loss values and router counts come back
-averaged/summed over all data ranks, so they equal a single-process run on the same batch.
+averaged/summed over all data ranks, so they equal a single-process run on the same batch, and
+the one router-bias rule (`longcat.train.engine.update_router_bias`) sees the global counts.
 """
 
 from __future__ import annotations
@@ -23,42 +24,18 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..config import ModelConfig
 from ..model.lm import LongCatForCausalLM, training_losses
+from ..train.engine import LossWeights, StepResult
 from .layout import ParallelDims, ParallelLayout, build_mesh, device_type_for, init_distributed
-from .modules import indexed_layers
-
-
-@dataclass
-class LossWeights:
-    """Weights of the auxiliary losses (0 = not computed). Mirrors the trainer's recipe."""
-
-    mtp: float = 0.0
-    z_loss: float = 0.0
-    balance: float = 0.0
-    indexer: float = 0.0
-
-    @property
-    def any_aux(self) -> bool:
-        return self.z_loss > 0 or self.balance > 0
-
-
-@dataclass
-class StepResult:
-    losses: dict[str, float]  # global means over all data ranks ("lm", "mtp", ..., "loss_total")
-    counts: torch.Tensor  # (L, N+Z) router slots per entry, summed over all data ranks
-    tokens: int  # tokens in the global batch
-
-    @property
-    def loss_total(self) -> float:
-        return self.losses["loss_total"]
 
 
 def world_size_from_env() -> int:
@@ -78,8 +55,8 @@ def setup(
     weights = weights or LossWeights()
     layout.validate(
         config, world_size_from_env(), seq_len=seq_len, global_batch=global_batch,
-        with_mtp=weights.mtp > 0 and config.mtp_num_layers > 0,
-        with_indexer_loss=weights.indexer > 0 and config.lsa_enabled, with_aux_losses=weights.any_aux,
+        with_mtp=weights.with_mtp(config), with_indexer_loss=weights.with_indexer(config),
+        with_aux_losses=weights.any_aux,
     )
     device_type = device_type_for(device)
     init_distributed(device_type)
@@ -89,8 +66,11 @@ def setup(
 # ------------------------------------------------------------------------------------------------
 
 
+IGNORE_INDEX = -100  # label of the rows that pad a held-out batch to a whole share per rank
+
+
 class ParallelModel:
-    """A LongCat model parallelized over a mesh, with the pieces of a training step.
+    """A LongCat model parallelized over a mesh: the N-rank `longcat.train.engine.StepEngine`.
 
     `module` holds this rank's parameters under the full model's names: the model itself, or a
     `PipelineRankModel` with the rank's stages. Build the optimizer over `module.parameters()`.
@@ -107,7 +87,12 @@ class ParallelModel:
         self.stages = stages or []
         self.schedule = schedule
         self.autocast_dtype = autocast_dtype
+        self.device = dims.device
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.layout_name = str(dims.layout)
         self._loss_scale = 1.0
+        self._loss_sum = False  # pipeline_loss: summed cross-entropy of a held-out batch
 
     # --- data ---------------------------------------------------------------------------------
     def shard_batch(self, inputs: torch.Tensor, labels: torch.Tensor):
@@ -145,8 +130,8 @@ class ParallelModel:
         if self.schedule is not None:
             return self._pipeline_forward_backward(inputs, labels, scale)
         x, y, positions = self.shard_batch(inputs, labels)
-        with_mtp = weights.mtp > 0 and self.config.mtp_num_layers > 0
-        with_indexer = weights.indexer > 0 and self.config.lsa_enabled
+        with_mtp = weights.with_mtp(self.config)
+        with_indexer = weights.with_indexer(self.config)
         with self._autocast():
             out = self.module(x, positions=positions, cache=self.cp_kv, mtp=with_mtp, indexer_loss=with_indexer)
         counts = self._all_reduce(out.router.counts.clone(), "dp_cp")
@@ -188,22 +173,36 @@ class ParallelModel:
         return StepResult({"lm": value, "loss_total": value}, counts, inputs.numel())
 
     @torch.no_grad()
-    def evaluate_loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> float:
-        """Mean next-token loss of a global batch, without gradients (collective: every rank calls it)."""
+    def heldout_nats(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+        """Summed next-token cross-entropy of a global held-out batch and its token count, without
+        gradients (collective: every rank calls it).
+
+        A batch whose rows do not split over the data ranks (and, pipelined, the micro-batches) is
+        padded with copies of its first row whose labels are masked (IGNORE_INDEX): every rank
+        gets a whole share, and the padding adds neither loss nor tokens."""
+        count = int((labels != IGNORE_INDEX).sum())
+        per_step = self.layout.dp * (self.layout.microbatches if self.schedule is not None else 1)
+        pad = -inputs.shape[0] % per_step
+        if pad:
+            inputs = torch.cat([inputs, inputs[:1].expand(pad, -1)])
+            labels = torch.cat([labels, labels.new_full((pad, labels.shape[1]), IGNORE_INDEX)])
+        x, y, positions = self.shard_batch(inputs, labels)
         if self.schedule is not None:
-            x, y, _ = self.shard_batch(inputs, labels)
             losses: list[torch.Tensor] = []
-            self._loss_scale = 1.0
             has_first = any(s.first for s in self.stages)
             has_last = any(s.last for s in self.stages)
-            with self._autocast():
-                self.schedule.eval(*((x,) if has_first else ()), **({"target": y, "losses": losses} if has_last else {}))
+            self._loss_sum = True
+            try:
+                with self._autocast():
+                    self.schedule.eval(*((x,) if has_first else ()),
+                                       **({"target": y, "losses": losses} if has_last else {}))
+            finally:
+                self._loss_sum = False
             for stage in self.stages:
                 stage.router_counts = []
-            loss = torch.stack(losses).mean().float() if has_last else torch.zeros((), device=x.device)
-            loss = self._all_reduce(loss.reshape(1), "pp")
+            nats = torch.stack(losses).sum().float() if has_last else torch.zeros((), device=x.device)
+            nats = self._all_reduce(nats.reshape(1), "pp")
         else:
-            x, y, positions = self.shard_batch(inputs, labels)
             was_training = self.module.training
             self.module.eval()
             try:
@@ -211,13 +210,19 @@ class ParallelModel:
                     out = self.module(x, positions=positions, cache=self.cp_kv, mtp=False, indexer_loss=False)
             finally:
                 self.module.train(was_training)
-            V = out.logits.shape[-1]
-            loss = torch.nn.functional.cross_entropy(out.logits.float().reshape(-1, V), y.reshape(-1)).reshape(1)
-        return float(self._all_reduce(loss, "dp_cp")[0] / self.dims.size("dp_cp"))
+            nats = _summed_cross_entropy(out.logits, y).reshape(1)
+        return float(self._all_reduce(nats, "dp_cp")[0]), count
+
+    def evaluate_loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> float:
+        """Mean next-token loss of a global batch (collective)."""
+        nats, count = self.heldout_nats(inputs, labels)
+        return nats / count
 
     def pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         from .pipeline import next_token_loss
 
+        if self._loss_sum:
+            return _summed_cross_entropy(logits, labels)
         return next_token_loss(logits, labels) * self._loss_scale
 
     # --- after backward -----------------------------------------------------------------------
@@ -248,18 +253,33 @@ class ParallelModel:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return bool(bad.item() == 0.0)
 
-    @torch.no_grad()
-    def update_router_bias(self, counts: torch.Tensor, rate: float, mode: str = "sign") -> None:
-        """Aux-loss-free balancing on this rank's layers from the global counts (L, N+Z).
+    # --- agreement between ranks ---------------------------------------------------------------
+    def reduce_scalar(self, value: float, op: str) -> float:
+        """`op` ("sum" or "max") of a number over every rank."""
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return float(t[0])
 
-        Same rule as longcat.train.trainer.update_router_bias: bias += rate * f(target - observed).
-        """
-        if rate <= 0:
-            return
-        delta = router_bias_delta(self.config, counts, rate, mode)
-        for i, layer in indexed_layers(self.module):
-            bias = layer.mlp.router.e_score_correction_bias
-            bias.add_(delta[i].to(bias.device, bias.dtype))
+    def broadcast_scalar(self, value: float) -> float:
+        """Rank 0's value on every rank."""
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.broadcast(t, 0)
+        return float(t[0])
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def save_checkpoint(self, root: Path, step: int, optimizers, trainer_state: dict, *,
+                        extra_files: dict[str, str], keep: int) -> Path:
+        """A DCP checkpoint root/step_N (collective); `optimizers` is `longcat.train.optim.Optimizers`."""
+        from .checkpoint import save_checkpoint
+
+        return save_checkpoint(root, step, self.module, _only_optimizer(optimizers), trainer_state, keep=keep,
+                               extra_files=extra_files)
+
+    def load_checkpoint(self, path: Path, optimizers) -> dict:
+        """Fill module and optimizer from a DCP checkpoint saved on any layout (collective)."""
+        from .checkpoint import load_checkpoint
+
+        return load_checkpoint(path, self.module, _only_optimizer(optimizers))
 
     def set_lsa_mode(self, mode: str) -> None:
         for target in [self.module, *self.stages]:
@@ -282,17 +302,16 @@ def global_balance_loss(counts: torch.Tensor, mean_probs: list[torch.Tensor], nu
     return torch.stack(losses).mean()
 
 
-def router_bias_delta(config: ModelConfig, counts: torch.Tensor, rate: float, mode: str) -> torch.Tensor:
-    """(L, N+Z) bias change: target share K_e/(k*N) per FFN expert, (1-K_e/k)/Z per identity expert."""
-    N, Z, k = config.n_routed_experts, config.zero_expert_num, config.moe_topk
-    ke = config.ffn_slots_per_token
-    target = torch.empty(N + Z)
-    target[:N] = ke / (k * N)
-    if Z:
-        target[N:] = (1.0 - ke / k) / Z
-    observed = counts.float().cpu() / counts.float().cpu().sum(-1, keepdim=True).clamp_min(1)
-    error = target - observed
-    return rate * (error.sign() if mode == "sign" else error)
+def _summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    V = logits.shape[-1]
+    return F.cross_entropy(logits.float().reshape(-1, V), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+def _only_optimizer(optimizers) -> torch.optim.Optimizer:
+    # sharded layouts train with AdamW alone (the Trainer refuses Muon there)
+    (optimizer,) = optimizers.optimizers.values()
+    return optimizer
 
 
 # ------------------------------------------------------------------------------------------------
@@ -349,20 +368,7 @@ def parallelize(
     return ParallelModel(dims, model, seq_len=seq_len, cp_kv=cp_kv, autocast_dtype=autocast_dtype)
 
 
-def build_adamw(module: nn.Module, *, lr: float, betas=(0.9, 0.95), eps: float = 1e-8,
-                weight_decay: float = 0.1) -> torch.optim.AdamW:
-    """AdamW with decoupled weight decay on matrices only (not on norms or other 1-D tensors).
-
-    Works on FSDP/TP/EP shards (DTensors). Muon needs whole matrices, so it is not offered on
-    sharded layouts yet.
-    """
-    decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False)
-
-
 __all__ = [
-    "LossWeights", "StepResult", "ParallelModel", "setup", "parallelize", "build_adamw",
-    "global_balance_loss", "router_bias_delta", "world_size_from_env",
+    "LossWeights", "StepResult", "ParallelModel", "setup", "parallelize", "global_balance_loss",
+    "world_size_from_env", "IGNORE_INDEX",
 ]

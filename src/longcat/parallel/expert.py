@@ -28,7 +28,7 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from ..model.moe import DispatchState, GroupedExperts, LocalDispatcher, Routing, _compute_dtype, _grouped_mm
+from ..model.moe import DispatchState, GroupedExperts, LocalDispatcher, Routing, compute_dtype, grouped_mm
 from .modules import decoder_layers
 
 
@@ -77,14 +77,14 @@ class ExpertShard(GroupedExperts):
             # the same backward collectives (FSDP reduce-scatters their zero gradients);
             # x stays in the graph too: the all-to-all that delivered it must run backward here.
             return x * 0.0 + 0.0 * (gate_up_w.sum() + down_w.sum()).to(x.dtype)
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         offsets = counts.cumsum(0).to(torch.int32)
         gate_up = gate_up_w.to(dtype).transpose(-2, -1)  # (N_local, H, 2F)
         down = down_w.to(dtype).transpose(-2, -1)  # (N_local, F, H)
-        h = _grouped_mm(x.to(dtype), gate_up, offsets, counts)
+        h = grouped_mm(x.to(dtype), gate_up, offsets, counts)
         gate, up = h.split(self.inner, dim=-1)
         h = (torch.nn.functional.silu(gate) * up).contiguous()
-        return _grouped_mm(h, down, offsets, counts)
+        return grouped_mm(h, down, offsets, counts)
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:

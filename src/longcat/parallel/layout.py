@@ -16,11 +16,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, fields
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..config import ConfigError, ModelConfig
-from ..devices import auto_device
+
+# torch is imported where it is used: the planner (`longcat plan`) shares this vocabulary and
+# should not pay for importing torch.
+if TYPE_CHECKING:
+    import torch
 
 # Degrees, in mesh order (outermost first). ep is carved out of dp_shard.
 DEGREES = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep")
@@ -232,6 +235,10 @@ class ParallelLayout:
 
 def device_type_for(device: str | torch.device | None = None) -> str:
     """'cpu', 'cuda', 'npu', ... from a device name ('auto' picks the accelerator if any)."""
+    import torch
+
+    from ..devices import auto_device
+
     name = str(device or "auto")
     if name != "auto":
         return torch.device(name).type
@@ -250,6 +257,8 @@ def backend_for(device_type: str) -> str:
         except ImportError:
             raise ConfigError("device 'npu' needs the torch_npu package (pip install torch-npu)") from None
         return "hccl"
+    import torch.distributed
+
     # Other accelerators register their own backend with the device; let torch pick it.
     return torch.distributed.get_default_backend_for_device(device_type)
 
@@ -320,6 +329,7 @@ FLATTENED = {
 
 def build_mesh(layout: ParallelLayout, device_type: str) -> ParallelDims:
     """One DeviceMesh over the whole (already initialised) world, with the flattened views."""
+    import torch
     from torch.distributed.device_mesh import init_device_mesh
 
     sizes = (layout.pp, layout.dp_replicate, layout.dp_shard // layout.ep, layout.cp, layout.ep, layout.tp)
@@ -336,6 +346,7 @@ def init_distributed(device_type: str, *, timeout_s: float = 600.0) -> None:
     """Initialise the default process group from torchrun's environment (or a world of one)."""
     import datetime
 
+    import torch
     import torch.distributed as dist
 
     if dist.is_initialized():

@@ -1,24 +1,26 @@
-"""A small distributed training loop: the engine's pieces in order, with checkpoints and faults.
+"""Short check runs on synthetic data, through the one training loop (`longcat.train.Trainer`).
 
-`run_training(spec)` is what `longcat parallel check` runs on every rank and what the tests use
-to compare layouts; `reference_run(spec)` is the same recipe in one process with plain PyTorch
-(no torch.distributed), the yardstick every layout must match on the same global batch.
+A `RunSpec` describes a few steps of a preset on a learnable synthetic batch. `run_training(spec)`
+runs it on every rank under torchrun (`longcat parallel check`, the parity tests), with the model
+on `spec.layout`; `reference_run(spec)` runs the very same Trainer in this process without
+torch.distributed: the yardstick every layout must match on the same global batch.
 
-Fault handling:
-- resume: if `checkpoint_dir` holds a complete checkpoint, training continues from it (so a
-  torchrun restart after a crashed rank picks up where the last checkpoint left off);
-- `crash_at_step` kills one rank with SIGKILL on the first attempt only (fault injection);
+Fault handling and injection:
+- resume: if the checkpoint directory holds a complete checkpoint, training continues from it (so
+  a torchrun restart after a crashed rank picks up where the last checkpoint left off);
+- `crash_at_step` kills one rank with SIGKILL right after that step (before its checkpoint), on
+  the first attempt only;
 - a non-finite loss or gradient norm on any rank skips the step on every rank (one all-reduced
-  flag), and `nan_at_step` injects one on a chosen rank to test exactly that.
+  flag), and `nan_at_step` makes one rank's loss NaN at that step to test exactly that.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
+import shutil
 import signal
-import time
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,6 +37,7 @@ class RunSpec:
     steps: int = 10
     batch: int = 4  # global sequences per step
     seq_len: int = 16
+    eval_batch: int = 0  # rows of the held-out batch (0 = batch); need not split over the ranks
     lr: float = 3e-3
     adam_eps: float = 1e-8
     seed: int = 0
@@ -48,12 +51,13 @@ class RunSpec:
     autocast: str = "none"  # "bf16": run forward under torch.autocast (the trainer's default on bf16 CPUs)
     device: str = "cpu"
     threads: int = 1
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 0
+    peak_tflops: float = 0.0  # MFU denominator per device; 0 = measure
+    out: str | None = None  # run directory (metrics.jsonl; checkpoints/ unless checkpoint_dir); None = a temp dir
+    checkpoint_dir: str | None = None  # checkpoints here; resumes from the newest complete one
+    checkpoint_every: int = 0  # 0: only the final checkpoint
     load_from: str | None = None  # start from this checkpoint (another layout's, to test resharding)
-    save_final: str | None = None  # write a checkpoint of the final state here (its step dir)
     resave_after_load: str | None = None  # right after loading, save again here (checks resharding)
-    crash_at_step: int = 0  # SIGKILL `crash_rank` before this step, on the first attempt only
+    crash_at_step: int = 0  # SIGKILL `crash_rank` after this step, on the first attempt only
     crash_rank: int = 0
     nan_at_step: int = 0  # make `nan_rank`'s loss NaN at this step
     nan_rank: int = 0
@@ -64,11 +68,21 @@ class RunSpec:
     def model_config(self) -> ModelConfig:
         return preset(self.preset, **self.overrides)
 
-    def weights(self):
-        from .engine import LossWeights
+    def run_config(self):
+        """The Trainer's RunConfig: constant LR, AdamW, the final checkpoint and held-out eval only."""
+        from ..train.config import RunConfig, TrainConfig
 
-        return LossWeights(mtp=self.mtp_weight, z_loss=self.z_loss, balance=self.balance_loss,
-                           indexer=self.indexer_loss_weight)
+        train = TrainConfig(
+            seed=self.seed, steps=max(1, self.steps), seq_len=self.seq_len, micro_batch=self.batch, lr=self.lr,
+            eps=self.adam_eps, warmup_steps=0, decay_fraction=0.0, grad_clip=self.grad_clip,
+            mtp_weight=self.mtp_weight, z_loss=self.z_loss, balance_loss=self.balance_loss,
+            indexer_loss_weight=self.indexer_loss_weight, router_bias_rate=self.router_bias_rate,
+            precision="bf16" if self.autocast == "bf16" else "fp32", threads=self.threads, device=self.device,
+            deterministic=False, eval_every=0, eval_batches=1, sample_tokens=0, log_every=0, progress=False,
+            tensorboard=False, peak_tflops=self.peak_tflops, checkpoint_every=self.checkpoint_every,
+            keep_checkpoints=2,
+        )
+        return RunConfig(model=self.model_config(), train=train)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -93,158 +107,142 @@ def synthetic_batch(config: ModelConfig, batch: int, seq_len: int, seed: int, st
     return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
 
 
+class SyntheticBatches:
+    """The Trainer's batch source: synthetic_batch of step 0, 1, 2, ... (the state is the index)."""
+
+    def __init__(self, spec: RunSpec, config: ModelConfig) -> None:
+        self.spec, self.config, self.index = spec, config, 0
+
+    def next_batch(self):
+        batch = synthetic_batch(self.config, self.spec.batch, self.spec.seq_len, self.spec.seed, self.index)
+        self.index += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.index = state["index"]
+
+
+class _NaNOnThisRank:
+    """Wraps a step engine: this rank's loss becomes NaN at one step, as if it alone had overflowed."""
+
+    def __init__(self, engine, trainer, step: int) -> None:
+        self._engine, self._trainer, self._step = engine, trainer, step
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def forward_backward(self, *args, **kwargs):
+        result = self._engine.forward_backward(*args, **kwargs)
+        if self._trainer.step + 1 == self._step:
+            result.losses["loss_total"] = float("nan")
+        return result
+
+
 def _say(spec: RunSpec, text: str) -> None:
     if not spec.quiet:
         print(text, flush=True)
+
+
+def _train(spec: RunSpec, out: Path, dims) -> tuple[dict, object]:
+    """The Trainer on `dims` (None: this process alone) for spec; returns (summary, trainer)."""
+    from ..train.checkpoint import newest_complete
+    from ..train.trainer import EvalData, Trainer
+
+    run = spec.run_config()
+    config = run.model
+    checkpoint_dir = Path(spec.checkpoint_dir) if spec.checkpoint_dir else out / "checkpoints"
+    resume = newest_complete(checkpoint_dir) is not None
+    eval_rows = spec.eval_batch or spec.batch
+    eval_data = EvalData(lambda: [synthetic_batch(config, eval_rows, spec.seq_len, spec.seed, EVAL_STEP)],
+                         tokens=1, bytes=1)
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    losses: dict[int, float] = {}
+    norms: dict[int, float] = {}
+    skipped: list[int] = []
+
+    def on_step(trainer, record) -> None:
+        step = record["step"]
+        losses[step], norms[step] = record["loss"], record["grad_norm"]
+        if record["skipped"]:
+            skipped.append(step)
+        if trainer.is_main:
+            _say(spec, f"step {step:>4}  loss {record['loss']:.6f}  grad_norm {record['grad_norm']:.4f}"
+                       + ("  (skipped: non-finite on some rank)" if record["skipped"] else ""))
+            if spec.log:
+                with open(spec.log, "a") as f:
+                    f.write(json.dumps({"step": step, "loss": record["loss"], "grad_norm": record["grad_norm"],
+                                        "attempt": attempt, "skipped": record["skipped"]}) + "\n")
+        if spec.crash_at_step and step == spec.crash_at_step and attempt == 0 and trainer.engine.rank == spec.crash_rank:
+            _say(spec, f"[rank {trainer.engine.rank}] fault injection: killing this rank before step {step + 1}")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    from rich.console import Console
+
+    trainer = Trainer(
+        run, out, batches=SyntheticBatches(spec, config), eval_data=eval_data, on_step=on_step, dims=dims,
+        console=Console(stderr=True, quiet=spec.quiet),
+        param_precision=spec.precision, checkpoint_dir=checkpoint_dir, resume=resume,
+        resume_from=None if resume or not spec.load_from else spec.load_from,
+    )
+    if spec.nan_at_step and (dims is None or trainer.engine.rank == spec.nan_rank):
+        trainer.engine = _NaNOnThisRank(trainer.engine, trainer, spec.nan_at_step)
+    start = trainer.step
+    if trainer.resumed_from is not None:
+        if spec.resave_after_load:
+            trainer.save(spec.resave_after_load)
+    result = trainer.train() if spec.steps > start else None
+    summary = {
+        "layout": trainer.engine.layout_name, "world_size": trainer.engine.world_size, "start_step": start,
+        "attempt": attempt, "losses": losses, "grad_norms": norms, "skipped": skipped,
+        "eval_loss": result.eval_loss if result else None, "tokens_per_s": result.tokens_per_s if result else 0.0,
+        "seconds": result.train_seconds if result else 0.0,
+        "final_checkpoint": str(result.checkpoint) if result and result.checkpoint else None,
+    }
+    return summary, trainer
 
 
 def run_training(spec: RunSpec) -> dict:
     """Train `spec.steps` steps on the layout `spec.layout` (call on every rank under torchrun)."""
     import torch.distributed as dist
 
-    from ..model import build_model
-    from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-    from .engine import build_adamw, parallelize, setup
+    from ..train.engine import LossWeights
+    from .engine import setup
     from .layout import ParallelLayout
 
     torch.set_num_threads(spec.threads)
-    config = spec.model_config()
+    run = spec.run_config()
     layout = ParallelLayout.parse(spec.layout)
-    weights = spec.weights()
-    dims = setup(layout, config, device=spec.device, seq_len=spec.seq_len, global_batch=spec.batch, weights=weights)
-    rank = dist.get_rank()
-    torch.manual_seed(spec.seed)
-    model = build_model(config, device=dims.device, seed=spec.seed)
-    model.train()
-    autocast = torch.bfloat16 if spec.autocast == "bf16" else None
-    pm = parallelize(model, dims, seq_len=spec.seq_len, precision=spec.precision, autocast_dtype=autocast)
-    optimizer = build_adamw(pm.module, lr=spec.lr, eps=spec.adam_eps)
-
-    start = 0
-    resume_from = latest_checkpoint(spec.checkpoint_dir) if spec.checkpoint_dir else None
-    source = resume_from or (Path(spec.load_from) if spec.load_from else None)
-    if source is not None:
-        state = load_checkpoint(source, pm.module, optimizer)
-        if resume_from is not None:
-            start = state["step"]
-        if spec.resave_after_load:
-            save_checkpoint(spec.resave_after_load, state["step"], pm.module, optimizer, {"layout": str(layout)})
-        if rank == 0:
-            _say(spec, f"loaded {source} (saved at step {state['step']} on layout {state.get('layout', '?')})")
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-
-    losses: dict[int, float] = {}
-    norms: dict[int, float] = {}
-    skipped: list[int] = []
-    t0 = time.perf_counter()
-    step_times = []
-    for step in range(start, spec.steps):
-        if spec.crash_at_step and step == spec.crash_at_step and attempt == 0 and rank == spec.crash_rank:
-            _say(spec, f"[rank {rank}] fault injection: killing this rank before step {step + 1}")
-            os.kill(os.getpid(), signal.SIGKILL)
-        ts = time.perf_counter()
-        inputs, labels = synthetic_batch(config, spec.batch, spec.seq_len, spec.seed, step)
-        optimizer.zero_grad(set_to_none=True)
-        result = pm.forward_backward(inputs, labels, weights)
-        loss = result.loss_total
-        if spec.nan_at_step and step + 1 == spec.nan_at_step and rank == spec.nan_rank:
-            loss = float("nan")  # as if this rank alone had overflowed
-        norm = pm.clip_grad_norm_(spec.grad_clip)
-        if pm.all_finite(loss, norm):
-            optimizer.step()
-            pm.update_router_bias(result.counts, spec.router_bias_rate)
-        else:
-            skipped.append(step + 1)
-        step_times.append(time.perf_counter() - ts)
-        losses[step + 1] = result.losses["lm"]
-        norms[step + 1] = norm
-        if rank == 0:
-            _say(spec, f"step {step + 1:>4}  loss {result.losses['lm']:.6f}  grad_norm {norm:.4f}"
-                       + ("  (skipped: non-finite on some rank)" if step + 1 in skipped else ""))
-            if spec.log:
-                with open(spec.log, "a") as f:
-                    f.write(json.dumps({"step": step + 1, "loss": result.losses["lm"], "grad_norm": norm,
-                                        "attempt": attempt, "skipped": step + 1 in skipped}) + "\n")
-        if spec.checkpoint_dir and spec.checkpoint_every and (step + 1) % spec.checkpoint_every == 0:
-            save_checkpoint(spec.checkpoint_dir, step + 1, pm.module, optimizer, {"layout": str(layout)}, keep=2)
-    elapsed = time.perf_counter() - t0
-    # held-out loss on a batch no step trained on
-    eval_loss = pm.evaluate_loss(*synthetic_batch(config, spec.batch, spec.seq_len, spec.seed, EVAL_STEP))
-    final = None
-    if spec.save_final:
-        final = save_checkpoint(spec.save_final, spec.steps, pm.module, optimizer, {"layout": str(layout)})
-    steady = step_times[1:] or step_times
-    summary = {
-        "layout": str(layout), "world_size": dims.mesh.size(), "start_step": start, "attempt": attempt,
-        "losses": losses, "grad_norms": norms, "skipped": skipped, "eval_loss": eval_loss,
-        "tokens_per_s": spec.batch * spec.seq_len / (sum(steady) / len(steady)) if steady else 0.0,
-        "seconds": elapsed, "final_checkpoint": str(final) if final else None,
-    }
-    if rank == 0 and spec.results:
+    dims = setup(layout, run.model, device=spec.device, seq_len=spec.seq_len, global_batch=spec.batch,
+                 weights=LossWeights.from_train(run.train))
+    if spec.out:
+        summary, _ = _train(spec, Path(spec.out), dims)
+    else:
+        # every rank needs the same directory: rank 0 makes it, the others learn its name
+        name = [tempfile.mkdtemp(prefix="longcat-check-") if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(name, 0)
+        summary, _ = _train(spec, Path(name[0]), dims)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(name[0], ignore_errors=True)
+        if not spec.checkpoint_dir:
+            summary["final_checkpoint"] = None  # it was in the temporary directory
+    if dist.get_rank() == 0 and spec.results:
         Path(spec.results).write_text(json.dumps(summary))
     return summary
 
 
-# ------------------------------------------------------------------------------------------------
+def reference_run(spec: RunSpec, *, return_trainer: bool = False):
+    """The same spec through the same Trainer in this process (no torch.distributed), in a
+    temporary directory. Returns the summary, or (summary, trainer) to inspect the final model."""
+    with tempfile.TemporaryDirectory(prefix="longcat-reference-") as tmp:
+        local = RunSpec(**{**asdict(spec), "out": tmp, "checkpoint_dir": None, "load_from": None,
+                           "resave_after_load": None, "results": None, "log": None, "crash_at_step": 0,
+                           "quiet": True})
+        summary, trainer = _train(local, Path(tmp), None)
+    return (summary, trainer) if return_trainer else summary
 
 
-def reference_run(spec: RunSpec, *, return_model: bool = False):
-    """The same recipe in one process, plain PyTorch: model, AdamW, clipping, bias update."""
-    from ..model import build_model, lm_losses
-    from .engine import build_adamw, global_balance_loss, router_bias_delta
-
-    torch.set_num_threads(spec.threads)
-    config = spec.model_config()
-    torch.manual_seed(spec.seed)
-    model = build_model(config, seed=spec.seed)
-    model.train()
-    optimizer = build_adamw(model, lr=spec.lr, eps=spec.adam_eps)
-    w = spec.weights()
-    losses, norms, skipped = {}, {}, []
-    for step in range(spec.steps):
-        inputs, labels = synthetic_batch(config, spec.batch, spec.seq_len, spec.seed, step)
-        optimizer.zero_grad(set_to_none=True)
-        with_mtp = w.mtp > 0 and config.mtp_num_layers > 0
-        with_indexer = w.indexer > 0 and config.lsa_enabled
-        out = model(inputs, mtp=with_mtp, indexer_loss=with_indexer)
-        parts = lm_losses(out, labels)
-        total = parts["lm"]
-        mtp = [v for k, v in parts.items() if k.startswith("mtp")]
-        if with_mtp and mtp:
-            total = total + w.mtp * torch.stack(mtp).mean()
-        if w.z_loss > 0:
-            total = total + w.z_loss * out.pre_norm_hidden.float().pow(2).mean()
-        if w.balance > 0:
-            total = total + w.balance * global_balance_loss(out.router.counts, out.router.mean_probs, config.n_routed_experts)
-        if with_indexer and out.indexer_loss is not None:
-            total = total + w.indexer * out.indexer_loss
-        total.backward()
-        max_norm = spec.grad_clip if spec.grad_clip > 0 else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-        loss = float(total.detach())
-        if spec.nan_at_step and step + 1 == spec.nan_at_step:
-            loss = float("nan")
-        if math.isfinite(loss) and math.isfinite(norm):
-            optimizer.step()
-            if spec.router_bias_rate > 0:
-                delta = router_bias_delta(config, out.router.counts, spec.router_bias_rate, "sign")
-                with torch.no_grad():
-                    for i, layer in enumerate(model.layers):
-                        layer.mlp.router.e_score_correction_bias.add_(delta[i])
-        else:
-            skipped.append(step + 1)
-        losses[step + 1] = float(parts["lm"].detach())
-        norms[step + 1] = norm
-    model.eval()
-    with torch.no_grad():
-        inputs, labels = synthetic_batch(config, spec.batch, spec.seq_len, spec.seed, EVAL_STEP)
-        logits = model(inputs, mtp=False, indexer_loss=False).logits
-        eval_loss = float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)))
-    model.train()
-    result = {"losses": losses, "grad_norms": norms, "skipped": skipped, "eval_loss": eval_loss}
-    if return_model:
-        return result, model, optimizer
-    return result
-
-
-__all__ = ["RunSpec", "synthetic_batch", "run_training", "reference_run"]
+__all__ = ["RunSpec", "SyntheticBatches", "synthetic_batch", "run_training", "reference_run"]

@@ -1,5 +1,6 @@
 """What torchrun runs on every rank: `python -m longcat.parallel.worker '<RunSpec JSON>'`.
 
+Each spec runs through `longcat.train.Trainer` on its layout (`longcat.parallel.loop.run_training`).
 The argument may also be a JSON list of specs: they run one after the other in the same process
 group (each with its own mesh), which saves process start-up time in tests.
 """
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import traceback
 
 import torch.distributed as dist
 
@@ -26,13 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for spec in specs:
             run_training(spec)
-    except Exception:
-        # No barrier here: the other ranks may be stuck in a collective. Exit non-zero and let
-        # torchrun stop (or restart) the group.
-        traceback.print_exc()
+    except BaseException:
+        # No barrier here: the other ranks may be stuck in a collective. Let the traceback end this
+        # rank with a non-zero exit, and torchrun stop (or restart) the group.
         if dist.is_initialized():
             dist.destroy_process_group()
-        return 1
+        raise
     shutdown_distributed()
     return 0
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..catalog import catalog_dir, catalog_names
 from ..config import PRESETS, ConfigError, ModelConfig, load_config, preset
 
 BF16 = 2  # bytes of one activation element
@@ -468,29 +469,6 @@ def from_longcat(config: ModelConfig, name: str = "longcat") -> Architecture:
     )
 
 
-def repo_root() -> Path:
-    """The repository root of an editable install (src/longcat/plan/arch.py -> repo)."""
-    return Path(__file__).resolve().parents[3]
-
-
-def configs_dir(kind: str) -> Path:
-    path = repo_root() / "configs" / kind
-    if not path.is_dir():
-        raise ConfigError(
-            f"planner data folder not found: {path}. The catalogs live in the repository's configs/ "
-            f"folder (install with `pip install -e .` from a checkout), or pass a file with "
-            f"--{'hardware' if kind == 'hardware' else 'model'} FILE.toml"
-        )
-    return path
-
-
-def catalog_names() -> list[str]:
-    try:
-        return sorted(p.stem for p in configs_dir("plan").glob("*.toml"))
-    except ConfigError:
-        return []
-
-
 def from_dict(values: dict[str, Any], *, source: str) -> Architecture:
     known = {f.name for f in fields(Architecture)}
     unknown = sorted(set(values) - known)
@@ -501,15 +479,16 @@ def from_dict(values: dict[str, Any], *, source: str) -> Architecture:
 
 
 def load_architecture(spec: str) -> Architecture:
-    """A LongCat preset, a name under configs/plan/, or a TOML file: either a planner file (an
-    [arch] table) or a LongCat model config ([model] table, our config.json, an HF config.json)."""
+    """A LongCat preset, a name in the planner catalog (longcat/catalog/plan/), or a TOML file:
+    either a planner file (an [arch] table) or a LongCat model config ([model] table, our
+    config.json, an HF config.json)."""
     if spec in PRESETS:
         return from_longcat(preset(spec), name=spec)
     path = Path(spec)
     if not path.exists():
-        names = catalog_names()
+        names = catalog_names("plan")
         if spec in names:
-            path = configs_dir("plan") / f"{spec}.toml"
+            path = catalog_dir("plan") / f"{spec}.toml"
         else:
             raise ConfigError(
                 f"model '{spec}' is not a LongCat preset ({', '.join(PRESETS)}), a planner example "
@@ -531,4 +510,4 @@ def load_architecture(spec: str) -> Architecture:
     return from_longcat(load_config(path), name=path.stem)
 
 
-__all__ = ["Architecture", "LayerTensors", "from_longcat", "load_architecture", "configs_dir", "repo_root", "catalog_names"]
+__all__ = ["Architecture", "LayerTensors", "from_longcat", "load_architecture"]

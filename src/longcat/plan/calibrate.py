@@ -283,9 +283,9 @@ def to_toml(measured: dict[str, Any], name: str = "cpu-local") -> str:
 
 
 def default_output() -> Path:
-    from .arch import configs_dir
+    from ..catalog import catalog_dir
 
-    return configs_dir("hardware") / "cpu-local.toml"
+    return catalog_dir("hardware") / "cpu-local.toml"
 
 
 __all__ = ["measure", "to_toml", "default_output", "peak_rss_bytes", "current_rss_bytes"]

@@ -55,8 +55,13 @@ def register(subparsers) -> None:
     train.add_argument("--global-batch-tokens", type=count, default=None,
                        help="tokens per optimizer step (default: 4Mi tokens, or one sequence per 8 chips if larger)")
     train.add_argument("--tokens", type=count, default=0.0, help="training budget in tokens, e.g. 35e12 or 35T (for days)")
-    train.add_argument("--layout", default="", help="fix layout fields, e.g. tp=8,pp=4,ep=64,cp=1,dp=..,zero=1,recompute=full,"
-                       "microbatch=1,schedule=interleaved:2; fields left out are searched")
+    train.add_argument("--layout", default="", help="fix layout fields, the --parallel names (dp_shard, dp_replicate, ep, tp, cp, "
+                       "pp, pp_schedule, pp_microbatches, pp_stages_per_rank) plus the planner's zero (0-3), recompute "
+                       "(none|selective|full) and microbatch (sequences per data rank), e.g. dp_shard=64,ep=64,tp=8,pp=4,"
+                       "pp_schedule=interleaved,pp_stages_per_rank=2,zero=1,recompute=full; fields left out are searched")
+    train.add_argument("--runnable", action="store_true",
+                       help="only layouts `longcat train --parallel` runs exactly as planned: zero=3 (FSDP), no "
+                            "recomputation, even pipeline stages, no sequence parallelism with tp > 1")
     train.add_argument("--top", type=int, default=5, help="layouts to list (default 5)")
     train.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
     train.add_argument("--precision", choices=("bf16", "fp8", "autocast"), default="bf16",
@@ -79,7 +84,7 @@ def register(subparsers) -> None:
     serve.set_defaults(func=run_serve)
 
     cal = sub.add_parser("calibrate", help="measure this machine (GEMM FLOP/s, memory bandwidth) into a hardware entry")
-    cal.add_argument("--output", default=None, help="TOML file to write (default configs/hardware/cpu-local.toml)")
+    cal.add_argument("--output", default=None, help="TOML file to write (default: the cpu-local entry of the hardware catalog)")
     cal.add_argument("--name", default="cpu-local")
     cal.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     cal.add_argument("--quick", action="store_true", help="small sizes (a second or two; less accurate)")
@@ -91,7 +96,7 @@ def register(subparsers) -> None:
     cal.set_defaults(func=run_calibrate)
 
     val = sub.add_parser("validate", help="predicted vs published throughput for Megatron-LM 2021 (Table 1)")
-    val.add_argument("--file", default=None, help="validation TOML (default ../shared/validation/megatron_2021_table1.toml)")
+    val.add_argument("--file", default=None, help="validation TOML (default: the packaged Megatron-LM 2021 Table 1)")
     val.add_argument("--no-search", action="store_true", help="skip the planner's own layout per row")
     val.add_argument("--json", action="store_true")
     val.set_defaults(func=run_validate)
@@ -106,7 +111,7 @@ def register(subparsers) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="LongCat preset (flash, flash-lite, longcat2, ...), a configs/plan name "
+    p.add_argument("--model", required=True, help="LongCat preset (flash, flash-lite, longcat2, ...), a planner catalog name "
                    "(gpt3-175b, llama3-405b, deepseek-v3, ...) or a TOML/JSON file")
     p.add_argument("--hardware", required=True, help="catalog name (a100-80gb, h100, h800, h200, h20, b200, ascend-910b, "
                    "ascend-910c, cpu-local) or a FILE.toml")
@@ -128,7 +133,8 @@ def _load(args):
 def run_train(args: argparse.Namespace) -> int:
     from .hardware import load_stack, parse_assignments
     from .layout import parse_layout
-    from .train import Layout, Planner, TrainSetup, search
+    from .layout import Layout
+    from .train import Planner, TrainSetup, candidate_layouts, search
 
     arch, hw = _load(args)
     stack = load_stack(args.stack, parse_assignments(args.stack_set, "--stack-set"))
@@ -137,11 +143,11 @@ def run_train(args: argparse.Namespace) -> int:
     planner = Planner(setup)
     fixed = parse_layout(args.layout)
     started = time.perf_counter()
-    full_names = {"tp", "pp", "ep", "cp", "dp", "zero", "recompute", "microbatch", "schedule"}
-    if full_names <= set(fixed):
-        if fixed["schedule"] == "interleaved" and "vpp" not in fixed:
-            raise ConfigError("--layout schedule=interleaved needs the virtual stages: schedule=interleaved:V")
-        layout = Layout(**fixed)
+    complete = _complete(fixed)
+    if complete:
+        if fixed.get("pp_schedule") == "interleaved" and "pp_stages_per_rank" not in fixed:
+            raise ConfigError("--layout pp_schedule=interleaved needs the virtual stages: pp_stages_per_rank=V")
+        layout = Layout(**{_LAYOUT_ARGS.get(k, k): v for k, v in fixed.items()})
         problems = planner.check(layout)
         if problems:
             raise ConfigError("invalid --layout: " + "; ".join(problems))
@@ -150,21 +156,46 @@ def run_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"--layout cannot split {arch.num_layers} layers into pp={layout.pp} stages with this stack")
         plans = [plan]
     else:
-        plans = search(planner, fixed, top=args.top)
+        plans = search(planner, fixed, top=args.top, runnable=args.runnable)
         if not plans:
-            raise ConfigError("no valid layout: relax --layout, or change --chips, --seq-len or --global-batch-tokens")
+            candidates = candidate_layouts(planner, fixed, runnable=args.runnable)
+            first = candidates[0][0] if candidates else Layout(**{_LAYOUT_ARGS.get(k, k): v for k, v in fixed.items()})
+            why = "; ".join(planner.check(first))
+            hint = "drop --runnable, or " if args.runnable else ""
+            raise ConfigError(f"no valid layout{f' ({why})' if why else ''}: {hint}relax --layout, or change --chips, "
+                              "--seq-len or --global-batch-tokens")
     elapsed = time.perf_counter() - started
     if args.json:
         head = {"model": arch.name, "hardware": hw.name, "chips": args.chips, "seq_len": args.seq_len,
                 "global_batch_tokens_requested": gbt, "tokens": args.tokens, "stack": stack.name,
                 "optimizer": args.optimizer, "precision": args.precision, "search_seconds": elapsed}
-        if len(plans) == 1 and full_names <= set(fixed):
+        if len(plans) == 1 and complete:
             print(json.dumps({**head, **plans[0].to_dict()}, indent=2))
         else:
             print(json.dumps({**head, "layouts": [p.to_dict() for p in plans]}, indent=2))
         return 0 if plans[0].fits else 1
     _print_train(arch, hw, setup, plans, elapsed)
     return 0 if plans[0].fits else 1
+
+
+# --layout names -> Layout keyword arguments
+_LAYOUT_ARGS = {"pp_schedule": "schedule", "pp_stages_per_rank": "vpp"}
+
+
+def _complete(fixed: dict[str, Any]) -> bool:
+    """Whether --layout pins one layout (then it is evaluated as given, not searched)."""
+    keys = set(fixed)
+    data = "dp" in keys or {"dp_shard", "dp_replicate"} <= keys
+    pipeline = fixed.get("pp", 1) == 1 or "pp_schedule" in keys
+    return {"tp", "pp", "ep", "cp", "zero", "recompute", "microbatch"} <= keys and data and pipeline
+
+
+def _console():
+    from rich.console import Console
+
+    con = Console()
+    # piped or redirected output: wide enough that the layout table keeps one row per layout
+    return con if con.is_terminal else Console(width=180)
 
 
 def _num(x: float) -> str:
@@ -178,22 +209,37 @@ def _print_train(arch, hw, setup, plans, elapsed: float) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    con = Console()
+    con = _console()
     con.print(f"[bold]{arch.summary()}[/]")
     con.print(f"{setup.chips:,} x {hw.name} ({hw.peak_tflops_bf16:g} TFLOP/s bf16, {hw.hbm_gib:g} GiB), seq {setup.seq_len:,}, "
               f"global batch {setup.global_batch_tokens:,.0f} tokens, {setup.optimizer}, {setup.precision}, stack {setup.stack.name}")
     table = Table(title=f"layouts (searched in {elapsed:.2f} s)" if len(plans) > 1 else "layout")
-    for col in ("#", "layout", "fits", "GiB/dev", "step s", "tokens/s", "MFU", "days"):
-        table.add_column(col, justify="left" if col == "layout" else "right", overflow="fold")
+    for col in ("#", "parallel", "zero", "recompute", "mb", "runtime", "fits", "GiB/dev", "step s", "tokens/s", "MFU", "days"):
+        table.add_column(col, justify="left" if col in ("parallel", "recompute", "runtime") else "right", overflow="fold")
     for i, p in enumerate(plans, 1):
-        table.add_row(str(i), str(p.layout), "yes" if p.fits else "[red]no", f"{p.memory_gib['total']:.1f}",
-                      f"{p.step_time_s:.3g}", _num(p.tokens_per_s), f"{p.mfu:.1%}", f"{p.days:.1f}" if p.days else "-")
+        L = p.layout
+        table.add_row(str(i), str(L.parallel), str(L.zero), L.recompute, str(L.microbatch), _runtime_word(p.runtime),
+                      "yes" if p.fits else "[red]no", f"{p.memory_gib['total']:.1f}", f"{p.step_time_s:.3g}",
+                      _num(p.tokens_per_s), f"{p.mfu:.1%}", f"{p.days:.1f}" if p.days else "-")
     con.print(table)
+    con.print("runtime: 'as planned' = `longcat train --parallel` runs it as planned, 'differs' = it runs the "
+              "parallel string differently (listed for the best), 'no' = it rejects these degrees", highlight=False)
     best = plans[0]
     d = best.to_dict()
     con.print(f"[bold]best: {best.layout}[/]  ({best.chips_used:,} chips used, stages {best.stages})")
     for problem in best.problems:
         con.print(f"[red]{problem}")
+    rt = best.runtime
+    if rt["parallel"] is None:
+        con.print("[red]the runtime cannot run this layout:[/] " + "; ".join(rt["rejected"]), highlight=False, soft_wrap=True)
+    else:
+        con.print(f"run it: longcat train --nproc {rt['nproc']} --parallel {rt['parallel']} --set train.seq_len={rt['seq_len']} "
+                  f"--set train.micro_batch={rt['micro_batch']} --set train.grad_accum={rt['grad_accum']}", highlight=False,
+                  soft_wrap=True)
+        for note in rt["differs"]:
+            con.print(f"  differs from the plan: {note}", highlight=False, soft_wrap=True)
+    for note in rt["settings"]:
+        con.print(f"  runtime setting: {note}", highlight=False, soft_wrap=True)
     mem = Table(title=f"memory per device, {best.memory_stage} stage (GiB)", show_header=False)
     for k, v in best.memory_gib.items():
         mem.add_row(k, f"{v:,.2f}")
@@ -214,6 +260,12 @@ def _print_train(arch, hw, setup, plans, elapsed: float) -> None:
               f"written in {ck['write_s']:.0f} s at {ck['write_bandwidth_gbs']:,.0f} GB/s")
     con.print(f"job MTBF {rel['job_mtbf_hours']:.2f} h -> checkpoint every {rel['checkpoint_interval_min']:.0f} min (Young/Daly), "
               f"goodput {rel['goodput']:.1%}" + (f", ~{rel['expected_failures']:.0f} failures over the run" if best.days else ""))
+
+
+def _runtime_word(runtime: dict[str, Any]) -> str:
+    if runtime["parallel"] is None:
+        return "no"
+    return "as planned" if runtime["runs_as_planned"] else "differs"
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -237,9 +289,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
         return 0 if out["fits"] else 1
-    from rich.console import Console
-
-    con = Console()
+    con = _console()
     con.print(f"[bold]{arch.summary()}[/]")
     con.print(f"{chips:,} x {hw.name}, tp={out['tp']} (x{out['attention_groups']} attention groups), ep={out['ep']}, "
               f"weights {out['weights_dtype']}, KV {out['kv_dtype']}, {args.mem_fraction:.0%} of {hw.hbm_gib:g} GiB usable")
@@ -252,6 +302,11 @@ def run_serve(args: argparse.Namespace) -> int:
     if need:
         single = f"{need_group:,} chips if one attention group holds it" if need_group else "no deployment if one group must hold it"
         con.print(f"[bold]{args.context:,}-token context: {need:,} chips[/] with the KV sharded across attention groups; {single}")
+    if out["parallel"]:
+        con.print(f"parallel (--parallel vocabulary): {out['parallel']}", highlight=False)
+    else:
+        con.print("parallel: none in the runtime's vocabulary: " + "; ".join(out["parallel_rejected"]), highlight=False,
+                  soft_wrap=True)
     con.print(f"at {args.context:,} tokens, batch {args.batch}: decode step >= {out['decode_step_lower_bound_s'] * 1e3:.2f} ms "
               f"(<= {out['decode_tokens_per_s_upper_bound']:,.0f} tokens/s), prefill >= {out['prefill_lower_bound_s']:.1f} s "
               f"(bandwidth and peak-FLOP bounds)")

@@ -1,4 +1,4 @@
-"""Accelerators (a TOML catalog under configs/hardware/) and software stacks (named profiles).
+"""Accelerators (a TOML catalog in longcat/catalog/hardware/) and software stacks (named profiles).
 
 Every hardware number lives in a TOML file, in a table that says where it comes from:
 `[vendor]` (published by the vendor), `[estimated]` (our estimate, with a reason in `[notes]`) or
@@ -19,8 +19,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..catalog import catalog_dir, catalog_names
 from ..config import ConfigError
-from .arch import configs_dir
 
 SOURCES = ("vendor", "estimated", "measured")
 
@@ -119,17 +119,14 @@ def _coerce(name: str, value: Any, where: str) -> Any:
 
 
 def hardware_names() -> list[str]:
-    try:
-        return sorted(p.stem for p in configs_dir("hardware").glob("*.toml"))
-    except ConfigError:
-        return []
+    return catalog_names("hardware")
 
 
 def _resolve_path(spec: str) -> Path:
     path = Path(spec)
     if path.suffix == ".toml" and path.exists():
         return path
-    folder = configs_dir("hardware")
+    folder = catalog_dir("hardware")
     candidate = folder / f"{spec.lower()}.toml"
     if candidate.exists():
         return candidate
@@ -138,7 +135,7 @@ def _resolve_path(spec: str) -> Path:
 
 
 def load_hardware(spec: str, overrides: dict[str, Any] | None = None, _seen: tuple[str, ...] = ()) -> Hardware:
-    """A catalog name (configs/hardware/NAME.toml) or a TOML file, then command-line overrides."""
+    """A catalog name (longcat/catalog/hardware/NAME.toml) or a TOML file, then command-line overrides."""
     path = _resolve_path(spec)
     try:
         data = tomllib.loads(path.read_text())

@@ -6,6 +6,12 @@ tables spread over all chips (`ep`, default every chip), the dense part (attenti
 embeddings, MTP heads) is split over `tp` chips and replicated in chips/tp attention groups.
 MLA caches one latent per token that every TP rank of a group needs whole; GQA splits its KV heads.
 
+In the shared layout vocabulary (`longcat.parallel.ParallelLayout`) the attention groups are the
+data-parallel ranks: `dp_shard=chips/tp,ep=ep,tp=tp`. The runtime takes expert-parallel ranks
+from dp_shard only, so that string exists when ep divides chips/tp; the default `ep` = every chip
+also spreads experts over the TP ranks of a group, which serving engines do and the runtime does
+not (the result then says so instead of giving a string).
+
 Two context figures: `max_context_tokens` shards one sequence's KV over every attention group
 (context-parallel decoding, as long-context servers do), `max_context_tokens_per_group` keeps it in
 one group.
@@ -92,7 +98,26 @@ def serve_plan(setup: ServeSetup) -> dict[str, Any]:
         "max_context_tokens_per_group": per_group,
     }
     out.update(_bounds(s, dense_bytes, expert_bytes, kv_dev, groups))
+    out.update(_runtime(s, groups))
     return out
+
+
+def _runtime(s: ServeSetup, groups: int) -> dict[str, Any]:
+    """The deployment in the runtime's vocabulary, or why it has none."""
+    from ..parallel.layout import ParallelLayout
+
+    a = s.arch
+    ep = s.ep if a.is_moe else 1
+    rejected = []
+    if ep > 1 and groups % ep:
+        rejected.append(f"ep={ep} spreads experts over the TP ranks too; the runtime takes ep from "
+                        f"dp_shard=chips/tp={groups}, so ep must divide {groups} (--ep {groups}, or --tp 1)")
+    if ep > 1 and a.n_routed_experts % ep:
+        rejected.append(f"ep={ep} must divide the {a.n_routed_experts} routed experts")
+    if s.tp > 1 and a.ffn_hidden_size % s.tp:
+        rejected.append(f"tp={s.tp} must divide ffn_hidden_size={a.ffn_hidden_size}")
+    parallel = None if rejected else str(ParallelLayout(dp_shard=groups, ep=ep, tp=s.tp))
+    return {"parallel": parallel, "parallel_rejected": rejected}
 
 
 def _bounds(s: ServeSetup, dense_bytes: float, expert_bytes: float, kv_dev: float, groups: int) -> dict[str, Any]:

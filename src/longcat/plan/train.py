@@ -31,7 +31,8 @@ from typing import Any
 from ..config import ConfigError
 from .arch import Architecture
 from .hardware import Hardware, Stack
-from .layout import RECOMPUTE, Layout
+from ..parallel.layout import ParallelLayout
+from .layout import RECOMPUTE, SCHEDULES, Layout, normalize_fixed, split_dp
 
 GiB = 2**30
 OPTIMIZERS = ("adamw", "muon")
@@ -92,6 +93,7 @@ class TrainPlan:
     reliability: dict[str, float]
     tokens_budget: float
     problems: list[str] = field(default_factory=list)
+    runtime: dict[str, Any] = field(default_factory=dict)  # Planner.runtime: what `longcat train --parallel` runs
 
     # --- derived -------------------------------------------------------------------------------------
     @property
@@ -129,6 +131,8 @@ class TrainPlan:
         goodput = self.reliability.get("goodput", 1.0)
         return {
             "layout": str(self.layout),
+            "parallel": self.runtime.get("parallel"),
+            "runtime": self.runtime,
             "layout_fields": self.layout.to_dict(),
             "fits": self.fits,
             "problems": self.problems,
@@ -219,7 +223,11 @@ class Planner:
         S = s.seq_len
         tokens = b * S / cp  # tokens each device of the TP group works on
         H = a.hidden_size
-        sp = stack.sequence_parallel or a.is_moe  # MoE with TP needs sequence parallelism
+        sp = stack.sequence_parallel
+        # Experts are whole on every TP rank (ep is taken from dp_shard, not from tp): with sequence
+        # parallelism each TP rank routes its own 1/tp of the tokens, without it every TP rank
+        # routes all of them and repeats the expert work.
+        exp_div = tp if sp else 1
         flash = stack.flash_attention
         dense_plain, dense_moe = a.dense_ffns_in_layer
         if mtp:
@@ -235,8 +243,9 @@ class Planner:
         routed_gemm = a.slots * self.expert_gemm if moe else 0.0
         moe_gemm = routed_gemm + (a.n_shared_experts * self.expert_gemm + self.router_gemm if moe else 0.0)
         gemm_params = sum(attn) + n_ffn * self.ffn_gemm + moe_gemm + gemm_extra
-        gemm_flops = 2 * gemm_params * tokens / tp
-        expert_flops = 2 * routed_gemm * tokens / tp  # grouped GEMMs over the routed experts
+        replicated_gemm = routed_gemm + (self.router_gemm if moe else 0.0)
+        gemm_flops = 2 * (gemm_params - replicated_gemm) * tokens / tp + 2 * replicated_gemm * tokens / exp_div
+        expert_flops = 2 * routed_gemm * tokens / exp_div  # grouped GEMMs over the routed experts
         core_flops = core * tokens / tp
         # autocast keeps the residual stream (embedding output, norms, residual adds) in fp32
         t = a.layer_tensors(moe, S, flash=flash, mtp=mtp, residual_bytes=4 if s.precision == "autocast" else 2,
@@ -245,9 +254,11 @@ class Planner:
         rep_div = tp if sp else 1
         saved = {k: v * tokens for k, v in t.saved.items()}
         traffic = {k: v * tokens for k, v in t.traffic.items()}
-        saved_dev = saved["rep"] / rep_div + (saved["par"] + saved["s2"] * (not flash) + saved["exp"]) / tp + saved["idx"] / rep_div
+        saved_dev = (saved["rep"] / rep_div + (saved["par"] + saved["s2"] * (not flash)) / tp + saved["exp"] / exp_div
+                     + saved["idx"] / rep_div)
         s2_dev = saved["s2"] * (not flash) / tp
-        traffic_dev = traffic["rep"] / rep_div + (traffic["par"] + traffic["s2"] * (not flash) + traffic["exp"]) / tp + traffic["idx"] / rep_div
+        traffic_dev = (traffic["rep"] / rep_div + (traffic["par"] + traffic["s2"] * (not flash)) / tp + traffic["exp"] / exp_div
+                       + traffic["idx"] / rep_div)
         s2_traffic = traffic["s2"] * (not flash) / tp
         peak = self.peak * 1e12
         t_gemm = (gemm_flops - expert_flops) / (peak * hw.gemm_efficiency) + expert_flops / (peak * hw.expert_gemm_efficiency)
@@ -278,7 +289,7 @@ class Planner:
             cp_bytes = n_attn * (cp - 1) / cp * b * S * kv_token
         a2a = 0.0
         if moe:
-            a2a = 2 * tokens / tp * a.slots * H * 2  # dispatch + combine rows, bf16
+            a2a = 2 * tokens / exp_div * a.slots * H * 2  # dispatch + combine rows, bf16
         return {
             "gemm_flops": gemm_flops, "core_flops": core_flops,
             "t_gemm": t_gemm, "t_core": t_core, "t_mem": t_mem, "t_launch": t_launch,
@@ -295,13 +306,13 @@ class Planner:
             return 0.0
         return nbytes / self.s.hw.group_bandwidth(size, stride) + self.s.hw.collective_latency_us * 1e-6
 
-    def _a2a_time(self, nbytes: float, ep: int) -> float:
-        """All-to-all over ep consecutive ranks: the in-domain share rides the scale-up links, the
-        rest leaves through each chip's own NIC; both run at once."""
+    def _a2a_time(self, nbytes: float, ep: int, stride: int) -> float:
+        """All-to-all over ep ranks spaced `stride` (= tp) apart: the in-domain share rides the
+        scale-up links, the rest leaves through each chip's own NIC; both run at once."""
         if ep <= 1 or nbytes <= 0:
             return 0.0
         hw = self.s.hw
-        local = min(ep, hw.scaleup_domain)
+        local = max(1, min(ep, hw.scaleup_domain // max(1, stride)))
         up = hw.scaleup_bandwidth_gbs * hw.scaleup_efficiency * 1e9
         out = hw.scaleout_bandwidth_gbs * hw.scaleout_efficiency * 1e9
         sent = nbytes * (ep - 1) / ep
@@ -341,11 +352,11 @@ class Planner:
         cp = 0.0
         if L.cp > 1:
             # K/V gathered forward, their gradients reduce-scattered backward, hidden behind attention
-            one = self._collective_time(q["cp_bytes"], L.cp, L.tp)
+            one = self._collective_time(q["cp_bytes"], L.cp, L.tp * L.ep)  # mesh order: cp outside ep
             cp = max(0.0, one - q["t_core"]) * (passes - 1) + max(0.0, one - 2 * q["t_core"])
         ep = 0.0
         if moe and L.ep > 1:
-            one = self._a2a_time(q["a2a_bytes"], L.ep)
+            one = self._a2a_time(q["a2a_bytes"], L.ep, L.tp)
             if self.s.arch.moe_style == "shortcut":
                 window_f = q["fwd"] * q["overlap_share"]
                 exposed = max(0.0, one - window_f) * (passes - 1) + max(0.0, one - 2 * window_f)
@@ -491,18 +502,71 @@ class Planner:
         if not plan.fits:
             plan.problems.append(f"needs {total_mem / GiB:,.1f} GiB per device on the {where} stage; the chip has {hw.hbm_gib:g} GiB")
         if detail:
-            self._reliability(plan)
+            self.finish(plan)
+        return plan
+
+    def finish(self, plan: TrainPlan) -> TrainPlan:
+        """What the search leaves out until a plan is shown: the micro-batch count in its layout,
+        how the runtime would run it, checkpoints and failures."""
+        L = plan.layout
+        if L.pp > 1 and not L.parallel.pp_microbatches:
+            plan.layout = L.replace(pp_microbatches=plan.microbatches)
+        plan.runtime = self.runtime(plan.layout)
+        self._reliability(plan)
         return plan
 
     def microbatches(self, L: Layout) -> int:
         return max(1, round(self.s.sequences / (L.dp * L.microbatch)))
+
+    def runtime(self, L: Layout) -> dict[str, Any]:
+        """How `longcat train --parallel` would run this layout: the `--parallel` string (None when
+        the runtime rejects these degrees), what it rejects, what it runs differently from the plan,
+        and the train settings that give the planned batch."""
+        s, a, stack = self.s, self.s.arch, self.s.stack
+        m = self.microbatches(L)
+        rejected, differs, settings = [], [], []
+        if L.tp > 1 and a.ffn_hidden_size % L.tp:
+            rejected.append(f"tp={L.tp} must divide ffn_hidden_size={a.ffn_hidden_size} (the runtime splits dense-FFN columns)")
+        if L.tp > 1 and L.cp > 1:
+            rejected.append("the runtime cannot combine tp > 1 with cp > 1")
+        if a.num_layers % (L.pp * L.vpp):
+            rejected.append(f"pp*pp_stages_per_rank = {L.pp * L.vpp} must divide the {a.num_layers} layers "
+                            "(the runtime splits them evenly; the plan balances uneven stages)")
+        if L.pp > 1 and m % L.pp:
+            rejected.append(f"the runtime needs pp_microbatches (here {m}) to be a multiple of pp={L.pp}")
+        if L.cp > 1 and s.seq_len % (2 * L.cp):
+            rejected.append(f"cp={L.cp} needs --seq-len divisible by 2*cp={2 * L.cp} (zig-zag chunks)")
+        if L.zero != 3 and max(L.shard_group, L.expert_shard_group) > 1:
+            differs.append(f"zero={L.zero}: the runtime is FSDP, it shards weights, gradients and optimizer state "
+                           f"over dp_shard*cp={L.shard_group} (zero=3)")
+        if L.recompute != "none":
+            differs.append(f"recompute={L.recompute}: the runtime keeps every activation (recompute=none)")
+        if L.tp > 1 and stack.sequence_parallel:
+            differs.append(f"tp={L.tp}: the runtime's tensor parallelism has no sequence parallelism "
+                           "(plan with --stack-set sequence_parallel=false)")
+        if s.optimizer != "adamw" and L.chips > 1:
+            differs.append(f"--optimizer {s.optimizer}: the runtime trains sharded layouts with AdamW only")
+        if L.pp > 1:
+            settings.append("pp > 1 trains the next-token loss only: train.mtp_weight=0, train.z_loss=0, "
+                            "train.balance_loss=0, train.indexer_loss_weight=0")
+        elif L.cp > 1 and a.mtp_layers:
+            settings.append("cp > 1 trains no MTP heads: train.mtp_weight=0")
+        if L.tp > 1 and a.index_heads:
+            settings.append("tp > 1 trains no LSA indexer loss: train.indexer_loss_weight=0")
+        micro_batch = L.dp * L.microbatch * (m if L.pp > 1 else 1)
+        return {
+            "parallel": None if rejected else str(L.parallel.replace(pp_microbatches=m) if L.pp > 1 else L.parallel),
+            "runs_as_planned": not rejected and not differs,
+            "rejected": rejected, "differs": differs, "settings": settings,
+            "nproc": L.chips, "seq_len": s.seq_len, "micro_batch": micro_batch, "grad_accum": 1 if L.pp > 1 else m,
+        }
 
     def check(self, L: Layout) -> list[str]:
         """Why a layout is invalid for this setup (empty when it is valid)."""
         s, a = self.s, self.s.arch
         out = []
         if L.chips > s.chips:
-            out.append(f"tp*pp*cp*dp = {L.chips} exceeds --chips {s.chips}")
+            out.append(f"pp*dp_replicate*dp_shard*cp*tp = {L.chips} exceeds --chips {s.chips}")
         if a.num_heads % L.tp:
             out.append(f"tp={L.tp} must divide the {a.num_heads} attention heads")
         if s.seq_len % L.cp:
@@ -516,11 +580,13 @@ class Planner:
                 out.append("ep > 1 needs an MoE model")
             elif a.n_routed_experts % L.ep:
                 out.append(f"ep={L.ep} must divide the {a.n_routed_experts} routed experts")
-            elif (L.tp * L.cp * L.dp) % L.ep:
-                out.append(f"ep={L.ep} must divide tp*cp*dp = {L.tp * L.cp * L.dp} (experts fold over those ranks)")
-        if L.schedule == "interleaved":
+            elif L.dp_shard % L.ep:
+                out.append(f"ep={L.ep} must divide dp_shard={L.dp_shard} (expert-parallel ranks are taken from the data-shard ranks)")
+        if L.schedule not in SCHEDULES:
+            out.append(f"pp_schedule must be one of {', '.join(SCHEDULES)}, got '{L.schedule}'")
+        elif L.schedule == "interleaved":
             if L.pp == 1 or L.vpp < 2:
-                out.append("the interleaved schedule needs pp > 1 and vpp >= 2")
+                out.append("the interleaved schedule needs pp > 1 and pp_stages_per_rank >= 2")
             elif a.num_layers % (L.pp * L.vpp) and not s.stack.balance_stages:
                 out.append(f"interleaved: pp*vpp = {L.pp * L.vpp} must divide the {a.num_layers} layers (stack '{s.stack.name}' splits evenly)")
             elif a.num_layers < L.pp * L.vpp:
@@ -528,7 +594,12 @@ class Planner:
             elif self.microbatches(L) < L.pp:
                 out.append(f"interleaved: needs at least pp={L.pp} micro-batches, has {self.microbatches(L)}")
         elif L.vpp != 1:
-            out.append("vpp > 1 needs schedule=interleaved")
+            out.append("pp_stages_per_rank > 1 needs pp_schedule=interleaved")
+        fixed_m = L.parallel.pp_microbatches
+        if L.pp > 1 and fixed_m and fixed_m != self.microbatches(L):
+            out.append(f"pp_microbatches={fixed_m}, but the global batch of {s.sequences:g} sequences makes "
+                       f"{self.microbatches(L)} micro-batches of microbatch={L.microbatch} on dp={L.dp} ranks; "
+                       f"leave pp_microbatches out or change microbatch or --global-batch-tokens")
         if L.microbatch * L.dp > s.sequences * 1.5:
             out.append(f"microbatch*dp = {L.microbatch * L.dp} sequences exceeds the global batch of {s.sequences:g} sequences")
         return out
@@ -581,8 +652,9 @@ class Planner:
     def _memory(self, L: Layout, m: int, stages: tuple[int, int, int], held: dict):
         s, a, hw, stack = self.s, self.s.arch, self.s.hw, self.s.stack
         w_b, g_b, o_b = self._state_bytes()
-        dp_group = L.dp * L.cp
-        edp_group = L.tp * L.cp * L.dp // L.ep
+        # ZeRO shards over dp_shard*cp (dense) and dp_shard/ep*cp (experts), as FSDP does in the
+        # runtime; dp_replicate copies and the TP ranks' copies of the experts stay whole.
+        dp_group, edp_group = L.shard_group, L.expert_shard_group
         stored, working = self._activations(L)
         if L.schedule == "gpipe":
             inflight = m
@@ -603,11 +675,11 @@ class Planner:
             comm += 2 * q["act_bytes"]
         if L.ep > 1:
             comm += 2 * q["a2a_bytes"]
-        if dp_group > 1:
+        if L.dp * L.cp > 1:
             comm += 2 * 40e6 * stack.grad_reduce_bytes  # two gradient buckets in flight
         if L.pp > 1:
             comm += 2 * q["act_bytes"] / L.tp
-        if L.zero >= 3 and dp_group > 1:
+        if L.zero >= 3 and max(dp_group, edp_group) > 1:
             per_layer = self.layer_dense_params / L.tp + self.layer_expert_params / L.ep
             comm += 2 * w_b * per_layer  # the next layers' gathered weights
         n_first, _, n_last = stages
@@ -645,7 +717,7 @@ class Planner:
         stack = self.s.stack
         gb = stack.grad_reduce_bytes
         w_b = 2.0
-        dp_group, edp = L.dp * L.cp, L.tp * L.cp * L.dp // L.ep
+        dp_group, edp = L.shard_group, L.expert_shard_group
         def group_time(n_params: float, size: int, stride: int) -> tuple[float, float]:
             """(per-step comm, per-micro-batch comm)."""
             if size <= 1 or n_params <= 0:
@@ -659,9 +731,23 @@ class Planner:
                 return t("all_gather", n_params * w_b), t("reduce_scatter", n_params * gb)
             gathers = 3 if L.recompute == "full" else 2
             return 0.0, gathers * t("all_gather", n_params * w_b) + t("reduce_scatter", n_params * gb)
+        def all_reduce(nbytes: float, size: int, stride: int) -> float:
+            return self._collective_time(ring_bytes("all_reduce", size, nbytes), size, stride)
+        # mesh strides (tp innermost, then ep, cp, dp_shard/ep, dp_replicate): the dense shard group
+        # (dp_shard*cp) is tp apart, the expert shard group (dp_shard/ep*cp) tp*ep apart
         step_d, mb_d = group_time(dense, dp_group, L.tp)
-        step_e, mb_e = group_time(experts, edp, L.ep)
+        step_e, mb_e = group_time(experts, edp, L.tp * L.ep)
         per_step, per_mb = step_d + step_e, mb_d + mb_e
+        # copies outside the shard groups all-reduce the (sharded) gradient once per step: the
+        # dp_replicate replicas (HSDP; plain DDP when nothing is sharded), and for the experts also
+        # the TP ranks when sequence parallelism gives them different tokens
+        d_shard, e_shard = (dp_group, edp) if L.zero >= 1 else (1, 1)
+        if L.dp_replicate > 1:
+            stride = L.tp * L.cp * L.dp_shard
+            per_step += all_reduce(dense / d_shard * gb, L.dp_replicate, stride)
+            per_step += all_reduce(experts / e_shard * gb, L.dp_replicate, stride)
+        if L.tp > 1 and stack.sequence_parallel and experts > 0:
+            per_step += all_reduce(experts / e_shard * gb, L.tp, 1)
         t_mb = t_stage  # one micro-batch's forward+backward on the stage
         if stack.overlap_grad_reduce:
             # buckets go out during the last backward; the parameter gather overlaps the first forward
@@ -672,7 +758,7 @@ class Planner:
 
     def _optimizer_time(self, L: Layout, dense: float, experts: float) -> float:
         s, hw = self.s, self.s.hw
-        local = dense / (L.dp * L.cp if L.zero >= 1 else 1) + experts / ((L.tp * L.cp * L.dp // L.ep) if L.zero >= 1 else 1)
+        local = dense / (L.shard_group if L.zero >= 1 else 1) + experts / (L.expert_shard_group if L.zero >= 1 else 1)
         t = local * s.stack.optimizer_traffic_bytes / (hw.hbm_bandwidth_gbs * 1e9 * hw.memory_efficiency)
         if s.optimizer == "muon":
             # Newton-Schulz: 5 iterations of ~6*m^2*n FLOPs on each m x n matrix (m ~ hidden size)
@@ -728,8 +814,11 @@ def _pow2_upto(n: int) -> list[int]:
     return out
 
 
-def candidate_layouts(planner: Planner, fixed: dict[str, Any]) -> list[tuple[Layout, ...]]:
-    """Groups of layouts that share everything but the (zero, recompute) choice."""
+def candidate_layouts(planner: Planner, fixed: dict[str, Any], *, runnable: bool = False) -> list[tuple[Layout, ...]]:
+    """Groups of layouts that share the parallel degrees and micro-batch and differ in (zero,
+    recompute). `fixed` uses the `parse_layout` names; `runnable` keeps to zero=3 and no
+    recomputation (what the runtime does)."""
+    fixed = normalize_fixed(fixed)
     s, a, hw = planner.s, planner.s.arch, planner.s.hw
     N = s.chips
     tps = [fixed["tp"]] if "tp" in fixed else [t for t in _pow2_upto(min(a.num_heads, max(hw.scaleup_domain, 1), 64)) if a.num_heads % t == 0]
@@ -738,15 +827,16 @@ def candidate_layouts(planner: Planner, fixed: dict[str, Any]) -> list[tuple[Lay
         pps = [fixed["pp"]]
     else:
         L = a.num_layers
-        if s.stack.balance_stages:
+        if s.stack.balance_stages and not runnable:
             pps = sorted({math.ceil(L / k) for k in range(1, L + 1)})
         else:
             pps = [p for p in range(1, L + 1) if L % p == 0]
-    schedules = [fixed["schedule"]] if "schedule" in fixed else ["1f1b", "interleaved"]
-    zeros = [fixed["zero"]] if "zero" in fixed else [1, 2, 3]
-    recomputes = [fixed["recompute"]] if "recompute" in fixed else ["none", "selective", "full"]
-    if s.stack.flash_attention and "recompute" not in fixed:
+    schedules = [fixed["pp_schedule"]] if "pp_schedule" in fixed else ["1f1b", "interleaved"]
+    zeros = [fixed["zero"]] if "zero" in fixed else ([3] if runnable else [1, 2, 3])
+    recomputes = [fixed["recompute"]] if "recompute" in fixed else (["none"] if runnable else ["none", "selective", "full"])
+    if s.stack.flash_attention and "recompute" not in fixed and not runnable:
         recomputes = ["none", "full"]  # selective only drops the S x S scores flash never stores
+    fixed_shard, fixed_rep = fixed.get("dp_shard"), fixed.get("dp_replicate")
     out = []
     for tp in tps:
         for cp in cps:
@@ -758,14 +848,17 @@ def candidate_layouts(planner: Planner, fixed: dict[str, Any]) -> list[tuple[Lay
                     eps = [fixed["ep"]] if "ep" in fixed else [e for e in _pow2_upto(a.n_routed_experts) if a.n_routed_experts % e == 0] + (
                         [a.n_routed_experts] if a.n_routed_experts & (a.n_routed_experts - 1) else [])
                 else:
-                    eps = [1]
+                    eps = [fixed.get("ep", 1)]
                 for ep in eps:
                     if "dp" in fixed:
                         dps = [fixed["dp"]]
+                    elif fixed_shard is not None and fixed_rep is not None:
+                        dps = [fixed_shard * fixed_rep]
                     else:
-                        d = dp_max
-                        while d > 0 and (tp * cp * d) % ep:
-                            d -= 1
+                        # ep ranks come out of dp_shard, so the data-parallel degree is a multiple
+                        # of ep (of the fixed dp_shard, or of dp_replicate*ep)
+                        step = fixed_shard if fixed_shard is not None else ep * (fixed_rep or 1)
+                        d = dp_max // step * step
                         if d == 0 or d * tp * cp * pp < 0.85 * N and ep > 1:
                             continue
                         dps = [d]
@@ -776,22 +869,29 @@ def candidate_layouts(planner: Planner, fixed: dict[str, Any]) -> list[tuple[Lay
                         # micro-batches of up to 32K tokens (larger ones only add memory and bubble)
                         mbs = [fixed["microbatch"]] if "microbatch" in fixed else [
                             b for b in _pow2_upto(16) if b <= max(1, per_replica) and (b == 1 or b * s.seq_len <= 32768)]
+                        if fixed.get("pp_microbatches") and pp > 1:
+                            mbs = [b for b in mbs if max(1, round(s.sequences / (dp * b))) == fixed["pp_microbatches"]]
                         for b in mbs:
                             for sched in schedules:
                                 if sched == "interleaved":
                                     if pp == 1:
                                         continue
-                                    even = not s.stack.balance_stages
-                                    vpps = [fixed["vpp"]] if "vpp" in fixed else [
+                                    even = runnable or not s.stack.balance_stages
+                                    vpps = [fixed["pp_stages_per_rank"]] if "pp_stages_per_rank" in fixed else [
                                         v for v in (2, 3, 4) if (a.num_layers % (pp * v) == 0 if even else a.num_layers >= pp * v)]
-                                elif sched == "gpipe" or sched == "1f1b":
+                                else:
                                     vpps = [1]
                                 for v in vpps:
-                                    group = tuple(
-                                        Layout(tp=tp, pp=pp, ep=ep, cp=cp, dp=dp, zero=z, recompute=r, microbatch=b, schedule=sched, vpp=v)
-                                        for r in recomputes for z in zeros
-                                    )
-                                    out.append(group)
+                                    degrees: dict[tuple[int, int], ParallelLayout] = {}
+                                    for z in zeros:
+                                        shard, rep = split_dp(dp, fixed_shard, fixed_rep, ep=ep, zero=z)
+                                        if (shard, rep) not in degrees:
+                                            degrees[shard, rep] = ParallelLayout(
+                                                dp_shard=shard, dp_replicate=rep, ep=ep, tp=tp, cp=cp, pp=pp, pp_schedule=sched,
+                                                pp_stages_per_rank=v, pp_microbatches=fixed.get("pp_microbatches", 0) if pp > 1 else 0)
+                                    out.append(tuple(
+                                        Layout(degrees[split_dp(dp, fixed_shard, fixed_rep, ep=ep, zero=z)], zero=z, recompute=r, microbatch=b)
+                                        for r in recomputes for z in zeros))
     return out
 
 
@@ -802,14 +902,16 @@ def _better(a: TrainPlan, b: TrainPlan) -> bool:
     return a.tokens_per_s > b.tokens_per_s
 
 
-def search(planner: Planner, fixed: dict[str, Any] | None = None, top: int = 5) -> list[TrainPlan]:
-    """Rank layouts: those that fit first, then by throughput. Fields in `fixed` are not searched."""
-    fixed = dict(fixed or {})
-    if fixed.get("schedule") == "interleaved" and "vpp" in fixed and fixed["vpp"] < 2:
-        fixed.pop("vpp")
+def search(planner: Planner, fixed: dict[str, Any] | None = None, top: int = 5, *, runnable: bool = False) -> list[TrainPlan]:
+    """Rank layouts: those that fit first, then by throughput. Fields in `fixed` (`parse_layout`
+    names or the aliases) are not searched. `runnable`: only layouts the runtime
+    (`longcat train --parallel`) runs exactly as planned."""
+    fixed = normalize_fixed(dict(fixed or {}))
+    if fixed.get("pp_schedule") == "interleaved" and fixed.get("pp_stages_per_rank", 2) < 2:
+        fixed.pop("pp_stages_per_rank")
     by_shape: dict[tuple, TrainPlan] = {}
     fallback: list[TrainPlan] = []
-    for group in candidate_layouts(planner, fixed):
+    for group in candidate_layouts(planner, fixed, runnable=runnable):
         chosen = None
         fitted: list[Layout] = []
         for layout in group:
@@ -817,7 +919,7 @@ def search(planner: Planner, fixed: dict[str, Any] | None = None, top: int = 5) 
             # dominated by any fitting one with less of both
             if any(RECOMPUTE.index(f.recompute) <= RECOMPUTE.index(layout.recompute) and f.zero <= layout.zero for f in fitted):
                 continue
-            if planner.check(layout):
+            if planner.check(layout) or (runnable and not planner.runtime(layout)["runs_as_planned"]):
                 continue
             plan = planner.evaluate(layout, detail=False)
             if plan is None:
@@ -840,7 +942,7 @@ def search(planner: Planner, fixed: dict[str, Any] | None = None, top: int = 5) 
     best = list(by_shape.values())
     best.sort(key=lambda p: -p.tokens_per_s)
     for plan in best[:top]:
-        planner._reliability(plan)
+        planner.finish(plan)
     if best:
         return best[:top]
     # nothing fits: the layouts that come closest, fully evaluated so they show what to change

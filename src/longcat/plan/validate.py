@@ -1,4 +1,4 @@
-"""Check the planner against published training runs (shared/validation/*.toml).
+"""Check the planner against published training runs (longcat/catalog/validation/*.toml).
 
 Megatron-LM 2021 (Narayanan et al., Table 1): GPT models from 1.7B to 1T parameters on up to 3072
 A100s. For each row the published tensor/pipeline sizes are fixed, the rest (micro-batch size,
@@ -14,20 +14,16 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from ..catalog import catalog_dir
 from ..config import ConfigError
-from .arch import Architecture, repo_root
+from .arch import Architecture
 from .hardware import load_hardware, load_stack
 from .train import Planner, TrainSetup, search
 
 
 def default_table() -> Path:
-    """shared/validation/ next to the repository (CI clones the repo beside shared/)."""
-    candidates = [repo_root().parent / "shared" / "validation" / "megatron_2021_table1.toml",
-                  repo_root() / "shared" / "validation" / "megatron_2021_table1.toml"]
-    for path in candidates:
-        if path.exists():
-            return path
-    return candidates[0]
+    """The Megatron-LM 2021 Table 1 runs, shipped with the package."""
+    return catalog_dir("validation") / "megatron_2021_table1.toml"
 
 
 def gpt_architecture(row: dict[str, Any], vocab: int, seq_len: int) -> Architecture:
@@ -45,8 +41,12 @@ def gpt_architecture(row: dict[str, Any], vocab: int, seq_len: int) -> Architect
 def megatron_rows(path: str | Path | None = None, *, free_search: bool = True) -> list[dict[str, Any]]:
     path = Path(path) if path else default_table()
     if not path.exists():
-        raise ConfigError(f"validation table not found: {path} (expected shared/validation/ beside the repository)")
-    data = tomllib.loads(path.read_text())
+        raise ConfigError(f"validation table not found: {path}; pass an existing TOML with --file, or omit --file "
+                          "for the packaged Megatron-LM 2021 table")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"cannot parse {path}: {exc}") from exc
     hw = load_hardware(data.get("hardware", "a100-80gb"))
     stack = load_stack("megatron-2021")
     seq, vocab = int(data["seq_len"]), int(data["vocab"])

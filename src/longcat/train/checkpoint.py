@@ -13,6 +13,9 @@ Atomicity: everything is written into `step_N.tmp-XXXX` next to it, every file a
 are fsynced, `COMPLETE` is written, then the directory is renamed to `step_N` (and the parent
 fsynced). A crash or a full disk at any point leaves at most a `*.tmp-*` directory, which
 `newest_complete` never picks and the next save removes; the previous `step_M` is untouched.
+
+`newest_complete` and `list_checkpoints` are `longcat.interop.runs`' (re-exported here): one
+finder for these and the multi-process (DCP) checkpoints alike.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import errno
 import json
 import os
 import random
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,10 +33,9 @@ import numpy as np
 import torch
 
 from ..interop.native import save_model
+from ..interop.runs import COMPLETE, newest_complete, step_of
+from ..interop.runs import list_complete as list_checkpoints
 from ..interop.safetensors_io import SafetensorsDir
-
-COMPLETE = "COMPLETE"
-_STEP_DIR = re.compile(r"step_(\d+)")
 
 
 class CheckpointSaveError(RuntimeError):
@@ -77,22 +78,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def list_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first."""
-    out = []
-    if checkpoint_dir.is_dir():
-        for d in checkpoint_dir.iterdir():
-            m = _STEP_DIR.fullmatch(d.name)
-            if m and d.is_dir() and (d / COMPLETE).exists():
-                out.append((int(m.group(1)), d))
-    return sorted(out)
-
-
-def newest_complete(checkpoint_dir: Path) -> Path | None:
-    found = list_checkpoints(checkpoint_dir)
-    return found[-1][1] if found else None
-
-
 def remove_partial(checkpoint_dir: Path) -> None:
     """Delete leftovers of interrupted saves (`*.tmp-*`, and step dirs without COMPLETE)."""
     if not checkpoint_dir.is_dir():
@@ -107,7 +92,7 @@ def remove_partial(checkpoint_dir: Path) -> None:
                 os.rename(d, original)
             else:
                 shutil.rmtree(d, ignore_errors=True)
-        elif ".tmp-" in d.name or (_STEP_DIR.fullmatch(d.name) and not (d / COMPLETE).exists()):
+        elif ".tmp-" in d.name or (step_of(d) is not None and not (d / COMPLETE).exists()):
             shutil.rmtree(d, ignore_errors=True)
 
 

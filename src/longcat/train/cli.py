@@ -40,7 +40,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for weights, data order and samples")
     p.add_argument("--threads", type=int, default=None, help="torch threads (exact resume needs the same value)")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="peak TFLOP/s for MFU (default: measured with a GEMM benchmark at start)")
+                   help="peak TFLOP/s of one device for MFU (default: measured with a GEMM benchmark at start)")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a live progress bar")
 
 

@@ -76,7 +76,7 @@ class TrainConfig:
     log_every: int = 10  # steps between console lines when there is no live progress bar
     progress: bool = True  # live rich progress bar
     tensorboard: bool = True  # TensorBoard event files when tensorboard is installed
-    peak_tflops: float = 0.0  # MFU denominator; 0 = measure this device's GEMM peak at start
+    peak_tflops: float = 0.0  # MFU denominator per device (times the rank count); 0 = measure a GEMM peak at start
     # --- checkpoints ---------------------------------------------------------------------------------
     checkpoint_every: int = 200  # steps between checkpoints (a final one is always written)
     keep_checkpoints: int = 3  # keep the newest k complete checkpoints

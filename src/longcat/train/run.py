@@ -60,6 +60,7 @@ def prepare_data(run: RunConfig, out_dir: Path, *, resume: bool, console, tokeni
         out_dir.mkdir(parents=True, exist_ok=True)
         tokenizer.save(out_dir / "tokenizer.json")
         source = f"trained, saved to {out_dir / 'tokenizer.json'}"
+    tokenizer = tokenizer.for_training()  # checkpoints record that prompts start after eos, as documents do here
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out_dir / "cache"
     store = prepare_tokens(cfg.data, tokenizer, cache_dir, text_field=cfg.text_field,
                            show_progress=cfg.progress, max_bytes=cfg.max_bytes)
@@ -83,7 +84,8 @@ def with_tokenizer_ids(run: RunConfig, tokenizer) -> RunConfig:
     return RunConfig(model=model, train=run.train)
 
 
-def build_trainer(run: RunConfig, out_dir: Path, data: PreparedData, *, resume: bool, console) -> Trainer:
+def build_trainer(run: RunConfig, out_dir: Path, data: PreparedData, *, resume: bool, console, dims=None) -> Trainer:
+    """The Trainer over the prepared data; `dims` (longcat.parallel.setup) puts it on a layout."""
     from ..data import PackedBatches, eval_batches
 
     cfg = run.train
@@ -95,7 +97,7 @@ def build_trainer(run: RunConfig, out_dir: Path, data: PreparedData, *, resume: 
         bytes=data.store.heldout_bytes,
     )
     return Trainer(run, out_dir, batches=batches, eval_data=eval_data, tokenizer=data.tokenizer,
-                   resume=resume, console=console)
+                   resume=resume, console=console, dims=dims)
 
 
 def unigram_bpb(tokens: np.ndarray, num_bytes: int, vocab_size: int) -> float:

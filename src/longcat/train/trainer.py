@@ -1,42 +1,57 @@
-"""The training loop. One optimizer step, top to bottom, is `Trainer._step`.
+"""The training loop, for one process and for N ranks alike. One optimizer step, top to bottom,
+is `Trainer._step`.
 
 Per optimizer step:
 1. LR from the warmup-stable-decay schedule (optim.py).
-2. `grad_accum` micro-batches: forward under bf16 autocast (fp32 master weights), loss =
-   lm + mtp_weight * mean(mtp_d) + z_loss * mean(h^2) + balance_loss * router balance loss
-   + indexer_loss_weight * LSA indexer KL; backward of loss / grad_accum.
-3. Global grad-norm clipping. A non-finite loss or grad norm skips the step (no update, no router
-   bias change), counts it, and stops the run after `max_skipped_steps` consecutive ones.
-4. Optimizer step, then the router bias update from the step's routing counts (`update_router_bias`).
+2. `grad_accum` micro-batches through the step engine (engine.py): forward under bf16 autocast
+   (fp32 master weights), loss = `longcat.model.training_losses` (lm + mtp_weight * mean(mtp_d)
+   + z_loss * mean(h^2) + balance_loss * router balance loss + indexer_loss_weight * LSA indexer
+   KL); backward of loss / grad_accum.
+3. Global grad-norm clipping. A non-finite loss or grad norm (on any rank) skips the step on every
+   rank (no update, no router bias change), counts it, and stops the run after
+   `max_skipped_steps` consecutive ones.
+4. Optimizer step, then the router bias update from the step's (global) routing counts
+   (`update_router_bias`).
 5. One metrics record; periodic held-out eval, sample text and checkpoint (in that order, so a
    checkpoint at step N follows every record of step N).
 
-Exact resume: model, optimizer, schedule clock, sampler and RNG states are checkpointed, and
-nothing outside the training step draws from the global RNG (samples use their own generator).
-On CPU, with the same thread count, a resumed run repeats the uninterrupted run's losses bit for bit.
+Where the model lives is the engine's business: `LocalEngine` (one process) or, when the Trainer
+is given the `ParallelDims` of `longcat.parallel.setup`, `longcat.parallel.ParallelModel` on that
+layout. Every rank then feeds the same global batch (the engine takes its share), rank 0 alone
+writes metrics.jsonl, and checkpoints are DCP directories that load on any layout.
+
+Exact resume: model, optimizer, schedule clock, sampler and (one process) RNG states are
+checkpointed, and nothing outside the training step draws from the global RNG (samples use their
+own generator). On CPU, with the same thread count, a resumed run repeats the uninterrupted run's
+losses bit for bit.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import math
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 
 import numpy as np
 import torch
 
 from ..config import ConfigError, ModelConfig, from_dict
 from ..devices import resolve_device
-from ..model import build_model, training_losses
+from ..model import build_model
+from ..model.count import count_parameters
 from . import checkpoint as ckpt
 from .config import RunConfig
+from .engine import LocalEngine, LossWeights, StepEngine, update_router_bias
 from .metrics import MetricsLog, flops_per_token, measure_peak_flops, peak_memory_gib, plot_loss_curve
 from .optim import WSDSchedule, build_optimizers
 from .sample import sample_text
+
+if TYPE_CHECKING:
+    from ..parallel.layout import ParallelDims
 
 
 class TrainingError(RuntimeError):
@@ -85,43 +100,6 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
-# ---------------------------------------------------------------------------------------------------
-# router bias: auxiliary-loss-free balancing with the zero-expert budget
-
-
-def router_target_share(config: ModelConfig) -> torch.Tensor:
-    """Target share of the k slots per entry (N+Z,): K_e/(k*N) per FFN expert, (1 - K_e/k)/Z per
-    identity expert, with K_e = config.ffn_slots_per_token. Sums to 1."""
-    N, Z, k = config.n_routed_experts, config.zero_expert_num, config.moe_topk
-    ke = config.ffn_slots_per_token
-    target = torch.empty(N + Z)
-    target[:N] = ke / (k * N)
-    if Z:
-        target[N:] = (1.0 - ke / k) / Z
-    return target
-
-
-@torch.no_grad()
-def update_router_bias(model: torch.nn.Module, counts: torch.Tensor, rate: float, mode: str = "sign") -> torch.Tensor:
-    """bias += rate * f(target_share - observed_share), per layer; f = sign or identity.
-
-    counts (L, N+Z): slots per entry over the step (all micro-batches). "sign" (DeepSeek-V3) moves
-    every bias by exactly `rate`, so the rate is in units of router probability; "diff" (the raw
-    difference) moves far-off entries faster and needs a larger rate. Returns the (L, N+Z) deltas.
-    """
-    config = model.config
-    observed = counts.float() / counts.float().sum(-1, keepdim=True).clamp_min(1)  # (L, N+Z)
-    error = router_target_share(config).to(observed.device) - observed
-    delta = rate * (error.sign() if mode == "sign" else error)
-    for i, layer in enumerate(model.layers):
-        bias = layer.mlp.router.e_score_correction_bias
-        bias.add_(delta[i].to(bias.device, bias.dtype))
-    return delta
-
-
-# ---------------------------------------------------------------------------------------------------
-
-
 def cpu_has_bf16() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
@@ -150,6 +128,14 @@ def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
 
 
 class Trainer:
+    """One training run. `dims` (from `longcat.parallel.setup`) puts the model on that layout over
+    the ranks of the process group; without it the model stays in this process.
+
+    `param_precision` is FSDP's parameter dtype on a layout (fp32, bf16 or auto, see
+    `longcat.parallel.parallelize`); `checkpoint_dir` defaults to OUT/checkpoints; `resume_from`
+    starts from that checkpoint (its step, optimizer and sampler state) instead of the newest one.
+    """
+
     def __init__(
         self,
         run: RunConfig,
@@ -161,11 +147,15 @@ class Trainer:
         resume: bool = False,
         console=None,
         on_step: Callable[["Trainer", dict], None] | None = None,
+        dims: ParallelDims | None = None,
+        param_precision: str = "fp32",
+        checkpoint_dir: str | Path | None = None,
+        resume_from: str | Path | None = None,
     ) -> None:
         self.run = run
         self.cfg = run.train
         self.out_dir = Path(out_dir)
-        self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else self.out_dir / "checkpoints"
         self.batches = batches
         self.eval_data = eval_data
         self.tokenizer = tokenizer
@@ -186,21 +176,36 @@ class Trainer:
                 f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {run.model.vocab_size}; "
                 f"set model.vocab_size={tokenizer.vocab_size} or use a smaller tokenizer"
             )
+        if dims is not None and cfg.optimizer != "adamw":
+            raise ConfigError(f"train.optimizer={cfg.optimizer!r} is not supported with --parallel/--nproc "
+                              "(Muon needs whole matrices); use --set train.optimizer=adamw")
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.device = resolve_device(cfg.device, setting="train.device")
+        self.device = resolve_device(cfg.device, setting="train.device") if dims is None else dims.device
         self.autocast_dtype = resolve_precision(cfg.precision, self.device)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
 
-        self.model = build_model(run.model, device=self.device, seed=cfg.seed)
-        self.model.train()
+        model = build_model(run.model, device=self.device, seed=cfg.seed)  # the same on every rank
+        model.train()
+        if dims is None:
+            self.engine: StepEngine = LocalEngine(model, self.device, self.autocast_dtype)
+        else:
+            from ..parallel.engine import parallelize
+
+            self.engine = parallelize(model, dims, seq_len=cfg.seq_len, precision=param_precision,
+                                      autocast_dtype=self.autocast_dtype)
+        self.model = self.engine.module
+        self.is_main = self.engine.rank == 0
+        self.weights = LossWeights.from_train(cfg)
+        self.with_mtp = self.weights.with_mtp(run.model)
         self.optimizers = build_optimizers(self.model, cfg)
         self.schedule = WSDSchedule(cfg)
+        self.params = count_parameters(run.model)
         self.step = 0
         self.tokens_seen = 0
         self.elapsed = 0.0  # wall seconds of this run, across resumes (drives a time-based schedule)
@@ -211,47 +216,46 @@ class Trainer:
         self._saved_step: int | None = None
         self._throughput: list[tuple[int, float, float]] = []  # (tokens, seconds, flops/token) per finite step
 
-        if resume:
-            self._resume()
+        if resume or resume_from is not None:
+            self._resume(resume_from)
         elif ckpt.newest_complete(self.checkpoint_dir) is not None:
             raise ConfigError(
                 f"{self.out_dir} already holds checkpoints of a run; pass --resume to continue it, "
                 "or choose another --out"
             )
-        self.metrics = MetricsLog(self.out_dir, resume_step=self.step if resume else None, tensorboard=cfg.tensorboard)
+        self.metrics = None
+        if self.is_main:
+            self.metrics = MetricsLog(self.out_dir, resume_step=self.step if self.resumed_from else None,
+                                      tensorboard=cfg.tensorboard)
 
+        # MFU's denominator is the peak of every device the run uses
+        world = self.engine.world_size
         if cfg.peak_tflops > 0:
-            self.peak_flops, self.peak_source = cfg.peak_tflops * 1e12, "--peak-tflops (user-given)"
+            self.peak_flops, self.peak_source = world * cfg.peak_tflops * 1e12, "--peak-tflops (user-given)"
+            if world > 1:
+                self.peak_source += f" x {world} ranks"
         else:
-            dtype = self.autocast_dtype or torch.float32
-            self.peak_flops, self.peak_source = measure_peak_flops(self.device, dtype)
-        self.with_mtp = cfg.mtp_weight > 0 and run.model.mtp_num_layers > 0
-        self.with_indexer = cfg.indexer_loss_weight > 0 and run.model.lsa_enabled
+            peak, self.peak_source = measure_peak_flops(self.device, self.autocast_dtype or torch.float32)
+            self.peak_flops = self.engine.reduce_scalar(peak, "sum")
+            if world > 1:
+                self.peak_source += f", summed over {world} ranks"
 
     # -----------------------------------------------------------------------------------------------
-    def _resume(self) -> None:
-        found = ckpt.newest_complete(self.checkpoint_dir)
+    def _resume(self, path: str | Path | None) -> None:
+        found = Path(path) if path is not None else ckpt.newest_complete(self.checkpoint_dir)
         if found is None:
             raise ConfigError(
                 f"--resume: no complete checkpoint in {self.checkpoint_dir}; start without --resume"
             )
-        state = ckpt.load_checkpoint(found)
-        saved = from_dict(state["run_config"]["model"], source=f"{found}/train_config.json")
+        config_file = found / "train_config.json"
+        saved = from_dict(json.loads(config_file.read_text())["model"], source=str(config_file))
         diffs = config_differences(self.run.model, saved)
         if diffs:
             raise ConfigError(
                 f"--resume: the checkpoint {found} has a different architecture ({'; '.join(diffs)}); "
                 "use the same --preset/--config/--set model.* as the original run, or another --out"
             )
-        ckpt.load_model_state(self.model, found)
-        try:
-            self.optimizers.load_state_dict(state["optimizer"])
-        except ValueError as exc:
-            raise ConfigError(
-                f"--resume: optimizer state in {found} does not fit this run ({exc}); "
-                f"use the original train.optimizer"
-            ) from None
-        ts = state["trainer_state"]
+        ts = self.engine.load_checkpoint(found, self.optimizers)
         self.step = ts["step"]
         self.tokens_seen = ts["tokens_seen"]
         self.elapsed = ts["elapsed"]
@@ -259,54 +263,52 @@ class Trainer:
         self.skipped_total = ts["skipped_total"]
         self.consecutive_skips = ts["consecutive_skips"]
         self.batches.load_state_dict(ts["sampler"])
-        ckpt.set_rng_state(state["rng"])
         self.resumed_from = found
         self._saved_step = self.step
+        self.say(f"resumed from {found} (step {self.step}, saved on {ts.get('layout', 'an unrecorded layout')})")
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+    def say(self, text: str) -> None:
+        if self.is_main:
+            self.console.print(text, highlight=False, markup=False)
+
+    def _write(self, record: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write(record)
+
+    def _done(self) -> bool:
+        if self.cfg.time_budget > 0:
+            # every rank must stop at the same step: a time budget follows rank 0's clock
+            self.elapsed = self.engine.broadcast_scalar(self.elapsed)
+        return self.schedule.done(self.step, self.elapsed)
 
     # -----------------------------------------------------------------------------------------------
     def _step(self) -> dict[str, Any]:
         """One optimizer step over grad_accum micro-batches. Returns its metrics record."""
-        cfg, model = self.cfg, self.model
+        cfg, engine = self.cfg, self.engine
         t0 = time.perf_counter()
         lr_scale = self.schedule.scale(self.step, self.elapsed)
         self.optimizers.set_lr_scale(lr_scale)
         self.optimizers.zero_grad()
-        model.lsa_mode = "dense" if self.step < cfg.lsa_dense_warmup_steps else "sparse"
+        engine.set_lsa_mode("dense" if self.step < cfg.lsa_dense_warmup_steps else "sparse")
 
         parts: dict[str, float] = {}
         counts = None
-        active = 0.0
         tokens = 0
         for _ in range(cfg.grad_accum):
             inputs, labels = self.batches.next_batch()
-            inputs = torch.as_tensor(inputs, device=self.device)  # (B, T) int64
-            labels = torch.as_tensor(labels, device=self.device)
-            with self._autocast():
-                out = model(inputs, mtp=self.with_mtp, indexer_loss=self.with_indexer)
-            losses = training_losses(
-                out, labels, mtp_weight=cfg.mtp_weight, z_loss=cfg.z_loss, balance=cfg.balance_loss,
-                indexer=cfg.indexer_loss_weight if self.with_indexer else 0.0,
-            )
-            total = losses["loss_total"]
-            (total / cfg.grad_accum).backward()
-            for k, v in losses.items():
-                parts[k] = parts.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-            counts = out.router.counts if counts is None else counts + out.router.counts
-            active += out.router.active_params_per_token / cfg.grad_accum
-            tokens += inputs.numel()
+            result = engine.forward_backward(torch.as_tensor(inputs), torch.as_tensor(labels), self.weights,
+                                             scale=1.0 / cfg.grad_accum)
+            for k, v in result.losses.items():
+                parts[k] = parts.get(k, 0.0) + v / cfg.grad_accum
+            counts = result.counts if counts is None else counts + result.counts
+            tokens += result.tokens
 
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-        finite = math.isfinite(parts["loss_total"]) and math.isfinite(grad_norm)
+        grad_norm = engine.clip_grad_norm_(cfg.grad_clip)
+        finite = engine.all_finite(parts["loss_total"], grad_norm)
         if finite:
             self.optimizers.step()
             if cfg.router_bias_rate > 0:
-                update_router_bias(model, counts, cfg.router_bias_rate, cfg.router_bias_update)
+                update_router_bias(self.model, counts, cfg.router_bias_rate, cfg.router_bias_update)
             self.consecutive_skips = 0
         else:
             self.optimizers.zero_grad()
@@ -319,11 +321,14 @@ class Trainer:
         dt = time.perf_counter() - t0
         self.train_time += dt
 
+        # active parameters from the step's global routing counts, the same on 1 and N ranks
+        L, N = counts.shape[0], self.run.model.n_routed_experts
+        ffn_slots = float(counts[:, :N].sum()) / (tokens * L)
+        active = self.params.base_active_params + ffn_slots * self.params.expert_slot_params_per_layer * L
         tokens_per_s = tokens / dt
         model_flops = flops_per_token(self.run.model, cfg.seq_len, active, self.with_mtp)
         if finite:
             self._throughput.append((tokens, dt, model_flops))
-        zero_share = float(counts[:, self.run.model.n_routed_experts :].sum() / counts.sum())
         record = {
             "kind": "train",
             "step": self.step,
@@ -336,17 +341,18 @@ class Trainer:
             "mfu_peak_flops": self.peak_flops,
             "mfu_peak_source": self.peak_source,
             "model_flops_per_token": model_flops,
-            "mem_peak_gib": peak_memory_gib(self.device),
+            "mem_peak_gib": engine.reduce_scalar(peak_memory_gib(self.device), "max"),
             "tokens_seen": self.tokens_seen,
-            "zero_expert_share": zero_share,
-            "ffn_slots_per_token": float(counts[:, : self.run.model.n_routed_experts].sum())
-            / (tokens * counts.shape[0]),
+            "zero_expert_share": float(counts[:, N:].sum() / counts.sum()),
+            "ffn_slots_per_token": ffn_slots,
             "active_params": active,
             "skipped": not finite,
             "elapsed_s": self.elapsed + dt,
+            "world_size": engine.world_size,
+            "layout": engine.layout_name,
         }
         if not finite and self.consecutive_skips >= cfg.max_skipped_steps:
-            self.metrics.write(record)
+            self._write(record)
             raise TrainingError(
                 f"stopped at step {self.step}: {self.consecutive_skips} consecutive steps with a non-finite "
                 f"loss or gradient (loss {parts['loss_total']}, grad norm {grad_norm}); lower train.lr, "
@@ -355,26 +361,18 @@ class Trainer:
         return record
 
     # -----------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
-        """Mean held-out loss (nats/token) and bits per byte."""
+        """Mean held-out loss (nats/token) over every held-out token, and bits per byte.
+
+        On N ranks a batch whose rows do not split evenly is padded with masked rows by the
+        engine, so every rank count evaluates the same tokens (collective: every rank calls it)."""
         if self.eval_data is None:
             return None
-        model = self.model
-        model.eval()
         nats, count = 0.0, 0
-        try:
-            for inputs, labels in self.eval_data.batches():
-                inputs = torch.as_tensor(inputs, device=self.device)
-                labels = torch.as_tensor(labels, device=self.device)
-                with self._autocast():
-                    out = model(inputs, mtp=False, indexer_loss=False)
-                logits = out.logits.float()
-                nats += float(torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"))
-                count += labels.numel()
-        finally:
-            model.train()
+        for inputs, labels in self.eval_data.batches():
+            n, c = self.engine.heldout_nats(torch.as_tensor(inputs), torch.as_tensor(labels))
+            nats += n
+            count += c
         if count == 0:
             return None
         loss = nats / count
@@ -382,7 +380,8 @@ class Trainer:
         return {"eval_loss": loss, "bpb": loss * self.eval_data.tokens_per_byte / math.log(2), "eval_tokens": count}
 
     def sample(self) -> str | None:
-        if self.tokenizer is None or self.cfg.sample_tokens <= 0:
+        # a sharded model has no whole copy to sample from
+        if self.tokenizer is None or self.cfg.sample_tokens <= 0 or not isinstance(self.engine, LocalEngine):
             return None
         return sample_text(
             self.model, self.tokenizer, self.cfg.sample_prompt, self.cfg.sample_tokens,
@@ -390,7 +389,8 @@ class Trainer:
             autocast_dtype=self.autocast_dtype,
         )
 
-    def save(self) -> Path:
+    def save(self, root: str | Path | None = None) -> Path:
+        """Checkpoint the current step under `root` (default: the run's checkpoint directory)."""
         trainer_state = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
@@ -399,17 +399,20 @@ class Trainer:
             "skipped_total": self.skipped_total,
             "consecutive_skips": self.consecutive_skips,
             "sampler": self.batches.state_dict(),
+            "layout": self.engine.layout_name,
+            "world_size": self.engine.world_size,
         }
+        extra = {"train_config.json": self.run.to_json()}
+        if self.tokenizer is not None:
+            extra["tokenizer.json"] = self.tokenizer.to_json()
+        target = Path(root) if root is not None else self.checkpoint_dir
         try:
-            path = ckpt.save_checkpoint(
-                self.checkpoint_dir, self.step, model=self.model, optimizer_state=self.optimizers.state_dict(),
-                trainer_state=trainer_state, run_config_json=self.run.to_json(),
-                tokenizer_json=self.tokenizer.to_json() if self.tokenizer is not None else None,
-                keep=self.cfg.keep_checkpoints,
-            )
+            path = self.engine.save_checkpoint(target, self.step, self.optimizers, trainer_state,
+                                               extra_files=extra, keep=self.cfg.keep_checkpoints)
         except ckpt.CheckpointSaveError as exc:
             raise TrainingError(str(exc)) from exc
-        self._saved_step = self.step
+        if root is None:
+            self._saved_step = self.step
         return path
 
     # -----------------------------------------------------------------------------------------------
@@ -417,26 +420,26 @@ class Trainer:
         cfg = self.cfg
         result = TrainResult(step=self.step, tokens_seen=self.tokens_seen, stopped="steps",
                              mfu_peak_flops=self.peak_flops, mfu_peak_source=self.peak_source,
-                             metrics=self.metrics.path)
-        progress = _Progress(self, enabled=cfg.progress and self.console.is_terminal)
+                             metrics=self.metrics.path if self.metrics is not None else None)
+        progress = _Progress(self, enabled=cfg.progress and self.is_main and self.console.is_terminal)
         last_eval: dict | None = None
         try:
             with progress:
-                while not self.schedule.done(self.step, self.elapsed):
+                while not self._done():
                     t0 = time.perf_counter()
                     record = self._step()
                     result.losses.append(record["loss"])
-                    self.metrics.write(record)
+                    self._write(record)
                     if self.on_step is not None:
                         self.on_step(self, record)
                     self.elapsed += time.perf_counter() - t0
-                    finishing = self.schedule.done(self.step, self.elapsed)
+                    finishing = self._done()
 
                     if (cfg.eval_every and self.step % cfg.eval_every == 0) or finishing:
                         te = time.perf_counter()
                         last_eval = self.evaluate()
                         if last_eval is not None:
-                            self.metrics.write({"kind": "eval", "step": self.step, **last_eval})
+                            self._write({"kind": "eval", "step": self.step, **last_eval})
                             progress.note(f"step {self.step}: held-out loss {last_eval['eval_loss']:.4f}, "
                                           f"{last_eval['bpb']:.4f} bits/byte")
                         self.elapsed += time.perf_counter() - te
@@ -444,7 +447,7 @@ class Trainer:
                         te = time.perf_counter()
                         text = self.sample()
                         if text is not None:
-                            self.metrics.write({"kind": "sample", "step": self.step, "text": text})
+                            self._write({"kind": "sample", "step": self.step, "text": text})
                             result.sample = text
                             if not finishing:
                                 progress.note(f"step {self.step} sample: {text!r}")
@@ -457,7 +460,8 @@ class Trainer:
                     if not finishing and cfg.log_every and self.step % cfg.log_every == 0:
                         progress.log_line(record)
         finally:
-            self.metrics.close()
+            if self.metrics is not None:
+                self.metrics.close()
         if self._saved_step != self.step or result.checkpoint is None:
             # nothing ran (already at the end) or the loop ended on a resumed step: point at the newest
             result.checkpoint = ckpt.newest_complete(self.checkpoint_dir)
@@ -475,9 +479,12 @@ class Trainer:
             seconds = sum(s for _, s, _ in steady)
             result.tokens_per_s = sum(t for t, _, _ in steady) / seconds
             result.mfu = sum(t * f for t, _, f in steady) / seconds / self.peak_flops
-        png = self.out_dir / "loss_curve.png"
-        result.plot_note = plot_loss_curve(self.metrics.path, png)
-        result.plot = None if result.plot_note else png
+        if self.metrics is not None:
+            png = self.out_dir / "loss_curve.png"
+            result.plot_note = plot_loss_curve(self.metrics.path, png)
+            result.plot = None if result.plot_note else png
+        else:
+            result.plot_note = "written by rank 0"
         return result
 
 
@@ -526,10 +533,10 @@ class _Progress:
         )
 
     def note(self, text: str) -> None:
-        self.console.print(text, highlight=False, markup=False)
+        self.trainer.say(text)
 
     def log_line(self, record: dict) -> None:
-        if self._progress is not None:
+        if self._progress is not None or not self.trainer.is_main:
             return
         t = self.trainer
         loss = record["loss"]
@@ -542,6 +549,5 @@ class _Progress:
 
 
 __all__ = [
-    "BatchSource", "EvalData", "Trainer", "TrainResult", "TrainingError", "router_target_share",
-    "update_router_bias", "resolve_precision",
+    "BatchSource", "EvalData", "Trainer", "TrainResult", "TrainingError", "resolve_precision",
 ]

@@ -1,22 +1,20 @@
 """Inference speed, side by side in one run: our engine against transformers' `generate`.
 
-    .venv/bin/python benchmarks/bench_infer.py [--model runs/demo] [--json]
-
 1. Batch-1 greedy decoding, ours vs transformers LongcatFlashForCausalLM.generate on the same
    weights (our model saved in the HF layout), at several prompt lengths. Both sides run in this
    process, interleaved round by round. Decode speed is (new_tokens - 1) / (time for new_tokens
    minus time for one token), so prefill is left out on both sides; medians over the rounds are
    compared, and the outputs must be identical token for token.
-2. Batch-8 aggregate decode throughput against our batch 1 (prompts of different lengths), with
-   the same prefill-free timing.
+2. Batch-N aggregate decode throughput (prompts of different lengths), ours vs transformers
+   `generate` on the same batch (left-padded with an attention mask, as transformers expects),
+   with the same prefill-free timing and the same token-for-token check.
 3. Cache bytes per token: our preallocated latent cache against transformers' cache after the
    same prompt.
-4. With a trained model that has MTP heads (`--model`, e.g. what `make demo` writes): draft
+4. With a trained model that has MTP heads (`model_dir`, e.g. what `make demo` writes): draft
    acceptance rate and the speed-up of speculative decoding over plain decoding (same output).
 
 The default model is the `small` preset (what `make demo` trains) without the parts transformers
-lacks (n-gram embedding, sparse attention, MTP). Times are process CPU time with one thread by
-default, which other load on a shared machine disturbs far less than wall time.
+lacks (n-gram embedding, sparse attention, MTP).
 """
 
 from __future__ import annotations
@@ -28,34 +26,33 @@ from pathlib import Path
 
 import torch
 
-from ..config import preset
-from ..interop.hf import transformers_reference
+from ..infer import Engine, SamplingParams
+from ..reference import transformers_reference
 from ..model import LatentCache, build_model, count_parameters
-from .engine import Engine
-from .sampling import SamplingParams
+from .common import Timer, comparable_config, random_prompts
+
+MODES = ("eager", "compiled")
+
+DEMO_PROMPTS = [
+    "def main():\n    ",
+    "import os\nimport sys\n\n\ndef ",
+    "class Parser:\n    \"\"\"",
+    "The function returns",
+    "    for i in range(",
+    "# Licensed under the",
+    "if __name__ == \"__main__\":\n",
+    "Return a new list",
+]
 
 
-def comparable_config(name: str, **overrides):
-    """The preset without the parts transformers lacks (n-grams, LSA, MTP)."""
-    return preset(name, **{**overrides, "oe_vocab_size_ratio": 0.0, "index_n_heads": 0, "mtp_num_layers": 0})
-
-
-def _timer(clock: str):
-    return time.process_time if clock == "cpu" else time.perf_counter
-
-
-def _prompts(lengths, vocab, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
-def gemm_ceiling(model, steps: int, timer) -> float:
+def gemm_ceiling(model, steps: int, timer: Timer) -> float:
     """Tokens/s of a decode step reduced to its weight GEMMs (batch 1): every matrix a step reads
     (attention, dense FFNs, router, k routed experts per layer, output head), nothing else. No
     eager implementation can beat it: at batch 1 the weights stream from memory once per token."""
     import torch.nn.functional as F
 
     c = model.config
+    device = model.lm_head.weight.device
     mats = []
     for layer in model.layers:
         for attn in layer.self_attn:
@@ -65,11 +62,11 @@ def gemm_ceiling(model, steps: int, timer) -> float:
             mats += [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
         mats.append(layer.mlp.router.classifier.weight)
     mats.append(model.lm_head.weight)
-    inputs = {m.shape[1]: torch.randn(1, m.shape[1]) for m in mats}
+    inputs = {m.shape[1]: torch.randn(1, m.shape[1], device=device) for m in mats}
     experts = [(layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj) for layer in model.layers]
     k = max(1, round(c.ffn_slots_per_token))  # FFN-expert slots per token (identity slots cost nothing)
-    hidden = torch.randn(1, c.hidden_size)
-    act = torch.randn(1, c.expert_ffn_hidden_size)
+    hidden = torch.randn(1, c.hidden_size, device=device)
+    act = torch.randn(1, c.expert_ffn_hidden_size, device=device)
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for step in range(steps + 2):
@@ -84,22 +81,18 @@ def gemm_ceiling(model, steps: int, timer) -> float:
         return steps / (timer() - t0)
 
 
-def _hf_cache_bytes(reference, prompt) -> int:
+def _hf_cache_bytes(reference, prompt, device) -> int:
     with torch.inference_mode():
-        out = reference(torch.tensor([prompt]), use_cache=True)
-    cache = out.past_key_values
+        out = reference(torch.tensor([prompt], device=device), use_cache=True)
     total = 0
-    for layer in cache.layers:
+    for layer in out.past_key_values.layers:
         for t in (layer.keys, layer.values):
             total += t.numel() * t.element_size()
     return total
 
 
-MODES = ("eager", "compiled")
-
-
 def _engines(model, modes, tokenizer=None) -> dict[str, Engine]:
-    """One engine per decode path: FastDecoder ("eager") and the compiled step ("compiled")."""
+    """One engine per decode path: "eager" is Engine(model), "compiled" is Engine(model, compile=True)."""
     engines = {}
     for mode in modes:
         if mode not in MODES:
@@ -108,20 +101,23 @@ def _engines(model, modes, tokenizer=None) -> dict[str, Engine]:
     return engines
 
 
-def _warm_up(engines: dict[str, Engine], prompts, params, log) -> dict[str, float]:
-    """First calls (compilation for the compiled path), timed on the wall clock."""
-    seconds = {}
+def _warm_up(engines: dict[str, Engine], prompts, params, log) -> tuple[dict[str, float], list[str]]:
+    """First calls (compilation for the compiled path), timed on the wall clock. The warnings the
+    engine gives on the way are logged and returned: they can change what the numbers mean."""
+    seconds, notes = {}, []
     for mode, engine in engines.items():
         t0 = time.perf_counter()
-        for group in prompts:
-            engine.generate(group, params)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)  # what the engine says to its user, even if said before
+            for group in prompts:
+                engine.generate(group, params)
         seconds[mode] = time.perf_counter() - t0
-        failed = getattr(engine.runner, "failed", None)
-        if failed:
-            log(f"  the compiled path failed ({failed}); its numbers are FastDecoder's")
+        for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
+            notes.append(f"{mode}: {message}")
+            log(f"  warning during the {mode} warm-up: {message}")
     if "compiled" in seconds:
         log(f"warm-up: compiling the decode graphs took {seconds['compiled']:.0f} s (wall; cached on disk after)")
-    return seconds
+    return seconds, notes
 
 
 def run_infer_bench(
@@ -133,6 +129,7 @@ def run_infer_bench(
     rounds: int = 3,
     threads: int | None = 1,
     clock: str = "cpu",
+    device: torch.device | str = "cpu",
     model_dir: str | None = None,
     speculative: tuple[int, ...] = (1, 2, 3),
     modes: tuple[str, ...] = MODES,
@@ -143,74 +140,80 @@ def run_infer_bench(
         torch.set_num_threads(threads)
     if clock == "cpu" and torch.get_num_threads() > 1:
         log("note: the CPU clock adds up every thread's time; with more than one thread use --clock wall")
-    timer = _timer(clock)
+    device = torch.device(device)
+    timer = Timer(clock, device)
     config = comparable_config(preset_name, **(overrides or {}))
     counts = count_parameters(config)
+    # built on the CPU and then moved, so every device runs the same weights
     model = build_model(config, seed=0).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(4.0)  # clear argmax margins, so both sides' greedy outputs agree
+    reference = transformers_reference(model, log)
+    model.to(device)
+    if reference is not None:
+        reference.to(device).eval()
     report: dict = {
         "model": {"preset": preset_name, "overrides": overrides or {}, "total_params": counts.total,
                   "active_params": round(counts.active_params)},
-        "threads": torch.get_num_threads(), "clock": clock, "new_tokens": new_tokens, "modes": list(modes),
+        "device": str(device), "threads": torch.get_num_threads(), "clock": clock, "new_tokens": new_tokens,
+        "modes": list(modes),
     }
     log(f"model: {preset_name} without n-grams/LSA/MTP, {counts.total / 1e6:.1f}M parameters "
-        f"({counts.active_params / 1e6:.1f}M active), fp32, {torch.get_num_threads()} thread(s), {clock} clock")
+        f"({counts.active_params / 1e6:.1f}M active), fp32 on {device}, {torch.get_num_threads()} thread(s), "
+        f"{clock} clock")
     greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     one = SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)
     engines = _engines(model, modes)
     # prompts of the batch section, warmed up too (batch 1 and batch > 1 are separate graphs)
-    base = prompt_lengths[0]
-    lengths = [max(1, base + d) for d in range(-(batch // 2), batch - batch // 2)]  # different lengths
-    batch_prompts = _prompts(lengths, config.vocab_size, seed=99)
-    report["warmup_s"] = _warm_up(engines, [batch_prompts[:1], batch_prompts], greedy, log)
-
-    reference = transformers_reference(model, log)
-    if reference is not None:
-        reference.eval()
-
-    # 1. batch-1 decode against transformers -----------------------------------------------------
-    # Decode speed on both sides: (time for new_tokens) - (time for 1 token), i.e. prefill excluded.
-    report["batch1"] = []
+    lengths = [max(1, prompt_lengths[0] + d) for d in range(-(batch // 2), batch - batch // 2)]  # different lengths
+    batch_prompts = random_prompts(lengths, config.vocab_size, seed=99)
+    report["warmup_s"], report["warnings"] = _warm_up(engines, [batch_prompts[:1], batch_prompts], greedy, log)
+    pad_id = 0 if reference is None or reference.generation_config.pad_token_id is None \
+        else reference.generation_config.pad_token_id
 
     def ours_time(engine, group, params):
         t0 = timer()
         ids = [r.token_ids for r in engine.generate(group, params)]
         return timer() - t0, ids
 
-    def theirs_time(prompt, n):
+    def theirs_time(group, params):
+        """transformers generate on a batch, left-padded: the new tokens of every row start at one column."""
+        n, width = params.max_new_tokens, max(map(len, group))
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in group], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=device)
         with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("ignore")  # generation-config chatter on every call
             t0 = timer()
-            out = reference.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-            return timer() - t0, [out[0, len(prompt):].tolist()]
+            out = reference.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                     pad_token_id=pad_id)
+            return timer() - t0, out[:, width:].tolist()
 
-    def decode_time(run, *args):
-        t_full, ids = run(*args, greedy)
-        t_first, _ = run(*args, one)
+    def decode_time(run, group):
+        """Seconds of decoding alone: a full generation minus a one-token one (its prefill)."""
+        t_full, ids = run(group, greedy)
+        t_first, _ = run(group, one)
         return t_full - t_first, ids
 
-    decoded = new_tokens - 1
-    for length in prompt_lengths:
-        prompt = _prompts([length], config.vocab_size, seed=length)[0]
+    def side_by_side(group) -> tuple[dict[str, float], dict[str, list]]:
+        """Median decode seconds and the tokens of every side, interleaved round by round (round 0 warms up)."""
         times: dict[str, list[float]] = {name: [] for name in [*engines, "transformers"]}
         outputs: dict[str, list] = {}
-        for r in range(rounds + 1):  # round 0 warms up
+        for r in range(rounds + 1):
             for mode, engine in engines.items():
-                t, outputs[mode] = decode_time(lambda group, params, e=engine: ours_time(e, group, params), [prompt])
+                t, outputs[mode] = decode_time(lambda g, p, e=engine: ours_time(e, g, p), group)
                 if r:
                     times[mode].append(t)
             if reference is not None:
-                t, outputs["transformers"] = decode_time(lambda _, params: theirs_time(prompt, params.max_new_tokens),
-                                                         None)
+                t, outputs["transformers"] = decode_time(theirs_time, group)
                 if r:
                     times["transformers"].append(t)
-        row = {"prompt_tokens": length}
+        return {name: statistics.median(ts) for name, ts in times.items() if ts}, outputs
+
+    def compare(row: dict, seconds: dict[str, float], outputs: dict[str, list], tokens: int) -> list[str]:
         parts = []
-        for name, ts in times.items():
-            if ts:
-                row[f"{name}_tokens_per_s"] = decoded / statistics.median(ts)
-                parts.append(f"{name} {row[f'{name}_tokens_per_s']:6.1f}")
+        for name, s in seconds.items():
+            row[f"{name}_tokens_per_s"] = tokens / s
+            parts.append(f"{name} {tokens / s:7.1f}")
         if reference is not None:
             theirs = row["transformers_tokens_per_s"]
             for mode in engines:
@@ -218,34 +221,42 @@ def run_infer_bench(
                 row[f"{mode}_identical_output"] = outputs[mode] == outputs["transformers"]
             parts.append("ratio " + ", ".join(f"{m} {row[f'{m}_speedup']:.2f}x" for m in engines))
             parts.append("same tokens: " + ("yes" if all(row[f"{m}_identical_output"] for m in engines) else "NO"))
+        return parts
+
+    decoded = new_tokens - 1
+
+    # 1. batch-1 decode against transformers -----------------------------------------------------
+    report["batch1"] = []
+    for length in prompt_lengths:
+        prompt = random_prompts([length], config.vocab_size, seed=length)[0]
+        seconds, outputs = side_by_side([prompt])
+        row = {"prompt_tokens": length}
+        parts = compare(row, seconds, outputs, decoded)
         log(f"batch 1 decode, prompt {length:5d} (tok/s): " + " | ".join(parts))
         report["batch1"].append(row)
 
     ceiling = gemm_ceiling(model, new_tokens, timer)
-    report["mkl_gemm_tokens_per_s"] = ceiling
+    report["gemm_ceiling_tokens_per_s"] = ceiling
     first = report["batch1"][0]
-    log(f"batch 1, the weight GEMMs alone through torch/MKL: {ceiling:7.1f} tok/s (the bound for an eager "
-        "implementation; " + ", ".join(f"{m} reaches {first[f'{m}_tokens_per_s'] / ceiling:.0%}" for m in engines) + ")")
+    log(f"batch 1, the weight GEMMs alone: {ceiling:7.1f} tok/s (the bound for an eager implementation; "
+        + ", ".join(f"{m} reaches {first[f'{m}_tokens_per_s'] / ceiling:.0%}" for m in engines) + ")")
 
-    # 2. batch-N aggregate against batch 1 (decode only, as above), per decode path ------------------
-    report["batch"] = {"batch": batch, "prompt_tokens": lengths}
-    for mode, engine in engines.items():
-        t_one, t_all = [], []
-        for r in range(rounds + 1):
-            one_row = sum(decode_time(lambda g, p: ours_time(engine, g, p), [q])[0] for q in batch_prompts[:2]) / 2
-            together = decode_time(lambda g, p: ours_time(engine, g, p), batch_prompts)[0]
-            if r:
-                t_one.append(one_row)
-                t_all.append(together)
-        b1 = decoded / statistics.median(t_one)
-        bn = batch * decoded / statistics.median(t_all)
-        report["batch"][mode] = {"batch1_tokens_per_s": b1, "aggregate_tokens_per_s": bn, "ratio": bn / b1}
-        log(f"batch {batch} decode, {mode} (prompts {min(lengths)}..{max(lengths)} tokens): {bn:7.1f} tok/s "
-            f"aggregate | batch 1 {b1:7.1f} tok/s | ratio {bn / b1:.2f}x")
+    # 2. batch-N aggregate against transformers on the same batch ------------------------------------
+    seconds, outputs = side_by_side(batch_prompts)
+    row = {"batch": batch, "prompt_tokens": lengths}
+    parts = compare(row, seconds, outputs, batch * decoded)
+    # how batching scales our own decode, against batch 1 at the first prompt length (section 1)
+    for mode in engines:
+        row[f"{mode}_vs_own_batch1"] = row[f"{mode}_tokens_per_s"] / first[f"{mode}_tokens_per_s"]
+    log(f"batch {batch} decode, prompts {min(lengths)}..{max(lengths)} (aggregate tok/s): " + " | ".join(parts))
+    log(f"  info: batch {batch} over our batch 1 at prompt {prompt_lengths[0]}: "
+        + ", ".join(f"{m} {row[f'{m}_vs_own_batch1']:.2f}x" for m in engines))
+    report["batch"] = row
 
     # 3. cache bytes per token -----------------------------------------------------------------------
-    cache = next(iter(engines.values()))._cache
-    measured = cache.nbytes() / (cache.c_kv.shape[1] * cache.max_len)
+    # the engine's own cache as it allocated it for the runs above (nbytes counts the whole allocation)
+    cache = next(iter(engines.values())).cache_for(1, 1)
+    measured = cache.nbytes() / (cache.allocated_rows * cache.max_len)
     latent = LatentCache.bytes_per_token(config, dtype_bytes=4)
     c = config
     expanded = 2 * c.num_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * 4
@@ -254,8 +265,8 @@ def run_infer_bench(
     line = (f"cache bytes/token (fp32): ours {measured:.0f} (latent size {latent}) | a per-head K/V cache would "
             f"hold {expanded} ({expanded / measured:.2f}x)")
     if reference is not None:
-        prompt = _prompts([prompt_lengths[-1]], c.vocab_size)[0]
-        theirs = _hf_cache_bytes(reference, prompt) / len(prompt)
+        prompt = random_prompts([prompt_lengths[-1]], c.vocab_size)[0]
+        theirs = _hf_cache_bytes(reference, prompt, device) / len(prompt)
         cache_row["transformers_bytes_per_token"] = theirs
         line += f" | transformers {theirs:.0f} ({theirs / measured:.2f}x)"
     report["cache"] = cache_row
@@ -268,32 +279,21 @@ def run_infer_bench(
     return report
 
 
-DEMO_PROMPTS = [
-    "def main():\n    ",
-    "import os\nimport sys\n\n\ndef ",
-    "class Parser:\n    \"\"\"",
-    "The function returns",
-    "    for i in range(",
-    "# Licensed under the",
-    "if __name__ == \"__main__\":\n",
-    "Return a new list",
-]
-
-
 def run_speculative_bench(model_dir: str, *, new_tokens: int = 128, rounds: int = 3, drafts=(1, 2, 3),
-                          timer=time.process_time, modes: tuple[str, ...] = MODES, log=print) -> dict:
+                          timer: Timer | None = None, modes: tuple[str, ...] = MODES, log=print) -> dict:
     """Plain greedy decoding vs MTP speculative decoding on a trained model (batch 1, same output),
     per decode path."""
     from .. import load
-    from .cli import find_tokenizer, load_tokenizer, resolve_model_dir
+    from ..infer.cli import find_tokenizer, load_tokenizer, resolve_model_dir
 
+    timer = timer or Timer("cpu")
     path = resolve_model_dir(model_dir)
-    model = load(path).eval()
+    model = load(path, device=timer.device).eval()
     if not model.mtp:
         raise ValueError(f"{path} has no MTP heads (mtp_num_layers = 0): nothing to draft with")
     tok_path = find_tokenizer(path, Path(model_dir))
     tokenizer = load_tokenizer(tok_path) if tok_path is not None else None
-    prompts = DEMO_PROMPTS if tokenizer is not None else _prompts([16] * 4, model.config.vocab_size)
+    prompts = DEMO_PROMPTS if tokenizer is not None else random_prompts([16] * 4, model.config.vocab_size)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     log(f"speculative decoding on {path} ({count_parameters(model.config).total / 1e6:.1f}M parameters, "
         f"{len(model.mtp)} MTP head(s)), {len(prompts)} prompts, batch 1, greedy, {new_tokens} tokens")
@@ -335,4 +335,4 @@ def run_speculative_bench(model_dir: str, *, new_tokens: int = 128, rounds: int 
     return out
 
 
-__all__ = ["run_infer_bench", "run_speculative_bench", "comparable_config", "MODES"]
+__all__ = ["MODES", "gemm_ceiling", "run_infer_bench", "run_speculative_bench"]

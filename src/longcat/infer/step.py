@@ -1,0 +1,223 @@
+"""Decode steps: the model's own decode forward (`LongCatForCausalLM.decode`, `decode_mtp`, `head`),
+run eagerly or wrapped by torch.compile. There is no second copy of the model's math here: the
+compiled mode differs only in the wrapping and the static shapes it needs (the gpt-fast recipe).
+
+Compiled, a step is one graph from the token ids to the logits. The cache goes in as its
+allocations (`LatentCache.storage`) and the step writes its keys into them in place; the span
+attended over is the size of a tensor (`_length_marker`), and the allocation sizes are dynamic
+from the first call, so one graph serves every cache length and every re-allocation (left to
+torch.compile's automatic dynamic shapes, each would first be a constant and cost a recompile the
+first time it changed). Rows are static: a batch runs padded to the next of ROW_BUCKETS (the padded
+rows repeat row 0, write spare rows of the allocation, which the engine sizes to the bucket, and
+their results are dropped), one graph per bucket and tokens-per-row count, so that a finishing
+row reuses a graph instead of turning the row count into a symbol (which makes the weight loops
+slower). Guards on the model's weights are skipped: they are graph inputs, read on every call, and
+checking each of them on every step would cost a tenth of a small model's step.
+
+On CPU the compiled mode also moves the weights into memory advised for transparent huge pages
+(`huge_page_weights`): every step streams all of them, and with 4 KB pages each page costs a TLB
+miss and stops the hardware prefetchers at its boundary.
+
+Where a graph does not apply the step runs eagerly, with the same code: LongCat sparse attention
+once a context outgrows `index_topk` (the selection is data-dependent) and more than MAX_ROWS
+tokens in flight.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import torch
+
+from ..model import LatentCache, LongCatForCausalLM
+from .sampling import GenerationError
+
+# Tokens per step up to which a step runs compiled (the MoE's pair-by-pair path, moe.GATHER_TOKENS).
+MAX_ROWS = 64
+# Batch sizes the graphs are compiled for: a batch runs padded to the next one.
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# Tokens per row up to which a draft window runs compiled (steady state: drafts + MTP heads).
+MTP_WINDOW = 8
+INDUCTOR_OPTIONS = {"cpp_wrapper": True}  # no Python between the generated kernels
+
+
+def row_bucket(rows: int) -> int:
+    """The compiled batch size that serves `rows` rows (rows itself above the largest bucket)."""
+    return next((b for b in ROW_BUCKETS if b >= rows), rows)
+
+
+def _skip_module_guards(entries) -> list[bool]:
+    """Keep every guard except those on the model's modules and weights: the weights are inputs
+    of the graph (read on every call, so in-place updates and replaced tensors are seen) and the
+    engine checks their dtype and device once per generation (`DecodeStep.prepare`)."""
+    return [not e.orig_guard.source.is_unspecialized_nn_module() for e in entries]
+
+
+def _decode(model, ids, positions, history, storage, span, num_sublayers: int, last_only: bool):
+    cache = LatentCache.over(model.config, storage, ids.shape[0], span.shape[0], num_sublayers)
+    return model.decode(ids, positions, cache, history, last_only=last_only)
+
+
+def _draft(model, depth: int, ids, prev, positions, history, storage, span, num_sublayers: int):
+    cache = LatentCache.over(model.config, storage, ids.shape[0], span.shape[0], num_sublayers)
+    h, normed = model.decode_mtp(depth, ids, prev, positions, cache, history)
+    return h, model.head(normed[:, -1])
+
+
+class DecodeStep:
+    """What the engine calls for decode steps: `forward` (the main model) and `draft` (an MTP head
+    and the output head), eagerly (`compile=False`) or through torch.compile'd graphs of the same
+    model methods; `mtp` and `head` (the first draft over a whole prompt) always run eagerly."""
+
+    def __init__(self, model: LongCatForCausalLM, *, compile: bool = False) -> None:
+        self.model = model
+        self.config = model.config
+        self.compiled = compile
+        if compile:
+            # graphs: per row bucket, tokens per row, last-only logits or all
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            options = dict(INDUCTOR_OPTIONS, guard_filter_fn=_skip_module_guards)
+            self._decode = torch.compile(_decode, fullgraph=True, options=options)
+            self._draft = torch.compile(_draft, fullgraph=True, options=options)
+            if next(model.parameters()).device.type == "cpu":
+                huge_page_weights(model)
+            self._weights = self._signature()
+
+    def _signature(self) -> set:
+        return {(t.dtype, t.device) for t in self.model.state_dict().values()}
+
+    def prepare(self) -> None:
+        """Called before each generation: the graphs do not check the weights on every call."""
+        if self.compiled and self._signature() != self._weights:
+            raise GenerationError("the model's weights changed dtype or device since this Engine compiled its decode "
+                               "step; make a new Engine for the moved model")
+
+    def cache_rows(self, batch: int) -> int:
+        """Cache rows a batch of `batch` sequences needs (compiled: its row bucket, for the padding)."""
+        return row_bucket(batch) if self.compiled else batch
+
+    def rows_for(self, batch: int, cache: LatentCache) -> int:
+        """The padded batch a compiled step of `batch` rows runs as: its bucket, when the cache's
+        allocation has that many rows, else the batch itself."""
+        rows = row_bucket(batch)
+        return rows if rows <= cache.allocated_rows else batch
+
+    def _applies(self, tokens: int, span: int) -> bool:
+        if not self.compiled or tokens > MAX_ROWS:
+            return False
+        c = self.config
+        # LSA selection is data-dependent: once a context outgrows index_topk, decode eagerly
+        return not (c.lsa_enabled and self.model.lsa_mode == "sparse" and span > c.index_topk)
+
+    def _graph_inputs(self, cache: LatentCache, rows: int, *tensors):
+        padded = []
+        for t in tensors:
+            if t is not None:
+                t = _pad(t, rows)
+                for dim in range(min(t.dim(), 2)):  # rows and tokens per row: one graph each
+                    torch._dynamo.mark_static(t, dim)
+            padded.append(t)
+        storage = cache.storage()
+        for t in storage:
+            if t is not None:  # (sublayers * allocated rows, max_len, d): any allocation, one graph
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(t, 1)
+        return padded, storage, _length_marker(cache.span), cache.num_sublayers
+
+    def forward(self, ids, positions, cache: LatentCache, history=None, *, last_only: bool = True):
+        """ids, positions (B, T) -> (logits (B, 1 or T, V), pre-norm hidden (B, T, H))."""
+        cache.begin(positions)  # checks the capacity; span = max position + 1
+        if not self._applies(ids.numel(), cache.span):
+            return self.model.decode(ids, positions, cache, history, last_only=last_only)
+        B = ids.shape[0]
+        (ids, positions, history), storage, span, n = self._graph_inputs(cache, self.rows_for(B, cache), ids,
+                                                                         positions, history)
+        logits, hidden = self._decode(self.model, ids, positions, history, storage, span, n, last_only)
+        return logits[:B], hidden[:B]
+
+    def draft(self, depth: int, ids, prev, positions, cache: LatentCache, history=None):
+        """MTP head `depth` (1-based) over a steady-state draft window, and the output head on its
+        last position: ids (B, T) the tokens `depth` ahead of positions (B, T), prev (B, T, H) ->
+        (hidden (B, T, H), logits (B, V))."""
+        cache.begin(positions)
+        if ids.shape[1] > MTP_WINDOW or not self._applies(ids.numel(), cache.span):
+            h, normed = self.model.decode_mtp(depth, ids, prev, positions, cache, history)
+            return h, self.model.head(normed[:, -1])
+        B = ids.shape[0]
+        (ids, prev, positions, history), storage, span, n = self._graph_inputs(
+            cache, self.rows_for(B, cache), ids, prev, positions, history)
+        h, logits = self._draft(self.model, depth, ids, prev, positions, history, storage, span, n)
+        return h[:B], logits[:B]
+
+    def mtp(self, depth: int, ids, prev, positions, cache: LatentCache, history=None):
+        """MTP head `depth` over any window (the first draft after a prefill), eagerly -> (hidden,
+        normed hidden)."""
+        cache.begin(positions)
+        return self.model.decode_mtp(depth, ids, prev, positions, cache, history)
+
+    def head(self, normed: torch.Tensor) -> torch.Tensor:
+        """The output head (..., H) -> (..., V), eagerly."""
+        return self.model.head(normed)
+
+
+# Below this, a buffer gains little from huge pages (a huge page is 2 MB).
+HUGE_PAGE_MIN_BYTES = 4 << 20
+# Each tensor starts on a cache line in the shared buffer (inductor copies misaligned inputs).
+_ALIGN_BYTES = 64
+
+
+def _huge_page_buffer(nbytes: int) -> torch.Tensor | None:
+    """Fresh private memory advised for transparent huge pages (THP's common "madvise" mode gives
+    them only to memory that asks), as a byte tensor; None where the OS has no such advice."""
+    advise = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advise is None or nbytes < HUGE_PAGE_MIN_BYTES:
+        return None
+    # private and anonymous: shared anonymous memory is shmem, which THP does not back by default
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        memory.madvise(advise)  # before the first touch: pages fault in huge
+    except OSError:  # a kernel without THP: ordinary allocations serve as well
+        return None
+    return torch.frombuffer(memory, dtype=torch.uint8, count=nbytes)  # keeps `memory` alive
+
+
+@torch.no_grad()
+def huge_page_weights(model: torch.nn.Module) -> bool:
+    """Move the model's CPU parameters and buffers into one huge-page buffer: each tensor becomes a
+    view of it (same values, still the model's own: in-place updates, saving and loading work as
+    before). Returns whether it did (False where the OS offers no huge pages)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if t.device.type == "cpu"}
+    sizes = [-(-t.numel() * t.element_size() // _ALIGN_BYTES) * _ALIGN_BYTES for t in tensors.values()]
+    flat = _huge_page_buffer(sum(sizes))
+    if flat is None:
+        return False
+    offset = 0
+    for t, size in zip(tensors.values(), sizes):
+        view = flat[offset : offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        t.data = view
+        offset += size
+    return True
+
+
+_ONE = torch.zeros(1)
+
+
+def _length_marker(length: int) -> torch.Tensor:
+    """A tensor of `length` elements (a stride-0 view: nothing allocated) whose size is dynamic from
+    the first call. Passed as an int, the span would be a constant in the first graph and a symbol
+    only from the second step on: every graph would compile twice."""
+    marker = _ONE.expand(length)
+    torch._dynamo.maybe_mark_dynamic(marker, 0)
+    return marker
+
+
+def _pad(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x with its first dim padded to `rows` by repeating its first row (valid positions, finite
+    values; the padded rows' results are dropped)."""
+    if x.shape[0] == rows:
+        return x
+    return torch.cat([x, x[:1].expand(rows - x.shape[0], *x.shape[1:])])
+
+
+__all__ = ["DecodeStep", "huge_page_weights", "row_bucket", "ROW_BUCKETS", "MAX_ROWS"]
