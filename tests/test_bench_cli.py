@@ -42,6 +42,7 @@ def test_bench_rejects_unknown_override(capsys):
     (["plan", "--threads", "2"], "--clock cpu adds up the CPU seconds of every thread"),
     (["plan", "--hardware", "cpu-local", "--output", "x.toml"], "--output is where a calibration writes"),
     (["plan", "--preset", "nonsense"], "unknown preset 'nonsense'"),
+    (["plan", "--hardware", "nonsense"], "unknown hardware 'nonsense'"),
 ])
 def test_bench_refuses_bad_arguments_before_it_starts(argv, message, capsys):
     assert main(["bench", *argv]) == 2  # refused at once: no model built, nothing timed
@@ -88,3 +89,15 @@ def test_bench_plan_prints_prediction_against_measurement(tmp_path, capsys):
         predicted, measured, error = line[len(label):].split()[:3]
         assert float(predicted) > 0 and float(measured) > 0
         assert float(error.rstrip("%")) / 100 == pytest.approx(float(predicted) / float(measured) - 1, abs=0.01)
+
+
+def test_bench_refuses_the_cpu_clock_on_an_accelerator(monkeypatch, capsys):
+    import torch
+
+    import longcat.devices
+
+    # as if this machine had the device: the refusal must come before anything is built on it
+    monkeypatch.setattr(longcat.devices, "resolve_device", lambda name, setting: torch.device("cuda"))
+    assert main(["bench", "infer", "--device", "cuda"]) == 2
+    assert "--clock cpu counts this process's CPU seconds, not the time cuda spends working; use --clock wall" \
+        in capsys.readouterr().err

@@ -15,7 +15,7 @@ import pytest
 
 from longcat.cli import main
 from longcat.config import ConfigError, preset
-from longcat.parallel.layout import ParallelLayout
+from longcat.parallel.layout import MESH_DIMS, ParallelLayout
 from longcat.plan.arch import load_architecture
 from longcat.plan.hardware import load_hardware, load_stack
 from longcat.plan.layout import Layout, parse_layout
@@ -128,7 +128,10 @@ def test_experts_fold_like_the_runtime():
         assert plan.memory["weights"] == pytest.approx(
             w * (dense / (L.dp_shard * L.cp) + experts / (L.dp_shard // L.ep * L.cp) + ngram))
         assert plan.runtime["parallel"] == str(L.parallel)
-    # ep ranks sit tp apart in the mesh: with tp=8 filling a domain of 8, the all-to-all leaves it
+    # the planner's group strides (ep and the dense shard group tp apart, cp and the expert shard
+    # group tp*ep apart) follow the runtime's mesh order, outermost first
+    assert MESH_DIMS == ("pp", "dp_replicate", "dp_shard_mod_ep", "cp", "ep", "tp")
+    # with tp=8 filling a domain of 8, the ep ranks (tp apart) are all outside it
     assert p._a2a_time(1e9, 8, 8) > p._a2a_time(1e9, 8, 1)
 
 

@@ -80,4 +80,4 @@ def test_text_output_names_the_denominator(capsys):
     code = main(["plan", "train", "--model", "tiny", "--hardware", "cpu-local", "--chips", "4", "--seq-len", "32",
                  "--global-batch-tokens", "512", "--runnable"])
     out = capsys.readouterr().out
-    assert code == 0 and "run it: longcat train --nproc 4 --parallel dp_replicate=1,dp_shard=4" in out
+    assert code == 0 and "run it: longcat train --preset tiny --nproc 4 --parallel dp_replicate=1,dp_shard=4" in out

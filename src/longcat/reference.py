@@ -1,6 +1,6 @@
 """The reference implementation to measure and check against: transformers' LongcatFlashForCausalLM.
 
-Used by the benchmarks (`longcat bench`, `longcat.infer.benchmark`) as their baseline; it sits
+Used by the benchmarks (`longcat bench`, package `longcat.bench`) as their baseline; it sits
 above `interop` because it builds a transformers model through the HF checkpoint writer.
 """
 

@@ -84,8 +84,9 @@ def gemm_ceiling(model, steps: int, timer: Timer) -> float:
 def _hf_cache_bytes(reference, prompt, device) -> int:
     with torch.inference_mode():
         out = reference(torch.tensor([prompt], device=device), use_cache=True)
+    cache = out["cache"] if "cache" in out else out["past_key_values"]  # renamed within transformers 5.x
     total = 0
-    for layer in out.past_key_values.layers:
+    for layer in cache.layers:
         for t in (layer.keys, layer.values):
             total += t.numel() * t.element_size()
     return total

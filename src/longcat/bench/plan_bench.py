@@ -140,7 +140,11 @@ def predict(setup: PlanSetup, hardware: str):
     if reasons:
         raise UserError(f"--preset {setup.preset} --micro-batch {setup.micro_batch}: the planner rejects this "
                         f"configuration on {hw.name} ({'; '.join(reasons)}); choose a smaller preset or micro-batch")
-    return planner.evaluate(layout), hw
+    plan = planner.evaluate(layout)
+    if plan is None:
+        raise UserError(f"--preset {setup.preset} --micro-batch {setup.micro_batch}: the planner finds no plan for "
+                        f"this configuration on {hw.name}; choose a smaller preset or micro-batch")
+    return plan, hw
 
 
 def run_plan_bench(setup: PlanSetup, *, steps: int = 10, warmup: int = 2, hardware: str | None = None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import warnings
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def read_dcp_model_state(step_dir: str | os.PathLike) -> dict[str, torch.Tensor]
     step_dir = Path(step_dir)
     try:
         metadata = dcp.FileSystemReader(str(step_dir)).read_metadata()
-    except (OSError, EOFError, ValueError) as exc:
+    except (OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
         raise CheckpointError(f"cannot read the DCP metadata of {step_dir}: {exc}") from exc
     state = {
         key: torch.empty(meta.size, dtype=meta.properties.dtype)

@@ -78,6 +78,9 @@ def run_check(args) -> int:
     weights = LossWeights(mtp=args.mtp_weight, z_loss=args.z_loss, balance=args.balance_loss,
                           indexer=args.indexer_loss_weight)
     # Everything the workers would reject, rejected here first (no processes started).
+    for flag, value in (("--steps", args.steps), ("--batch", args.batch), ("--seq-len", args.seq_len)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
     resolve_device(args.device, setting="--device")
     layout.validate(
         config, args.nproc, seq_len=args.seq_len, global_batch=args.batch,

@@ -22,6 +22,7 @@ the one router-bias rule (`longcat.train.engine.update_router_bias`) sees the gl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -138,7 +139,9 @@ class ParallelModel:
         losses = training_losses(
             out, y, mtp_weight=weights.mtp, z_loss=weights.z_loss, balance=weights.balance,
             indexer=weights.indexer if with_indexer else 0.0,
-            balance_loss=lambda: global_balance_loss(counts, out.router.mean_probs, self.config.n_routed_experts),
+            # the model's own balance loss, with f from the GLOBAL counts and P this rank's mean router
+            # probability: averaged over data ranks (as gradients are) it is the one-process loss
+            balance_loss=lambda: dataclasses.replace(out.router, counts=counts).balance_loss(),
         )
         total = losses["loss_total"]
         (total * scale).backward()
@@ -212,11 +215,6 @@ class ParallelModel:
                 self.module.train(was_training)
             nats = _summed_cross_entropy(out.logits, y).reshape(1)
         return float(self._all_reduce(nats, "dp_cp")[0]), count
-
-    def evaluate_loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> float:
-        """Mean next-token loss of a global batch (collective)."""
-        nats, count = self.heldout_nats(inputs, labels)
-        return nats / count
 
     def pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         from .pipeline import next_token_loss
@@ -293,15 +291,6 @@ class ParallelModel:
         return self
 
 
-def global_balance_loss(counts: torch.Tensor, mean_probs: list[torch.Tensor], num_experts: int) -> torch.Tensor:
-    """Switch balance loss N * sum_i f_i * P_i with f from the GLOBAL counts and P this rank's mean
-    router probability. Averaging it over data ranks (as gradients are) gives the global loss."""
-    ffn = counts[:, :num_experts].float()
-    f = ffn / ffn.sum(-1, keepdim=True).clamp_min(1)
-    losses = [num_experts * (f[i].to(p.device) * p[:num_experts]).sum() for i, p in enumerate(mean_probs)]
-    return torch.stack(losses).mean()
-
-
 def _summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     V = logits.shape[-1]
     return F.cross_entropy(logits.float().reshape(-1, V), labels.reshape(-1), ignore_index=IGNORE_INDEX,
@@ -369,6 +358,5 @@ def parallelize(
 
 
 __all__ = [
-    "LossWeights", "StepResult", "ParallelModel", "setup", "parallelize", "global_balance_loss",
-    "world_size_from_env", "IGNORE_INDEX",
+    "LossWeights", "StepResult", "ParallelModel", "setup", "parallelize", "world_size_from_env", "IGNORE_INDEX",
 ]

@@ -6,6 +6,9 @@ product pp * dp_replicate * dp_shard * cp * tp is the world size. Expert paralle
 ranks: like TorchTitan, it borrows them from the data-parallel shard dimension (every EP rank also
 reads its own data), so ep must divide dp_shard.
 
+The planner uses the same names (`longcat.plan.layout.Layout` is a ParallelLayout plus the knobs
+only it models), so the `parallel` string of a `longcat plan train` result is a layout string here.
+
 `ParallelLayout.validate(config, world_size, ...)` runs before any work and raises `ConfigError`
 naming the degree to change and the values that would work. `build_mesh` then makes one
 `DeviceMesh` with named dimensions and the flattened views the parallelisms need.

@@ -148,9 +148,14 @@ def _say(spec: RunSpec, text: str) -> None:
 
 def _train(spec: RunSpec, out: Path, dims) -> tuple[dict, object]:
     """The Trainer on `dims` (None: this process alone) for spec; returns (summary, trainer)."""
+    from rich.console import Console
+
+    from ..errors import UserError
     from ..train.checkpoint import newest_complete
     from ..train.trainer import EvalData, Trainer
 
+    if spec.steps < 1 and not spec.load_from:
+        raise UserError(f"steps={spec.steps}: train at least 1 step (0 only with load_from, to load and re-save)")
     run = spec.run_config()
     config = run.model
     checkpoint_dir = Path(spec.checkpoint_dir) if spec.checkpoint_dir else out / "checkpoints"
@@ -179,8 +184,6 @@ def _train(spec: RunSpec, out: Path, dims) -> tuple[dict, object]:
             _say(spec, f"[rank {trainer.engine.rank}] fault injection: killing this rank before step {step + 1}")
             os.kill(os.getpid(), signal.SIGKILL)
 
-    from rich.console import Console
-
     trainer = Trainer(
         run, out, batches=SyntheticBatches(spec, config), eval_data=eval_data, on_step=on_step, dims=dims,
         console=Console(stderr=True, quiet=spec.quiet),
@@ -190,16 +193,14 @@ def _train(spec: RunSpec, out: Path, dims) -> tuple[dict, object]:
     if spec.nan_at_step and (dims is None or trainer.engine.rank == spec.nan_rank):
         trainer.engine = _NaNOnThisRank(trainer.engine, trainer, spec.nan_at_step)
     start = trainer.step
-    if trainer.resumed_from is not None:
-        if spec.resave_after_load:
-            trainer.save(spec.resave_after_load)
-    result = trainer.train() if spec.steps > start else None
+    if trainer.resumed_from is not None and spec.resave_after_load:
+        trainer.save(spec.resave_after_load)
+    result = trainer.train()  # trains nothing when the loaded step is already the last
     summary = {
         "layout": trainer.engine.layout_name, "world_size": trainer.engine.world_size, "start_step": start,
         "attempt": attempt, "losses": losses, "grad_norms": norms, "skipped": skipped,
-        "eval_loss": result.eval_loss if result else None, "tokens_per_s": result.tokens_per_s if result else 0.0,
-        "seconds": result.train_seconds if result else 0.0,
-        "final_checkpoint": str(result.checkpoint) if result and result.checkpoint else None,
+        "eval_loss": result.eval_loss, "tokens_per_s": result.tokens_per_s, "seconds": result.train_seconds,
+        "final_checkpoint": str(result.checkpoint) if result.checkpoint else None,
     }
     return summary, trainer
 

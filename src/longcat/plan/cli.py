@@ -8,7 +8,7 @@ import math
 import time
 from typing import Any
 
-from ..config import ConfigError
+from ..config import PRESETS, ConfigError
 
 DEFAULT_SEQ_LEN = 8192
 MIN_GLOBAL_BATCH = 1 << 22  # 4Mi tokens
@@ -47,7 +47,8 @@ def register(subparsers) -> None:
     train = sub.add_parser("train", help="rank parallel layouts for a training run",
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            description="Search the valid layouts (or evaluate --layout) and print memory per device, step time, "
-                                       "MFU, tokens/day, days, checkpoint cost and failure-aware goodput.")
+                                       "MFU, tokens/day, days, checkpoint cost and failure-aware goodput, with the --parallel string "
+                                       "`longcat train` runs for each layout and what the runtime would do differently.")
     _common(train)
     train.add_argument("--chips", type=int, required=True, help="accelerators available")
     train.add_argument("--seq-len", type=lambda s: int(count(s)), default=DEFAULT_SEQ_LEN,
@@ -61,7 +62,7 @@ def register(subparsers) -> None:
                        "pp_schedule=interleaved,pp_stages_per_rank=2,zero=1,recompute=full; fields left out are searched")
     train.add_argument("--runnable", action="store_true",
                        help="only layouts `longcat train --parallel` runs exactly as planned: zero=3 (FSDP), no "
-                            "recomputation, even pipeline stages, no sequence parallelism with tp > 1")
+                            "recomputation, even pipeline stages, tensor parallelism without sequence parallelism")
     train.add_argument("--top", type=int, default=5, help="layouts to list (default 5)")
     train.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
     train.add_argument("--precision", choices=("bf16", "fp8", "autocast"), default="bf16",
@@ -75,7 +76,8 @@ def register(subparsers) -> None:
     _common(serve)
     serve.add_argument("--chips", type=int, default=0, help="chips in the deployment (default: the fewest that hold --context)")
     serve.add_argument("--tp", type=int, default=0, help="tensor parallel size of the dense part (default: up to 8)")
-    serve.add_argument("--ep", type=int, default=0, help="expert parallel size (default: every chip)")
+    serve.add_argument("--ep", type=int, default=0, help="expert parallel size (default: every chip; the result's --parallel "
+                       "string needs ep to divide chips/tp, as the runtime takes ep from dp_shard)")
     serve.add_argument("--weights-dtype", choices=("bf16", "fp8"), default="bf16")
     serve.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16")
     serve.add_argument("--mem-fraction", type=float, default=0.9, help="share of device memory the server may use (default 0.9)")
@@ -138,6 +140,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     arch, hw = _load(args)
     stack = load_stack(args.stack, parse_assignments(args.stack_set, "--stack-set"))
+    if args.runnable:
+        stack.sequence_parallel = False  # the runtime's TP replicates the activations between blocks
     gbt = args.global_batch_tokens or default_global_batch(args.chips, args.seq_len)
     setup = TrainSetup(arch, hw, stack, args.chips, args.seq_len, gbt, args.tokens, args.optimizer, args.precision)
     planner = Planner(setup)
@@ -174,7 +178,7 @@ def run_train(args: argparse.Namespace) -> int:
         else:
             print(json.dumps({**head, "layouts": [p.to_dict() for p in plans]}, indent=2))
         return 0 if plans[0].fits else 1
-    _print_train(arch, hw, setup, plans, elapsed)
+    _print_train(arch, hw, setup, plans, elapsed, model_flag=f"--preset {args.model} " if args.model in PRESETS else "")
     return 0 if plans[0].fits else 1
 
 
@@ -205,7 +209,7 @@ def _num(x: float) -> str:
     return f"{x:,.0f}"
 
 
-def _print_train(arch, hw, setup, plans, elapsed: float) -> None:
+def _print_train(arch, hw, setup, plans, elapsed: float, *, model_flag: str = "") -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -233,7 +237,7 @@ def _print_train(arch, hw, setup, plans, elapsed: float) -> None:
     if rt["parallel"] is None:
         con.print("[red]the runtime cannot run this layout:[/] " + "; ".join(rt["rejected"]), highlight=False, soft_wrap=True)
     else:
-        con.print(f"run it: longcat train --nproc {rt['nproc']} --parallel {rt['parallel']} --set train.seq_len={rt['seq_len']} "
+        con.print(f"run it: longcat train {model_flag}--nproc {rt['nproc']} --parallel {rt['parallel']} --set train.seq_len={rt['seq_len']} "
                   f"--set train.micro_batch={rt['micro_batch']} --set train.grad_accum={rt['grad_accum']}", highlight=False,
                   soft_wrap=True)
         for note in rt["differs"]:

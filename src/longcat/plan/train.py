@@ -406,7 +406,7 @@ class Planner:
         return first, last
 
     # --- stages -------------------------------------------------------------------------------------------
-    def _stages(self, L: Layout, t_layer: float, t_first: float, t_last: float) -> tuple[int, int, int] | None:
+    def _stages(self, L: Layout, t_layer: float, t_first: float, t_last: float, even: bool) -> tuple[int, int, int] | None:
         """Layers on the first, each middle and the last stage; None when the layout cannot split.
 
         Balanced stacks move layers off the first and last stages until the embedding and the head
@@ -416,7 +416,7 @@ class Planner:
             return n, 0, 0
         if p > n:
             return None
-        if not self.s.stack.balance_stages:
+        if even:
             if n % (p * L.vpp):
                 return None
             k = n // p
@@ -435,9 +435,11 @@ class Planner:
         return k, (k if p > 2 else 0), n - k * (p - 1) if n - k * (p - 1) > 0 else k
 
     # --- evaluate -----------------------------------------------------------------------------------------
-    def evaluate(self, L: Layout, detail: bool = True) -> TrainPlan | None:
+    def evaluate(self, L: Layout, detail: bool = True, *, even_stages: bool | None = None) -> TrainPlan | None:
         """The full plan of one layout, or None when the layout is not valid for this setup.
-        `detail=False` skips the checkpoint/failure figures (the search adds them to its winners)."""
+        `detail=False` skips the checkpoint/failure figures (the search adds them to its winners).
+        `even_stages`: split the layers evenly over the stages as the runtime does (default: unless
+        the stack balances them)."""
         if self.check(L):
             return None
         s, a, hw, stack = self.s, self.s.arch, self.s.hw, self.s.stack
@@ -449,7 +451,8 @@ class Planner:
         layer = {k: sum(t[k] * w for t, w in parts) for k in keys}
         t_layer = sum(layer.values())
         first, last = self._extras(L)
-        stages = self._stages(L, t_layer, sum(first.values()), sum(last.values()))
+        even = not stack.balance_stages if even_stages is None else even_stages
+        stages = self._stages(L, t_layer, sum(first.values()), sum(last.values()), even)
         if stages is None:
             return None
         n_first, n_mid, n_last = stages
@@ -512,6 +515,12 @@ class Planner:
         if L.pp > 1 and not L.parallel.pp_microbatches:
             plan.layout = L.replace(pp_microbatches=plan.microbatches)
         plan.runtime = self.runtime(plan.layout)
+        n, st = self.s.arch.num_layers, plan.stages
+        if L.pp > 1 and plan.runtime["parallel"] and {st["first"], st["last"]} | ({st["middle"]} if L.pp > 2 else set()) != {n // L.pp}:
+            plan.runtime["differs"].append(
+                f"the plan balances the stages (first {st['first']}, middle {st['middle']}, last {st['last']} layers); "
+                f"the runtime gives every stage {n // L.pp}")
+            plan.runtime["runs_as_planned"] = False
         self._reliability(plan)
         return plan
 
@@ -921,7 +930,7 @@ def search(planner: Planner, fixed: dict[str, Any] | None = None, top: int = 5, 
                 continue
             if planner.check(layout) or (runnable and not planner.runtime(layout)["runs_as_planned"]):
                 continue
-            plan = planner.evaluate(layout, detail=False)
+            plan = planner.evaluate(layout, detail=False, even_stages=True if runnable else None)
             if plan is None:
                 continue
             if plan.fits:
@@ -947,7 +956,7 @@ def search(planner: Planner, fixed: dict[str, Any] | None = None, top: int = 5, 
         return best[:top]
     # nothing fits: the layouts that come closest, fully evaluated so they show what to change
     fallback.sort(key=lambda p: p.memory_gib["total"])
-    return [planner.evaluate(p.layout) for p in fallback[:top]]
+    return [planner.evaluate(p.layout, even_stages=True if runnable else None) for p in fallback[:top]]
 
 
 __all__ = ["TrainSetup", "TrainPlan", "Planner", "search", "candidate_layouts", "ring_bytes", "OPTIMIZERS", "PRECISIONS"]
