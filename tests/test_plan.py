@@ -3,7 +3,9 @@ and the Megatron-LM 2021 validation table (±15%)."""
 
 from __future__ import annotations
 
+import json
 import math
+import tomllib
 
 import pytest
 
@@ -258,3 +260,16 @@ def test_calibrate_writes_a_loadable_entry(tmp_path):
     assert hw.provenance["peak_tflops_bf16"] == "measured" and hw.provenance["scaleup_domain"] == "estimated"
     assert hw.provenance["memory_efficiency"] == "measured"
     assert 0 < hw.expert_gemm_efficiency <= 1
+
+
+def test_calibration_goes_to_the_user_folder_and_overrides_the_packaged_entry(tmp_path, monkeypatch, capsys):
+    from longcat.catalog import catalog_dir
+    from longcat.cli import main
+
+    monkeypatch.setenv("LONGCAT_CONFIG_DIR", str(tmp_path))
+    packaged = (catalog_dir("hardware") / "cpu-local.toml").read_text()
+    assert main(["plan", "calibrate", "--quick", "--name", "cpu-local", "--json"]) == 0
+    written = tmp_path / "hardware" / "cpu-local.toml"
+    assert json.loads(capsys.readouterr().out)["path"] == str(written)
+    assert (catalog_dir("hardware") / "cpu-local.toml").read_text() == packaged  # the package is never written
+    assert load_hardware("cpu-local").peak_tflops_bf16 == pytest.approx(tomllib.loads(written.read_text())["measured"]["peak_tflops_bf16"])

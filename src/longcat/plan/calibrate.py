@@ -282,10 +282,11 @@ def to_toml(measured: dict[str, Any], name: str = "cpu-local") -> str:
     return "\n".join(lines)
 
 
-def default_output() -> Path:
-    from ..catalog import catalog_dir
+def default_output(name: str = "cpu-local") -> Path:
+    """The user's hardware folder: it overrides the packaged entry of the same name."""
+    from ..catalog import user_dir
 
-    return catalog_dir("hardware") / "cpu-local.toml"
+    return user_dir("hardware") / f"{name}.toml"
 
 
 __all__ = ["measure", "to_toml", "default_output", "peak_rss_bytes", "current_rss_bytes"]

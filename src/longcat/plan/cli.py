@@ -86,7 +86,8 @@ def register(subparsers) -> None:
     serve.set_defaults(func=run_serve)
 
     cal = sub.add_parser("calibrate", help="measure this machine (GEMM FLOP/s, memory bandwidth) into a hardware entry")
-    cal.add_argument("--output", default=None, help="TOML file to write (default: the cpu-local entry of the hardware catalog)")
+    cal.add_argument("--output", default=None, help="TOML file to write (default: NAME.toml in the user's hardware folder, "
+                     "$LONGCAT_CONFIG_DIR/hardware or ~/.config/longcat/hardware, which overrides the packaged entry)")
     cal.add_argument("--name", default="cpu-local")
     cal.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     cal.add_argument("--quick", action="store_true", help="small sizes (a second or two; less accurate)")
@@ -335,7 +336,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise ConfigError("--cpu-time needs --threads 1 (CPU seconds add up across threads)")
     measured = measure(quick=args.quick, threads=args.threads, arch=arch, tokens=args.tokens, seq_len=args.seq_len,
                        cpu_time=args.cpu_time)
-    path = Path(args.output) if args.output else default_output()
+    path = Path(args.output) if args.output else default_output(args.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(to_toml(measured, args.name))
     if args.json:
         print(json.dumps({**measured, "path": str(path)}, indent=2))

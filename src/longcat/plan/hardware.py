@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..catalog import catalog_dir, catalog_names
+from ..catalog import catalog_file, catalog_names
 from ..config import ConfigError
 
 SOURCES = ("vendor", "estimated", "measured")
@@ -126,9 +126,8 @@ def _resolve_path(spec: str) -> Path:
     path = Path(spec)
     if path.suffix == ".toml" and path.exists():
         return path
-    folder = catalog_dir("hardware")
-    candidate = folder / f"{spec.lower()}.toml"
-    if candidate.exists():
+    candidate = catalog_file("hardware", spec.lower())
+    if candidate is not None:
         return candidate
     hint = " (run `longcat plan calibrate` to create it)" if spec == "cpu-local" else ""
     raise ConfigError(f"unknown hardware '{spec}'{hint}; choose one of: {', '.join(hardware_names())}, or pass a FILE.toml")

@@ -74,7 +74,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_train)
 
     d = subparsers.add_parser(
-        "demo", help="train a tokenizer and the small model on the embedded corpus (~6 min on 2 cores)",
+        "demo", help="train a tokenizer and the small model on the embedded corpus (a 6-minute training budget by default)",
         description="The whole pipeline in one command: BPE tokenizer (8192) on the embedded corpus, token "
                     "cache, the `small` preset trained for a time budget, held-out bits per byte against a "
                     "unigram baseline, and a sample.",

@@ -75,8 +75,8 @@ def sample_text(
     autocast_dtype: torch.dtype | None = None,
 ) -> str:
     """Prompt + continuation as text. Seeded with its own generator (reproducible, RNG-neutral)."""
-    # Training streams separate documents with eos (no bos), so a new document starts after eos.
-    prompt_ids = [tokenizer.eos_id] + (tokenizer.encode(prompt) if prompt else [])
+    # The tokenizer's own rule for how a prompt starts, the one the inference engine uses too.
+    prompt_ids = tokenizer.prompt_prefix + (tokenizer.encode(prompt) if prompt else [])
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     new = generate_ids(
