@@ -6,8 +6,8 @@ weights, one process. The optimizer is AdamW (single-tensor form), the one the p
 byte for byte.
 
 1. Measure the machine as `longcat plan calibrate --model PRESET` does, on this configuration's
-   own shapes, into a hardware entry (the user's cpu-local entry, which overrides the packaged one, unless `output` says
-   otherwise), or take an existing entry (`hardware`).
+   own shapes, into a hardware entry (the user's cpu-local entry, which overrides the packaged
+   one, unless `output` says otherwise), or take an existing entry (`hardware`).
 2. Ask the planner for the same configuration (stack `pytorch-eager`, precision `autocast`).
 3. In a fresh child process (so that its peak RSS is the training's own), run warmup + steps real
    training steps and record the mean step time and the peak resident memory; then once more for
