@@ -118,12 +118,10 @@ def test_cached_decoding_equals_full_recomputation_with_sparse_attention(tiny, m
         assert result.finish_reason == "length" and len(result.token_ids) == 24
 
 
-def test_decode_step_matches_the_full_forward_on_every_feature(tiny, monkeypatch):
-    """model.decode (absorbed attention over the cache, only the chosen experts) and decode_mtp
-    against model.forward without a cache (expanded attention, the grouped-GEMM experts) over the
-    same sequences: rows at different positions, 3 tokens per row, sparse attention selecting."""
-    import longcat.model.moe as moe
-
+def test_decode_step_matches_the_full_forward_on_every_feature(tiny):
+    """model.decode (absorbed attention over the cache) and decode_mtp against model.forward without
+    a cache (expanded attention) over the same sequences: rows at different positions, 3 tokens per
+    row, sparse attention selecting."""
     c = tiny.config
     g = torch.Generator().manual_seed(3)
     B, P = 2, 34  # past index_topk = 24: LSA picks tokens
@@ -142,7 +140,6 @@ def test_decode_step_matches_the_full_forward_on_every_feature(tiny, monkeypatch
         mtp_positions = torch.cat([before, positions[:, :2]], 1)
         cache.begin(mtp_positions)
         _, normed_mtp = tiny.decode_mtp(1, step, prev, mtp_positions, cache, ids.gather(1, before - torch.tensor([1, 0])))
-        monkeypatch.setattr(moe, "GATHER_TOKENS", 0)  # the reference runs the grouped experts
         for b in range(B):
             start = int(positions[b, 0])
             seq = torch.cat([ids[b, :start], step[b]]).unsqueeze(0)
@@ -150,6 +147,19 @@ def test_decode_step_matches_the_full_forward_on_every_feature(tiny, monkeypatch
             torch.testing.assert_close(logits[b], ref.logits[0, -3:], atol=2e-5, rtol=1e-4)
             torch.testing.assert_close(hidden[b], ref.pre_norm_hidden[0, -3:], atol=2e-5, rtol=1e-4)
             torch.testing.assert_close(tiny.head(normed_mtp[b]), ref.mtp_logits[0][0, -3:], atol=2e-5, rtol=1e-4)
+
+
+def test_moe_over_the_chosen_experts_equals_the_grouped_experts(tiny):
+    """The decode path's MoE (each (token, slot) pair through its own expert, identity slots
+    borrowing an expert at gate 0) against the sorted, grouped-GEMM path on the same routing."""
+    moe = tiny.layers[0].mlp
+    x = torch.randn(6, tiny.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        routing = moe.router(x)
+        grouped, _ = moe(x)  # 6 tokens x 3 slots > 8 experts: the grouped GEMM
+        identity = (routing.weights * (routing.indices >= moe.num_experts)).sum(-1, keepdim=True)
+        assert (routing.indices >= moe.num_experts).any()  # zero-computation slots are exercised
+        torch.testing.assert_close(x * identity + moe.chosen_experts(x, routing), grouped, atol=2e-5, rtol=1e-4)
 
 
 def test_batched_equals_one_at_a_time_greedy_and_seeded(tiny):

@@ -129,8 +129,8 @@ def test_router_bias_update_on_a_pipeline_rank_moves_only_its_layers(tiny):
 
 
 def test_launcher_command_lines():
-    cmd = torchrun_command(["-m", "longcat.parallel.worker", "{}"], nproc=2, max_restarts=3)
-    assert "--nproc-per-node=2" in cmd and "--max-restarts=3" in cmd and cmd[-3:] == ["-m", "longcat.parallel.worker", "{}"]
+    cmd = torchrun_command(["-m", "longcat.train.parity_worker", "{}"], nproc=2, max_restarts=3)
+    assert "--nproc-per-node=2" in cmd and "--max-restarts=3" in cmd and cmd[-3:] == ["-m", "longcat.train.parity_worker", "{}"]
     multi = torchrun_command(["x.py"], nproc=8, nnodes=4, rdzv_endpoint="node0:29500", node_rank=1)
     assert "--nnodes=4" in multi and "--rdzv-endpoint=node0:29500" in multi and "--node-rank=1" in multi
     with pytest.raises(ValueError, match="rdzv_endpoint"):

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from longcat.parallel.launch import launch
-from longcat.parallel.loop import RunSpec, reference_run
+from longcat.train.parity import RunSpec, reference_run
 
 TIMEOUT = 300
 STEPS = 10
@@ -59,7 +59,7 @@ RESHARD = {"fsdp_to_fsdp_ep": ("fsdp", "dp_shard=2,ep=2"), "fsdp_ep_to_pp": ("fs
 
 def _run(specs: list[RunSpec], nproc: int, *, max_restarts: int = 0, timeout: float = TIMEOUT) -> None:
     payload = json.dumps([asdict(s) for s in specs])
-    proc = launch(["-m", "longcat.parallel.worker", payload], nproc=nproc, max_restarts=max_restarts,
+    proc = launch(["-m", "longcat.train.parity_worker", payload], nproc=nproc, max_restarts=max_restarts,
                   threads_per_rank=1, timeout=timeout, capture=True)
     assert proc.returncode == 0, proc.stdout[-8000:]
 

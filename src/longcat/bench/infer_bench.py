@@ -284,7 +284,7 @@ def run_speculative_bench(model_dir: str, *, new_tokens: int = 128, rounds: int 
                           timer: Timer | None = None, modes: tuple[str, ...] = MODES, log=print) -> dict:
     """Plain greedy decoding vs MTP speculative decoding on a trained model (batch 1, same output),
     per decode path."""
-    from .. import load
+    from ..interop.loader import load
     from ..infer.cli import find_tokenizer, load_tokenizer, resolve_model_dir
 
     timer = timer or Timer("cpu")

@@ -11,8 +11,8 @@ first time it changed). Rows are static: a batch runs padded to the next of ROW_
 rows repeat row 0, write spare rows of the allocation, which the engine sizes to the bucket, and
 their results are dropped), one graph per bucket and tokens-per-row count, so that a finishing
 row reuses a graph instead of turning the row count into a symbol (which makes the weight loops
-slower). Guards on the model's weights are skipped: they are graph inputs, read on every call, and
-checking each of them on every step would cost a tenth of a small model's step.
+slower). Guards on the model are skipped: its weights are graph inputs, read on every call, and a
+guard per weight on every step is a cost the size of the small kernels of a step.
 
 On CPU the compiled mode also moves the weights into memory advised for transparent huge pages
 (`huge_page_weights`): every step streams all of them, and with 4 KB pages each page costs a TLB
@@ -46,11 +46,12 @@ def row_bucket(rows: int) -> int:
     return next((b for b in ROW_BUCKETS if b >= rows), rows)
 
 
-def _skip_module_guards(entries) -> list[bool]:
-    """Keep every guard except those on the model's modules and weights: the weights are inputs
-    of the graph (read on every call, so in-place updates and replaced tensors are seen) and the
-    engine checks their dtype and device once per generation (`DecodeStep.prepare`)."""
-    return [not e.orig_guard.source.is_unspecialized_nn_module() for e in entries]
+def _skip_model_guards(entries) -> list[bool]:
+    """Keep every guard except those on the model (its modules, weights and config): the weights
+    are inputs of the graph, read on every call (in-place updates and replaced tensors are seen),
+    and the engine checks their dtype and device once per generation (`DecodeStep.prepare`); one
+    compiled function serves one model. Checking them on every step would cost a guard per weight."""
+    return [not e.name.startswith("L['model']") for e in entries]
 
 
 def _decode(model, ids, positions, history, storage, span, num_sublayers: int, last_only: bool):
@@ -76,7 +77,7 @@ class DecodeStep:
         if compile:
             # graphs: per row bucket, tokens per row, last-only logits or all
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            options = dict(INDUCTOR_OPTIONS, guard_filter_fn=_skip_module_guards)
+            options = dict(INDUCTOR_OPTIONS, guard_filter_fn=_skip_model_guards)
             self._decode = torch.compile(_decode, fullgraph=True, options=options)
             self._draft = torch.compile(_draft, fullgraph=True, options=options)
             if next(model.parameters()).device.type == "cpu":

@@ -208,7 +208,9 @@ class MLA(nn.Module):
             q_lat = q_lat.view(h, B, T, kv).transpose(0, 1).reshape(B, h * T, kv)
             q_r = q_rope.permute(0, 2, 1, 3).reshape(B, h * T, self.rope)
             c_all = c_kv_all.to(q_lat.dtype)
-            scores = torch.baddbmm(torch.bmm(q_r, k_rope_all.to(q_r.dtype).transpose(1, 2)), q_lat, c_all.transpose(1, 2))
+            # the cached keys as the rows of a per-sequence weight: compiled for few queries, one
+            # generated dot product per (query, key) along the contiguous latent
+            scores = linear(q_lat, c_all) + linear(q_r, k_rope_all.to(q_r.dtype))  # (B, h*T, S)
             scores = scores.view(B, h, T, S).float() * self.scale  # (B, h, T, S)
             probs = scores.masked_fill(~mask.unsqueeze(1), float("-inf")).softmax(-1).to(c_all.dtype)
             o_lat = torch.bmm(probs.view(B, h * T, S), c_all).view(B, h, T, kv)

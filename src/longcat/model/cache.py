@@ -50,10 +50,11 @@ class LatentCache:
         self.allocated_rows = self._c.shape[0] // num_sublayers
         self.rows = rows
         self._span = span
-        R, L = self.allocated_rows, self.max_len
-        self.c_kv = self._c.view(num_sublayers, R, L, -1)[:, :rows]  # (sublayers, rows, max_len, kv)
-        self.k_rope = self._r.view(num_sublayers, R, L, -1)[:, :rows]
-        self.index_k = None if self._i is None else self._i.view(config.num_layers, R, L, -1)[:, :rows]
+        # each allocation's row count from its own size: a compiled step then relates no two sizes
+        # (a relation between them would specialise one to a constant)
+        self.c_kv = _rows(self._c, num_sublayers, rows)  # (sublayers, rows, max_len, kv)
+        self.k_rope = _rows(self._r, num_sublayers, rows)
+        self.index_k = None if self._i is None else _rows(self._i, config.num_layers, rows)
 
     @classmethod
     def over(cls, config: ModelConfig, storage: tuple, rows: int, span, num_sublayers: int) -> "LatentCache":
@@ -97,7 +98,7 @@ class LatentCache:
         """store[index] (rows, max_len, d) <- values (B, T, d) at positions (B|1, T); returns
         store[index][:, :span] (B, S, d)."""
         B, T, _ = values.shape
-        R = self.allocated_rows
+        R = store.shape[0] // (self.num_sublayers if store is not self._i else self.config.num_layers)
         at = (index * R + torch.arange(B, device=values.device)).unsqueeze(1)  # (B, 1) rows of the allocation
         store.index_put_((at, positions.expand(B, T)), values.to(store.dtype))
         return store[index * R : index * R + B, : self._span]
@@ -133,3 +134,8 @@ class LatentCache:
             self.lengths.zero_()
         else:
             self.lengths[rows] = 0
+
+
+def _rows(store: torch.Tensor, parts: int, rows) -> torch.Tensor:
+    """(parts * R, max_len, d) -> the (parts, rows, max_len, d) view of its first rows of each part."""
+    return store.view(parts, store.shape[0] // parts, store.shape[1], store.shape[2])[:, :rows]

@@ -18,10 +18,12 @@ REDUCTION_ROWS = 8
 
 
 def realized(x: torch.Tensor) -> torch.Tensor:
-    """x itself, computed into a buffer once when compiled. Inductor otherwise inlines a cheap
-    producer (a norm, an activation) into the reduction that reads it and recomputes it for every
-    weight row; an as_strided view needs real storage, so the producer is realized first. Eager:
-    a free view."""
+    """x's values, computed into a buffer of their own when compiled. Inductor otherwise inlines a
+    cheap producer (a norm, an activation) into the reduction that reads it and recomputes it for
+    every weight row; an as_strided view needs real storage, so its input is realized first. The
+    clone gives as_strided a fresh contiguous base: on a view of another buffer it would address
+    that buffer's storage, which a compiled graph may lay out anew."""
+    x = x.clone(memory_format=torch.contiguous_format)
     return torch.as_strided(x, x.shape, x.stride())
 
 

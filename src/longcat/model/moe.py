@@ -153,9 +153,9 @@ class MoEStats:
     num_tokens: int
 
 
-# Tokens up to which an inference forward (no autograd) runs only the chosen experts, pair by pair
-# with static shapes, instead of sorting the pairs by expert for the grouped GEMM (which on CPU also
-# pays for every one of the N experts, used or not).
+# Tokens up to which a compiled inference forward (no autograd) runs only the chosen experts, pair by
+# pair with static shapes, instead of sorting the pairs by expert for the grouped GEMM (which on CPU
+# also pays for every one of the N experts, used or not).
 GATHER_TOKENS = 64
 
 
@@ -181,8 +181,11 @@ class MoE(nn.Module):
         identity = routing.indices >= self.num_experts
         identity_weight = (routing.weights * identity).sum(-1, keepdim=True)  # (T, 1)
         out = x * identity_weight.to(x.dtype)
-        few = x.shape[0] <= GATHER_TOKENS and not torch.is_grad_enabled()
-        if few and type(self.dispatcher) is LocalDispatcher:
+        T, k = routing.indices.shape
+        # eager, the pairs' weights are gathered into a copy: worth it while that reads no more than
+        # the grouped GEMM's pass over every expert; compiled, the gather fuses into the product loops
+        few = T <= GATHER_TOKENS if torch.compiler.is_compiling() else T * k <= self.num_experts
+        if few and not torch.is_grad_enabled() and type(self.dispatcher) is LocalDispatcher:
             out = out + self.chosen_experts(x, routing)
         else:
             rows, counts, state = self.dispatcher.dispatch(x, routing, self.num_experts)

@@ -35,7 +35,7 @@ from torch.distributed.tensor import DTensor
 
 from ..config import ModelConfig
 from ..model.lm import LongCatForCausalLM, training_losses
-from ..train.engine import LossWeights, StepResult
+from ..model.losses import LossWeights, StepResult
 from .layout import ParallelDims, ParallelLayout, build_mesh, device_type_for, init_distributed
 
 

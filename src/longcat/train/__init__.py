@@ -6,8 +6,12 @@
     LocalEngine / StepEngine     what the Trainer asks of a model (engine.py); ParallelModel is the N-rank one
     save_checkpoint / newest_complete   atomic OUT/checkpoints/step_N/ with a COMPLETE marker
     sample_text                  full-recompute sampling for periodic samples and the demo
+    parity.RunSpec / run_training / reference_run
+                                 the parity harness: a few synthetic steps on a layout under torchrun
+                                 (parity_worker.py on every rank), and the same Trainer in one process
 
-`longcat train` and `longcat demo` (cli.py) wire these to longcat.data.
+`longcat train` and `longcat demo` (cli.py) wire these to longcat.data; `longcat parallel check`
+(parity_cli.py) runs the parity harness.
 """
 
 from .checkpoint import CheckpointSaveError, newest_complete, save_checkpoint

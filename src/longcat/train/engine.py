@@ -14,14 +14,14 @@ checkpoint cadence and summary. Everything that depends on where the model lives
 
 `LocalEngine` is one process (single-process checkpoints: safetensors + optimizer.pt + RNG);
 `longcat.parallel.ParallelModel` is N ranks on a layout (DCP checkpoints). The router-bias rule
-and the loss recipe exist once: `update_router_bias` here and `longcat.model.training_losses`.
+and the loss recipe exist once: `update_router_bias` here and `longcat.model.training_losses`
+(its weights and the step's result: `longcat.model.losses`, which both engines import).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -30,43 +30,8 @@ from torch import nn
 
 from ..config import ConfigError, ModelConfig
 from ..model import training_losses
+from ..model.losses import LossWeights, StepResult
 from . import checkpoint as ckpt
-
-
-@dataclass
-class LossWeights:
-    """Weights of the auxiliary losses (0 = not computed): TrainConfig's mtp_weight, z_loss,
-    balance_loss and indexer_loss_weight."""
-
-    mtp: float = 0.0
-    z_loss: float = 0.0
-    balance: float = 0.0
-    indexer: float = 0.0
-
-    @property
-    def any_aux(self) -> bool:
-        return self.z_loss > 0 or self.balance > 0
-
-    @classmethod
-    def from_train(cls, cfg) -> "LossWeights":
-        return cls(mtp=cfg.mtp_weight, z_loss=cfg.z_loss, balance=cfg.balance_loss, indexer=cfg.indexer_loss_weight)
-
-    def with_mtp(self, config: ModelConfig) -> bool:
-        return self.mtp > 0 and config.mtp_num_layers > 0
-
-    def with_indexer(self, config: ModelConfig) -> bool:
-        return self.indexer > 0 and config.lsa_enabled
-
-
-@dataclass
-class StepResult:
-    losses: dict[str, float]  # global means over all data ranks ("lm", "mtp", ..., "loss_total")
-    counts: torch.Tensor  # (L, N+Z) router slots per entry, summed over all data ranks
-    tokens: int  # tokens in the global batch
-
-    @property
-    def loss_total(self) -> float:
-        return self.losses["loss_total"]
 
 
 class StepEngine(Protocol):

@@ -65,12 +65,12 @@ def register(subparsers) -> None:
 
 def run_check(args) -> int:
     from ..config import parse_overrides, preset
-    from ..errors import UserError
     from ..devices import resolve_device
-    from .engine import LossWeights
-    from .launch import launch
-    from .layout import ParallelLayout
-    from .loop import RunSpec, reference_run
+    from ..errors import UserError
+    from ..model.losses import LossWeights
+    from ..parallel.launch import launch
+    from ..parallel.layout import ParallelLayout
+    from .parity import RunSpec, reference_run
 
     overrides = parse_overrides(args.overrides)
     config = preset(args.preset, **overrides)
@@ -100,7 +100,7 @@ def run_check(args) -> int:
         print(f"layout {layout} on {args.nproc} process(es), preset {args.preset}, "
               f"{args.batch}x{args.seq_len} tokens per step", flush=True)
         try:
-            proc = launch(["-m", "longcat.parallel.worker", spec.to_json()], nproc=args.nproc,
+            proc = launch(["-m", "longcat.train.parity_worker", spec.to_json()], nproc=args.nproc,
                           max_restarts=args.max_restarts, threads_per_rank=args.threads, timeout=args.timeout)
         except subprocess.TimeoutExpired as exc:
             raise UserError(f"the distributed run did not finish: {exc}") from None

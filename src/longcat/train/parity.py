@@ -1,4 +1,4 @@
-"""Short check runs on synthetic data, through the one training loop (`longcat.train.Trainer`).
+"""The parity harness: short runs on synthetic data through the one training loop (`Trainer`).
 
 A `RunSpec` describes a few steps of a preset on a learnable synthetic batch. `run_training(spec)`
 runs it on every rank under torchrun (`longcat parallel check`, the parity tests), with the model
@@ -25,8 +25,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from rich.console import Console
 
 from ..config import ModelConfig, preset
+from ..errors import UserError
+from ..model.losses import LossWeights
+from ..parallel.engine import setup
+from ..parallel.layout import ParallelLayout
+from .checkpoint import newest_complete
+from .config import RunConfig, TrainConfig
+from .trainer import EvalData, Trainer
 
 
 @dataclass
@@ -68,10 +77,8 @@ class RunSpec:
     def model_config(self) -> ModelConfig:
         return preset(self.preset, **self.overrides)
 
-    def run_config(self):
+    def run_config(self) -> RunConfig:
         """The Trainer's RunConfig: constant LR, AdamW, the final checkpoint and held-out eval only."""
-        from ..train.config import RunConfig, TrainConfig
-
         train = TrainConfig(
             seed=self.seed, steps=max(1, self.steps), seq_len=self.seq_len, micro_batch=self.batch, lr=self.lr,
             eps=self.adam_eps, warmup_steps=0, decay_fraction=0.0, grad_clip=self.grad_clip,
@@ -148,12 +155,6 @@ def _say(spec: RunSpec, text: str) -> None:
 
 def _train(spec: RunSpec, out: Path, dims) -> tuple[dict, object]:
     """The Trainer on `dims` (None: this process alone) for spec; returns (summary, trainer)."""
-    from rich.console import Console
-
-    from ..errors import UserError
-    from ..train.checkpoint import newest_complete
-    from ..train.trainer import EvalData, Trainer
-
     if spec.steps < 1 and not spec.load_from:
         raise UserError(f"steps={spec.steps}: train at least 1 step (0 only with load_from, to load and re-save)")
     run = spec.run_config()
@@ -207,12 +208,6 @@ def _train(spec: RunSpec, out: Path, dims) -> tuple[dict, object]:
 
 def run_training(spec: RunSpec) -> dict:
     """Train `spec.steps` steps on the layout `spec.layout` (call on every rank under torchrun)."""
-    import torch.distributed as dist
-
-    from ..train.engine import LossWeights
-    from .engine import setup
-    from .layout import ParallelLayout
-
     torch.set_num_threads(spec.threads)
     run = spec.run_config()
     layout = ParallelLayout.parse(spec.layout)

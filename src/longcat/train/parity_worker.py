@@ -1,6 +1,6 @@
-"""What torchrun runs on every rank: `python -m longcat.parallel.worker '<RunSpec JSON>'`.
+"""What torchrun runs on every rank: `python -m longcat.train.parity_worker '<RunSpec JSON>'`.
 
-Each spec runs through `longcat.train.Trainer` on its layout (`longcat.parallel.loop.run_training`).
+Each spec runs through `longcat.train.Trainer` on its layout (`longcat.train.parity.run_training`).
 The argument may also be a JSON list of specs: they run one after the other in the same process
 group (each with its own mesh), which saves process start-up time in tests.
 """
@@ -12,14 +12,14 @@ import sys
 
 import torch.distributed as dist
 
-from .layout import shutdown_distributed
-from .loop import RunSpec, run_training
+from ..parallel.layout import shutdown_distributed
+from .parity import RunSpec, run_training
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m longcat.parallel.worker '<RunSpec JSON or JSON list>'", file=sys.stderr)
+        print("usage: python -m longcat.train.parity_worker '<RunSpec JSON or JSON list>'", file=sys.stderr)
         return 2
     data = json.loads(argv[0])
     specs = [RunSpec(**d) for d in (data if isinstance(data, list) else [data])]
