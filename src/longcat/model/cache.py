@@ -50,11 +50,6 @@ class LatentCache:
         self.allocated_rows = self._c.shape[0] // num_sublayers
         self.rows = rows
         self._span = span
-        # each allocation's row count from its own size: a compiled step then relates no two sizes
-        # (a relation between them would specialise one to a constant)
-        self.c_kv = _rows(self._c, num_sublayers, rows)  # (sublayers, rows, max_len, kv)
-        self.k_rope = _rows(self._r, num_sublayers, rows)
-        self.index_k = None if self._i is None else _rows(self._i, config.num_layers, rows)
 
     @classmethod
     def over(cls, config: ModelConfig, storage: tuple, rows: int, span, num_sublayers: int) -> "LatentCache":
@@ -64,6 +59,21 @@ class LatentCache:
         view._setup(config, num_sublayers, storage, rows, span)
         view.lengths = None
         return view
+
+    # Views (sublayers, rows, max_len, d) of the first rows. Properties, so that a compiled step,
+    # which only writes and slices, never reshapes by the allocation's row count: that would make it
+    # a size, which torch.compile specialises when it is 1.
+    @property
+    def c_kv(self) -> torch.Tensor:
+        return _rows(self._c, self.num_sublayers, self.rows)
+
+    @property
+    def k_rope(self) -> torch.Tensor:
+        return _rows(self._r, self.num_sublayers, self.rows)
+
+    @property
+    def index_k(self) -> torch.Tensor | None:
+        return None if self._i is None else _rows(self._i, self.config.num_layers, self.rows)
 
     def storage(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The allocations (sublayers * allocated rows, max_len, d) of c_kv, k_rope, index keys."""
@@ -98,6 +108,7 @@ class LatentCache:
         """store[index] (rows, max_len, d) <- values (B, T, d) at positions (B|1, T); returns
         store[index][:, :span] (B, S, d)."""
         B, T, _ = values.shape
+        # sliced by the allocation's rows, never reshaped (see the views above)
         R = store.shape[0] // (self.num_sublayers if store is not self._i else self.config.num_layers)
         at = (index * R + torch.arange(B, device=values.device)).unsqueeze(1)  # (B, 1) rows of the allocation
         store.index_put_((at, positions.expand(B, T)), values.to(store.dtype))
