@@ -26,6 +26,7 @@ tokens in flight.
 from __future__ import annotations
 
 import mmap
+import re
 
 import torch
 
@@ -51,7 +52,14 @@ def _skip_model_guards(entries) -> list[bool]:
     are inputs of the graph, read on every call (in-place updates and replaced tensors are seen),
     and the engine checks their dtype and device once per generation (`DecodeStep.prepare`); one
     compiled function serves one model. Checking them on every step would cost a guard per weight."""
-    return [not e.name.startswith("L['model']") for e in entries]
+    return [_root(e.name) != "model" for e in entries]
+
+
+def _root(name: str) -> str:
+    """The local a guard's source starts from: "model._modules['layers']" and "type(model)" -> "model"."""
+    while name.startswith(("type(", "dict(")):
+        name = name[5:]
+    return re.split(r"[.\[)]", name, maxsplit=1)[0]
 
 
 def _decode(model, ids, positions, history, storage, span, num_sublayers: int, last_only: bool):
