@@ -132,11 +132,11 @@ class MLA(nn.Module):
         `keep` is the selection computed by sublayer 0 of the same layer (reused by sublayer 1).
         """
         B, T, _ = x.shape
-        q_latent = self.q_a_layernorm(linear(x, self.q_a_proj.weight))  # (B, T, q_lora)
-        q = linear(q_latent, self.q_b_proj.weight).view(B, T, self.n_heads, self.nope + self.rope)
+        q_latent = self.q_a_layernorm(linear(x, self.q_a_proj))  # (B, T, q_lora)
+        q = linear(q_latent, self.q_b_proj).view(B, T, self.n_heads, self.nope + self.rope)
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
         q_rope = apply_rope(q_rope, ctx.cos, ctx.sin)
-        c_kv, k_rope = linear(x, self.kv_a_proj_with_mqa.weight).split([self.kv_lora, self.rope], dim=-1)
+        c_kv, k_rope = linear(x, self.kv_a_proj_with_mqa).split([self.kv_lora, self.rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv) * self.kv_scale  # (B, T, kv_lora)
         k_rope = apply_rope(k_rope, ctx.cos, ctx.sin)  # (B, T, rope)
 
@@ -158,7 +158,7 @@ class MLA(nn.Module):
         else:
             mask = causal if keep is None else keep
             out = self._absorbed_path(q_nope, q_rope, c_kv_all, k_rope_all, mask)
-        return linear(out.reshape(B, T, -1), self.o_proj.weight), keep, index_loss
+        return linear(out.reshape(B, T, -1), self.o_proj), keep, index_loss
 
     # ------------------------------------------------------------------------------------------
     def _dense_path(self, q_nope, q_rope, c_kv, k_rope, keep):

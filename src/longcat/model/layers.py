@@ -27,9 +27,13 @@ def realized(x: torch.Tensor) -> torch.Tensor:
     return torch.as_strided(x, x.shape, x.stride())
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor | nn.Linear) -> torch.Tensor:
     """x @ w.T: w (out, in) with x (..., in) -> (..., out); or grouped, w (G, out, in) with
     x (G, N, in) -> (G, N, out) (group g's rows times group g's matrix).
+
+    Given an `nn.Linear`, the module itself is called except on the few-row compiled path below:
+    tensor parallelism (DTensor `parallelize_module`) works through the module's forward hooks,
+    which reading `.weight` would bypass.
 
     Eager this is F.linear / bmm. Compiled for a CPU with few rows per weight matrix (decode), it
     is written as a multiply-and-sum, which inductor generates as one vectorised loop that streams
@@ -37,10 +41,15 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     the (out, in) layout streams weights well below memory bandwidth, and a decode step is mostly
     weight streaming.
     """
+    module = w if isinstance(w, nn.Module) else None
+    if module is not None:
+        w = module.weight
     grouped = w.dim() == 3
     rows = x.shape[-2] if grouped else x.numel() // x.shape[-1]
     few = torch.compiler.is_compiling() and x.device.type == "cpu" and isinstance(rows, int) and rows <= REDUCTION_ROWS
     if not few:
+        if module is not None:
+            return module(x)
         return torch.bmm(x, w.transpose(1, 2)) if grouped else F.linear(x, w)
     if grouped:
         return (w.unsqueeze(1) * realized(x).unsqueeze(2)).sum(-1)  # (G, N, out)
@@ -78,8 +87,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.gate_proj.weight), linear(x, self.up_proj.weight)
-        return linear(F.silu(gate) * up, self.down_proj.weight)
+        gate, up = linear(x, self.gate_proj), linear(x, self.up_proj)
+        return linear(F.silu(gate) * up, self.down_proj)
 
 
 def rope_inv_freq(config: ModelConfig, dim: int) -> tuple[torch.Tensor, float]:

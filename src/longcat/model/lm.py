@@ -62,7 +62,7 @@ class MTPLayer(nn.Module):
 
     def forward(self, emb: torch.Tensor, h: torch.Tensor, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
         """emb, h (B, T, H) aligned (emb of the token d steps ahead) -> (hidden, normed hidden)."""
-        h = linear(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1), self.eh_proj.weight)
+        h = linear(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1), self.eh_proj)
         attn, _, _ = self.self_attn(self.input_layernorm(h), ctx, self.sublayer)
         h = h + attn
         h = h + self.mlp(self.post_attention_layernorm(h))
@@ -205,7 +205,7 @@ class LongCatForCausalLM(nn.Module):
             if il is not None:
                 index_losses.append(il)
         normed = self.norm(h)
-        logits = linear(normed[:, -logits_to_keep:] if logits_to_keep else normed, self.lm_head.weight)
+        logits = linear(normed[:, -logits_to_keep:] if logits_to_keep else normed, self.lm_head)
 
         mtp_logits = []
         if mtp and self.mtp:
@@ -216,7 +216,7 @@ class LongCatForCausalLM(nn.Module):
                 # position t of depth d reads the embedding of x[t+d] and predicts x[t+d+1]
                 sub = AttentionContext(cos[..., : T - d, :], sin[..., : T - d, :], positions[..., : T - d], cache, ctx.sparse)
                 prev, normed_d = head(emb[:, d:], prev[:, : T - d], sub)
-                mtp_logits.append(linear(normed_d, self.lm_head.weight))
+                mtp_logits.append(linear(normed_d, self.lm_head))
 
         slot, base = self._active_counts()
         router = RouterStats(
@@ -273,7 +273,7 @@ class LongCatForCausalLM(nn.Module):
 
     def head(self, normed: torch.Tensor) -> torch.Tensor:
         """The output head: normed hidden states (..., H) -> logits (..., V)."""
-        return linear(normed, self.lm_head.weight)
+        return linear(normed, self.lm_head)
 
 
 def lm_losses(output: CausalLMOutput, labels: torch.Tensor, ignore_index: int = -100) -> dict[str, torch.Tensor]:
