@@ -168,6 +168,27 @@ def test_compiled_speculative_decoding_equals_plain(tiny):
 
 
 @needs_compiler
+def test_fused_greedy_speculative_step_equals_plain(tiny):
+    """All-greedy rows in the steady state run draft chain and verify as one graph (3 drafts over
+    2 MTP heads: the last head runs on); rows leave at different steps, a context passes
+    index_topk (the step falls back to the separate, eager calls), and the tokens equal plain
+    greedy decoding."""
+    prompts = _prompts([10, 5], seed=7)
+    params = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in (16, 7)]
+    engine = Engine(tiny, compile=True, speculative=3)
+    calls, graph = [0], engine.runner._speculate
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return graph(*args, **kwargs)
+
+    engine.runner._speculate = counted
+    spec = engine.generate(prompts, params)
+    assert calls[0] > 0
+    assert [r.token_ids for r in spec] == [r.token_ids for r in Engine(tiny).generate(prompts, params)]
+
+
+@needs_compiler
 def test_compiled_step_reads_the_models_current_weights(tiny):
     """The weights are inputs of the graphs: in-place updates and replaced tensors are seen at the
     next step; a model moved to another dtype after compiling is refused with a message."""

@@ -471,6 +471,10 @@ class _Generation:
     # --- one decode step ------------------------------------------------------------------------
     def _step(self):
         batch, sampler, k = self.batch, self.sampler, self.k
+        if k and self.fast_greedy:
+            fused = self.drafter.greedy_step(batch)
+            if fused is not None:
+                return self._accept_greedy(*fused)
         drafts = q = None
         if k:
             drafts, q = self.drafter.draft(batch, sampler)
@@ -502,10 +506,32 @@ class _Generation:
         counts = (accepted + 1).tolist()
         return self._finish_step(emitted, counts, raw, accepted.tolist())
 
-    def _finish_step(self, emitted: torch.Tensor, counts, raw: torch.Tensor, accepted):
-        """Host side: commit tokens to each sequence, check stops; returns (sequence, tokens, text)."""
+    @property
+    def fast_greedy(self) -> bool:
+        """Whether a speculative step may skip the sampler: every row greedy, and nothing read from
+        the logits but their argmax (no penalties, no logprobs)."""
+        s = self.sampler
+        return s.all_greedy and not s.any_penalty and s.max_logprobs is None
+
+    def _accept_greedy(self, drafts: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor):
+        """Greedy acceptance of a fused speculative step (`MTPDrafter.greedy_step`), with one
+        device-to-host transfer for the whole batch."""
+        batch = self.batch
+        accepted = greedy_accept(targets, drafts)
+        following = targets.gather(1, accepted.unsqueeze(1))
+        # emitted tokens: drafts[:a] then `following`; the slots after it are rewritten before use
+        emitted = torch.cat([drafts, following], 1).scatter_(1, accepted.unsqueeze(1), following)
+        batch.tokens.scatter_(1, positions + 1, emitted)
+        batch.n += accepted + 1
+        rows = torch.cat([emitted, accepted.unsqueeze(1)], 1).tolist()
+        return self._finish_step(emitted, [r[-1] + 1 for r in rows], None, [r[-1] for r in rows],
+                                 ids=[r[:-1] for r in rows])
+
+    def _finish_step(self, emitted: torch.Tensor, counts, raw: torch.Tensor | None, accepted, ids=None):
+        """Host side: commit tokens to each sequence, check stops; returns (sequence, tokens, text).
+        ids: emitted as lists, where the caller has them already."""
         now = time.perf_counter()
-        ids = emitted.tolist()
+        ids = emitted.tolist() if ids is None else ids
         lp = None
         if self.sampler.max_logprobs is not None:
             chosen, values, top_ids = top_logprobs(raw, emitted, self.sampler.max_logprobs)

@@ -174,6 +174,32 @@ class MTPDrafter:
         q_all = None if probs[0] is None else torch.stack(probs, 1)
         return torch.stack(drafts, 1), q_all
 
+    def greedy_step(self, batch: DecodeBatch):
+        """Draft and verify in one compiled graph, for a batch of greedy rows in the steady state
+        (every depth's frontier within the window W = k + D, and n >= W); None where that does not
+        apply (the caller runs `draft` and the verify separately). Stores the hidden states and
+        advances the frontiers as `draft` and the engine do; writes no tokens.
+
+        Returns (drafts (B, k), argmax targets of the verify (B, k+1), verify positions (B, k+1)).
+        """
+        n = batch.n
+        W = self.k + self.depths
+        width, shortest, top = torch.stack([(n - self.frontier).max(), n.min(), n.max()]).tolist()
+        if not (width <= W <= shortest) or not self.runner.fuses_speculation(batch.size, self.k, W, top + self.k + 1):
+            return None
+        H = self.hidden.shape[-1]
+        positions = (n - W).unsqueeze(1) + torch.arange(W + self.k + 1, device=n.device)  # n-W .. n+k
+        gather = positions[:, :W].unsqueeze(-1).expand(-1, -1, H)
+        seq = token_history(batch.tokens, n + 1, W + 1 + self.history)  # n-W-history .. n
+        drafts, targets, hidden, deeper = self.runner.speculate_greedy(
+            seq, self.hidden[0].gather(1, gather), positions, batch.cache, self.depths, self.k, self.history)
+        for d in range(1, self.depths):
+            self.hidden[d].scatter_(1, gather, deeper[d - 1])
+        verify = positions[:, W:]
+        self.store_main_hidden(verify, hidden)
+        self.frontier.copy_((n - torch.arange(self.depths, device=n.device).unsqueeze(1)).clamp_min(0))
+        return drafts, targets, verify
+
     def _draft_window(self, d: int, batch: DecodeBatch, width: int):
         """Depth d over a window of `width` positions per row ending at n-1 (the first draft after a
         prefill: the whole prompt, in chunks) -> (hidden, logits) at position n-1 (B, H), (B, V)."""

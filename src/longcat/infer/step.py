@@ -73,6 +73,38 @@ def _draft(model, depth: int, ids, prev, positions, history, storage, span, num_
     return h, model.head(normed[:, -1])
 
 
+def _speculate_greedy(model, seq, prev, positions, storage, span, num_sublayers: int, depths: int, k: int,
+                      history: int):
+    """A whole greedy speculative step in one graph: the draft chain (MTPDrafter.draft's steady
+    state, argmax between drafts) and the verify forward over [x[n], drafts], -> (drafts (B, k),
+    argmax targets (B, k+1), verify pre-norm hidden (B, k+1, H), hidden of depths 1..depths-1
+    over the window (depths-1, B, W, H)). seq (B, history+W+1): the committed tokens at positions
+    n-W-history..n; prev (B, W, H): the main model's hidden at n-W..n-1; positions (B, W+k+1):
+    n-W..n+k. The drafts extend seq, so a head's ids and n-gram history index one row."""
+    B, W = prev.shape[0], prev.shape[1]
+    cache = LatentCache.over(model.config, storage, B, span.shape[0], num_sublayers)
+    window = positions[:, :W]
+    e, h, kept = seq, prev, []
+    for d in range(1, depths + 1):
+        grams = e[:, d : d + history] if history else None
+        h, normed = model.decode_mtp(d, e[:, history + d : history + d + W], h, window, cache, grams)
+        kept.append(h)
+        e = torch.cat([e, model.head(normed[:, -1]).argmax(-1, keepdim=True)], 1)
+    last = h[:, -1:]
+    # more drafts than heads: the last head runs on, its output standing in for the hidden state
+    for j in range(depths + 1, k + 1):
+        at = W + history + j - 1  # the column of position n+j-1 in e
+        grams = e[:, at - history : at] if history else None
+        at_pos = positions[:, W + j - depths - 1 : W + j - depths]
+        last, normed = model.decode_mtp(depths, e[:, at : at + 1], last, at_pos, cache, grams)
+        e = torch.cat([e, model.head(normed[:, -1]).argmax(-1, keepdim=True)], 1)
+    at = W + history  # the column of x[n]
+    grams = e[:, W:at] if history else None
+    logits, hidden = model.decode(e[:, at : at + k + 1], positions[:, W:], cache, grams, last_only=False)
+    deeper = torch.stack(kept[:-1]) if depths > 1 else h.new_zeros(0, *h.shape)
+    return e[:, at + 1 :], logits.argmax(-1), hidden, deeper
+
+
 class DecodeStep:
     """What the engine calls for decode steps: `forward` (the main model) and `draft` (an MTP head
     and the output head), eagerly (`compile=False`) or through torch.compile'd graphs of the same
@@ -88,6 +120,7 @@ class DecodeStep:
             options = dict(INDUCTOR_OPTIONS, guard_filter_fn=_skip_model_guards)
             self._decode = torch.compile(_decode, fullgraph=True, options=options)
             self._draft = torch.compile(_draft, fullgraph=True, options=options)
+            self._speculate = torch.compile(_speculate_greedy, fullgraph=True, options=options)
             if next(model.parameters()).device.type == "cpu":
                 huge_page_weights(model)
             self._weights = self._signature()
@@ -157,6 +190,24 @@ class DecodeStep:
             cache, self.rows_for(B, cache), ids, prev, positions, history)
         h, logits = self._draft(self.model, depth, ids, prev, positions, history, storage, span, n)
         return h[:B], logits[:B]
+
+    def fuses_speculation(self, rows: int, k: int, window: int, span: int) -> bool:
+        """Whether `speculate_greedy` runs as one graph for `rows` rows, k drafts, an MTP window of
+        `window` positions and a verify span of `span` positions."""
+        return window <= MTP_WINDOW and self._applies(rows * max(window, k + 1), span)
+
+    def speculate_greedy(self, seq, prev, positions, cache: LatentCache, depths: int, k: int, history: int):
+        """A greedy speculative step as one compiled graph (`_speculate_greedy`: one dispatch
+        instead of one per draft plus the verify, and argmax on the graph's side); the caller checks
+        `fuses_speculation` first. -> (drafts (B, k), targets (B, k+1), verify hidden (B, k+1, H),
+        hidden of the lower MTP depths (depths-1, B, W, H))."""
+        cache.begin(positions)
+        B = seq.shape[0]
+        (seq, prev, positions), storage, span, n = self._graph_inputs(cache, self.rows_for(B, cache), seq, prev,
+                                                                      positions)
+        drafts, targets, hidden, deeper = self._speculate(self.model, seq, prev, positions, storage, span, n,
+                                                          depths, k, history)
+        return drafts[:B], targets[:B], hidden[:B], deeper[:, :B]
 
     def mtp(self, depth: int, ids, prev, positions, cache: LatentCache, history=None):
         """MTP head `depth` over any window (the first draft after a prefill), eagerly -> (hidden,
