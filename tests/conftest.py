@@ -1,6 +1,7 @@
 """Test-wide settings."""
 
 import os
+import random
 
 import pytest
 import torch
@@ -22,3 +23,14 @@ def _isolated_user_folders(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small plain-text corpus (400 lines of a 20-word vocabulary) for end-to-end training runs;
+    test modules that need another shape of data define their own `corpus`."""
+    rng = random.Random(0)
+    words = "the cat sat on a mat and dog ran far away with big red ball while sun shone over hills".split()
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(8, 30))) for _ in range(400)))
+    return path

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 import subprocess
 import sys
@@ -29,15 +28,6 @@ COMMON = ["--preset", "tiny", "--steps", "2", "--set", "train.seq_len=32", "--se
           "--threads", "1", "--no-progress", "--peak-tflops", "1"]
 # What transformers' LongcatFlashForCausalLM can read: no n-grams, no sparse attention, no MTP heads.
 PLAIN = ["--set", "model.oe_vocab_size_ratio=0", "--set", "model.index_n_heads=0", "--set", "model.mtp_num_layers=0"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    rng = random.Random(0)
-    words = "the cat sat on a mat and dog ran far away with big red ball while sun shone over hills".split()
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(8, 30))) for _ in range(400)))
-    return path
 
 
 def _train(corpus: Path, out: Path, layout: str, *extra: str) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import subprocess
 import sys
 
@@ -16,15 +15,6 @@ from longcat.cli import main
 COMMON = ["--preset", "tiny", "--steps", "6", "--set", "train.seq_len=32", "--set", "train.micro_batch=4",
           "--set", "train.precision=fp32", "--set", "train.device=cpu", "--threads", "1", "--no-progress",
           "--peak-tflops", "1"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    rng = random.Random(0)
-    words = "the cat sat on a mat and dog ran far away with big red ball while sun shone over hills".split()
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(8, 30))) for _ in range(400)))
-    return path
 
 
 def _train_losses(out):
