@@ -6,16 +6,23 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench-model bench-infer bench-plan clean
+.PHONY: venv lock demo test test-fast bench-model bench-infer bench-plan clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev,plot]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,plot]"
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+# Re-resolve the dependencies to their newest releases and record them in constraints.txt.
+lock: $(STAMP)
+	printf '%s\n' "$(TORCH)" > $(VENV)/torch-pin.txt
+	$(BIN)/pip install -q --upgrade --upgrade-strategy eager -c $(VENV)/torch-pin.txt -e ".[dev,plot]"
+	{ sed -n '1,2p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v -E '^(torch|longcat)=='; } > constraints.tmp
+	mv constraints.tmp constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/longcat demo

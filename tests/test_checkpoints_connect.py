@@ -130,7 +130,10 @@ def test_generate_from_run_directory(which, request, capsys):
 def test_convert_run_to_hf_transformers_same_logits(fsdp_run, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "hf"
-    assert main(["convert", str(fsdp_run), "--to", "hf", str(out)]) == 0
+    from longcat.reference import transformers_wants_identity_rows
+
+    rows = ["--identity-expert-rows"] if transformers_wants_identity_rows() else []
+    assert main(["convert", str(fsdp_run), "--to", "hf", str(out), *rows]) == 0
     assert "step_00000002" in capsys.readouterr().out
     assert (out / "tokenizer.json").is_file() and runs.classify(out) == runs.HF_MODEL
     with warnings.catch_warnings():

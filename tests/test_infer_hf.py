@@ -20,6 +20,8 @@ from longcat.model import build_model
 transformers = pytest.importorskip("transformers")
 from transformers import LongcatFlashForCausalLM  # noqa: E402
 
+from longcat.reference import transformers_wants_identity_rows  # noqa: E402
+
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -36,7 +38,7 @@ def test_greedy_continuations_equal_transformers_generate(tmp_path):
         model.lm_head.weight.mul_(4.0)
         for layer in model.layers:  # a non-zero router bias: selection != plain top-k of probs
             layer.mlp.router.e_score_correction_bias.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(1))
-    save_hf(model, tmp_path)
+    save_hf(model, tmp_path, identity_expert_rows=transformers_wants_identity_rows())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = LongcatFlashForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()

@@ -20,6 +20,11 @@ from longcat.model import build_model
 transformers = pytest.importorskip("transformers")
 from transformers import LongcatFlashForCausalLM  # noqa: E402
 
+from longcat.reference import transformers_wants_identity_rows  # noqa: E402
+
+# transformers 5.0-5.24 wants zero gate/up rows for the identity experts; 5.25+ the published layout
+IDENTITY_ROWS = transformers_wants_identity_rows()
+
 # No n-grams / LSA / MTP: transformers' LongcatFlash has none of them.
 BASE = dict(oe_vocab_size_ratio=0.0, index_n_heads=0, mtp_num_layers=0)
 
@@ -54,7 +59,7 @@ def _reference(path):
 @pytest.mark.parametrize("case", list(CASES))
 def test_we_save_transformers_loads(case, tmp_path):
     model = _model(case)
-    save_hf(model, tmp_path)
+    save_hf(model, tmp_path, identity_expert_rows=IDENTITY_ROWS)
     ref, info = _reference(tmp_path)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     if model.config.yarn_enabled:
@@ -70,17 +75,17 @@ def test_we_save_transformers_loads(case, tmp_path):
 def test_transformers_saves_we_load(case, tmp_path):
     # Random reference weights, built by transformers itself from our config.json.
     src = _model(case, seed=3)
-    save_hf(src, tmp_path / "seed")
+    save_hf(src, tmp_path / "seed", identity_expert_rows=IDENTITY_ROWS)
     ref, _ = _reference(tmp_path / "seed")
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.01)  # weights nobody but transformers has seen
     ref.save_pretrained(tmp_path / "hf")
-    # transformers writes the N+Z trap: gate/up rows for identity experts, no down_proj for them
+    # transformers 5.0-5.24 writes the N+Z trap: gate/up rows for identity experts, no down_proj for them
     keys = SafetensorsDir(tmp_path / "hf").keys()
     N, Z = src.config.n_routed_experts, src.config.zero_expert_num
     if Z:
-        assert f"model.layers.0.mlp.experts.{N}.gate_proj.weight" in keys
+        assert (f"model.layers.0.mlp.experts.{N}.gate_proj.weight" in keys) == IDENTITY_ROWS
         assert f"model.layers.0.mlp.experts.{N}.down_proj.weight" not in keys
     ours = load(tmp_path / "hf")
     x = torch.randint(0, src.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(2))
@@ -88,20 +93,26 @@ def test_transformers_saves_we_load(case, tmp_path):
         assert (ours(x).logits - ref(x).logits).abs().max().item() < 1e-5
 
 
-def test_reference_layout_without_identity_rows_roundtrips(tmp_path):
+def test_published_layout_and_identity_rows_layout_both_roundtrip(tmp_path):
     model = _model("zero-experts-yarn")
-    save_hf(model, tmp_path, identity_expert_rows=False)
-    keys = SafetensorsDir(tmp_path).keys()
-    assert not any(".experts.8." in k for k in keys)  # N = 8 real experts only
-    again = load(tmp_path)
+    N = model.config.n_routed_experts
+    save_hf(model, tmp_path / "published")
+    keys = SafetensorsDir(tmp_path / "published").keys()
+    assert not any(f".experts.{N}." in k for k in keys)  # the N real experts only
+    save_hf(model, tmp_path / "rows", identity_expert_rows=True)  # what transformers 5.0-5.24 writes
+    keys = SafetensorsDir(tmp_path / "rows").keys()
+    assert f"model.layers.0.mlp.experts.{N}.gate_proj.weight" in keys
+    assert f"model.layers.0.mlp.experts.{N}.down_proj.weight" not in keys
     x = torch.randint(0, model.config.vocab_size, (1, 16))
     with torch.no_grad():
-        assert torch.equal(model(x).logits, again(x).logits)
+        expected = model(x).logits
+        for folder in ("published", "rows"):
+            assert torch.equal(expected, load(tmp_path / folder)(x).logits), folder
 
 
 def test_sharded_checkpoint_with_index(tmp_path):
     model = _model("no-zero-experts")
-    save_hf(model, tmp_path, max_shard_bytes=200_000)
+    save_hf(model, tmp_path, max_shard_bytes=200_000, identity_expert_rows=IDENTITY_ROWS)
     assert (tmp_path / "model.safetensors.index.json").exists()
     assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
     ref, info = _reference(tmp_path)

@@ -15,6 +15,16 @@ from .interop.hf import save_hf
 from .model import LongCatForCausalLM
 
 
+def transformers_wants_identity_rows() -> bool:
+    """Whether the installed transformers sizes LongcatFlash's gate_up_proj with N+Z rows (5.0-5.24)."""
+    from transformers import LongcatFlashConfig
+    from transformers.models.longcat_flash.modeling_longcat_flash import LongcatFlashExperts
+
+    config = LongcatFlashConfig(hidden_size=4, expert_ffn_hidden_size=2, n_routed_experts=2, zero_expert_num=1)
+    with torch.device("meta"):
+        return LongcatFlashExperts(config).gate_up_proj.shape[0] > 2
+
+
 def transformers_reference(model: LongCatForCausalLM, log=print):
     """The same weights in transformers' LongcatFlashForCausalLM (fp32), or None without transformers.
 
@@ -28,8 +38,8 @@ def transformers_reference(model: LongCatForCausalLM, log=print):
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # transformers warns about config keys it does not use; the weights are what matter here
         warnings.simplefilter("ignore")
-        save_hf(model, tmp)
+        save_hf(model, tmp, identity_expert_rows=transformers_wants_identity_rows())
         return LongcatFlashForCausalLM.from_pretrained(tmp, dtype=torch.float32)
 
 
-__all__ = ["transformers_reference"]
+__all__ = ["transformers_reference", "transformers_wants_identity_rows"]

@@ -34,9 +34,10 @@ def register(subparsers) -> None:
                    help="write into a non-empty OUT, replacing the weights, config.json and tokenizer.json there")
     p.add_argument("--dtype", default=None, metavar="DTYPE",
                    help=f"cast floating-point weights: {', '.join(DTYPES)} (default: as stored; the router stays fp32)")
-    p.add_argument("--no-identity-expert-rows", action="store_true",
-                   help="--to hf: write only the real experts' gate/up rows (Meituan's original layout); by "
-                        "default zero rows for the identity experts are added, which transformers 5.x requires")
+    p.add_argument("--identity-expert-rows", action="store_true",
+                   help="--to hf: also write zero gate/up rows for the identity experts, which transformers "
+                        "5.0-5.24 requires; by default only the real experts are written (Meituan's published "
+                        "layout, read by transformers >= 5.25)")
     p.set_defaults(func=run)
 
 
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     if args.to == "hf":
         from .hf import save_hf
 
-        save_hf(model, out, identity_expert_rows=not args.no_identity_expert_rows, tokenizer_json=tokenizer_json)
+        save_hf(model, out, identity_expert_rows=args.identity_expert_rows, tokenizer_json=tokenizer_json)
     else:
         from .native import save_model
 

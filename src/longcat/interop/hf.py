@@ -8,10 +8,11 @@ Name mapping (ours -> HF) is a prefix `model.` for everything but `lm_head`, exc
   embedders.{b}` / `.post_projs.{b}` and `model.ngram_embeddings.word_embeddings`).
 - MTP: ours `mtp.{d}.*`, on disk `model.mtp.layers.{d}.*`.
 
-The N+Z-rows trap (DESIGN §2.9): transformers 5.x sizes its fused gate_up_proj with N+Z rows, so
-what it saves carries gate/up keys for the Z identity experts (and no down_proj for them), and it
-expects them when loading. We ignore those rows when reading, and write zero rows for them when
-the target is transformers (`identity_expert_rows=True`, the default).
+The N+Z-rows trap (DESIGN §2.9): transformers 5.0-5.24 sized its fused gate_up_proj with N+Z rows,
+so what those versions save carries gate/up keys for the Z identity experts (and no down_proj for
+them), and they expect them when loading; 5.25 and later use N rows, as Meituan published. We
+ignore such rows when reading, and write them only when asked (`identity_expert_rows=True`,
+`longcat convert --identity-expert-rows`, or `reference.transformers_wants_identity_rows()`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ _NGRAM_PROJ = [re.compile(r"^model\.oe_embed_proj(\d+)\.weight$"),
 # ours -> HF
 
 
-def hf_tensors(model: LongCatForCausalLM, *, identity_expert_rows: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_tensors(model: LongCatForCausalLM, *, identity_expert_rows: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, tensor) for every weight of `model`."""
     c = model.config
     for name, t in model.state_dict().items():
@@ -79,14 +80,15 @@ def save_hf(
     model: LongCatForCausalLM,
     path: str | os.PathLike,
     *,
-    identity_expert_rows: bool = True,
+    identity_expert_rows: bool = False,
     max_shard_bytes: int = 5 * 2**30,
     tokenizer_json: str | None = None,
 ) -> Path:
     """Write config.json + safetensors in the HF LongcatFlash layout (one key per expert).
 
-    `identity_expert_rows=True` writes the zero gate/up rows transformers 5.x expects for the
-    identity experts; False writes only the N real experts (the original Meituan layout).
+    By default only the N real experts are written (Meituan's published layout, which transformers
+    >= 5.25 reads); `identity_expert_rows=True` adds the zero gate/up rows of the Z identity experts
+    that transformers 5.0-5.24 requires.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
