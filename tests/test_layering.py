@@ -18,7 +18,7 @@ import longcat
 ROOT = Path(longcat.__file__).parent
 
 # Shared low-level modules: any layer from interop/ up may use them.
-LOW = {"errors", "config", "devices", "catalog", "data"}
+LOW = {"errors", "config", "devices", "catalog", "data", "telemetry"}
 MIDDLE = {"train", "infer", "parallel", "reference"}
 
 # What each top-level package or module of longcat may import from the rest of longcat. "longcat"
@@ -29,6 +29,8 @@ ALLOWED: dict[str, set[str]] = {
     "catalog": set(),
     "config": {"errors"},
     "devices": {"errors", "config"},
+    # the sampler of process/device counters that train, infer, serve and bench record
+    "telemetry": {"errors", "devices"},
     "data": {"errors", "config"},
     "model": {"errors", "config"},
     "interop": {"model", *LOW},
@@ -38,12 +40,18 @@ ALLOWED: dict[str, set[str]] = {
     "train": {"parallel", "model", "interop", "longcat", *LOW},
     "infer": {"model", "interop", "longcat", *LOW},
     "reference": {"model", "interop", "longcat", *LOW},
+    # tiny checkpoints in the published layouts, written for tests and examples
+    "testing": {"model", "interop", "longcat", *LOW},
+    # the HTTP server runs the inference engine (and a parallel one with --nproc)
+    "serve": {"infer", "parallel", "model", "interop", "longcat", *LOW},
+    # evaluations run the engine over generated tasks
+    "eval": {"infer", "parallel", "model", "interop", "longcat", *LOW},
     # bench/ measures the planner against real runs: bench -> plan, never plan -> bench
     "plan": {*MIDDLE, "model", "interop", "longcat", *LOW},
-    "bench": {"plan", *MIDDLE, "model", "interop", "longcat", *LOW},
-    "info": {*MIDDLE, "model", "interop", "longcat", *LOW},
-    "cli": {"bench", "plan", "info", *MIDDLE, "model", "interop", "longcat", *LOW},
-    "__main__": {"cli", "bench", "plan", "info", *MIDDLE, "model", "interop", "longcat", *LOW},
+    "bench": {"plan", "serve", "eval", *MIDDLE, "model", "interop", "longcat", *LOW},
+    "info": {"plan", *MIDDLE, "model", "interop", "longcat", *LOW},
+    "cli": {"bench", "plan", "info", "serve", "eval", *MIDDLE, "model", "interop", "longcat", *LOW},
+    "__main__": {"cli", "bench", "plan", "info", "serve", "eval", *MIDDLE, "model", "interop", "longcat", *LOW},
 }
 
 # model/ is pure PyTorch: no process groups, no files, no network, no other model libraries.

@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "longcat.train.cli",
     "longcat.data.cli",
     "longcat.infer.cli",
+    "longcat.serve.cli",
     "longcat.interop.cli",
     "longcat.bench.cli",
     "longcat.plan.cli",

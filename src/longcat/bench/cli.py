@@ -215,3 +215,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.set_defaults(func=run_model)
     _register_infer(bench)
     _register_plan(bench)
+    # `bench serve` (load generator against any OpenAI-compatible URL)
+    from .serve_load import register as register_serve
+
+    register_serve(bench)
+    # the validation toolkit: `bench run|oom|numerics|compare`
+    from .toolkit_cli import register as register_toolkit
+
+    register_toolkit(bench)

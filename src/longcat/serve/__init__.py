@@ -1,0 +1,1 @@
+"""`longcat serve`: an OpenAI-compatible HTTP server over the inference engine."""
