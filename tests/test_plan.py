@@ -209,7 +209,7 @@ def test_layout_parsing_and_checks():
 def test_serving_memory_and_context():
     arch = load_architecture("longcat2")
     hw = load_hardware("ascend-910c")
-    plan = serve_plan(ServeSetup(arch, hw, chips=64))
+    plan = serve_plan(ServeSetup(arch, hw, chips=64, engine="longcat", mtp=False))
     assert plan["kv_bytes_per_token"] == kv_cache_bytes_per_token(preset("longcat2"), 2)["latent"]
     assert plan["weights_gib_per_device"] * 64 * GiB == pytest.approx(
         sum(arch.param_counts().values()) * 2, rel=0.25)  # dense part replicated over groups

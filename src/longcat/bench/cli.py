@@ -28,10 +28,45 @@ def _device(args: argparse.Namespace):
     return device
 
 
+def run_profile(args: argparse.Namespace) -> int:
+    """`bench model --profile`: the demo's training step split by part."""
+    from ..train.cli import demo_run_config
+    from .step_profile import format_profile, profile_train_step
+
+    overrides = [f"model.{item}" for item in args.set]
+    if args.batch is not None:
+        overrides.append(f"train.micro_batch={args.batch}")
+    if args.seq_len is not None:
+        overrides.append(f"train.seq_len={args.seq_len}")
+    if args.precision is not None:
+        if len(args.precision) != 1:
+            raise _user_error_type()(f"--precision: --profile measures one precision, got {' '.join(args.precision)}")
+        overrides.append("train.precision=" + {"fp32": "fp32", "bf16-autocast": "bf16"}[args.precision[0]])
+    values = {"device": args.device, "optimizer": args.optimizer}
+    if args.threads:
+        values["threads"] = args.threads
+    run = demo_run_config(overrides, preset_name=args.preset, **values)
+    profile = profile_train_step(run, steps=args.rounds, warmup=args.warmup,
+                                 log=(lambda *_: None) if args.json else print)
+    print(json.dumps(profile.to_dict(), indent=2) if args.json else format_profile(profile))
+    return 0
+
+
+def _user_error_type():
+    from ..errors import UserError
+
+    return UserError
+
+
 def run_model(args: argparse.Namespace) -> int:
     from ..config import parse_overrides
     from .model_bench import run_model_bench
 
+    if args.profile:
+        return run_profile(args)
+    args.batch = 8 if args.batch is None else args.batch
+    args.seq_len = 256 if args.seq_len is None else args.seq_len
+    args.precision = args.precision or ["fp32", "bf16-autocast"]
     _check([
         ("--batch", args.batch >= 1, f"must be >= 1, got {args.batch}"),
         ("--seq-len", args.seq_len >= 1, f"must be >= 1, got {args.seq_len}"),
@@ -197,11 +232,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "LongcatFlashForCausalLM on the same weights, interleaved round by round; prints tokens/s and the ratio.",
     )
     m.add_argument("--preset", default="small", help="model preset (n-grams/LSA/MTP are switched off: transformers lacks them)")
-    m.add_argument("--batch", type=int, default=8)
-    m.add_argument("--seq-len", type=int, default=256)
+    m.add_argument("--batch", type=int, default=None, help="sequences per step (default 8; --profile: the demo's)")
+    m.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 256; --profile: the demo's)")
     m.add_argument("--rounds", type=int, default=6, help="measured rounds per precision (median is reported)")
     m.add_argument("--warmup", type=int, default=2)
-    m.add_argument("--precision", nargs="+", default=["fp32", "bf16-autocast"], choices=["fp32", "bf16-autocast"])
+    m.add_argument("--precision", nargs="+", default=None, choices=["fp32", "bf16-autocast"],
+                   help="default: both; --profile: the demo's (bf16 autocast where the CPU has bf16)")
+    m.add_argument("--profile", action="store_true",
+                   help="instead of the comparison: the demo's training step (`longcat demo`'s batch and optimizer, "
+                        "on --preset with its --set overrides) "
+                        "split by part (attention, router, expert GEMMs, dispatch/combine, dense FFNs, norms, "
+                        "embeddings, LM head + loss, optimizer, data), each with its share of the step and its "
+                        "achieved FLOP/s or bytes/s against this machine's measured peaks")
+    m.add_argument("--optimizer", choices=["adamw", "muon"], default="muon", help="--profile: the step's optimizer")
     m.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     m.add_argument(
         "--clock", choices=["wall", "cpu"], default="wall",

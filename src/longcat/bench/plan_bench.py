@@ -39,22 +39,31 @@ class PlanSetup:
     micro_batch: int = 16
     threads: int = 1
     clock: str = "cpu"  # "cpu": this process's CPU seconds (one thread); "wall": elapsed seconds
+    device: str = "cpu"  # where train_steps runs (bf16 autocast on that device)
+
+
+def setup_config(setup: PlanSetup):
+    """The model config of `setup.preset`: a preset name, or a model directory (its config.json)."""
+    from ..config import PRESETS, load_config, preset
+
+    return preset(setup.preset) if setup.preset in PRESETS or not Path(setup.preset).is_dir() \
+        else load_config(setup.preset)
 
 
 def train_steps(setup: PlanSetup, steps: int, warmup: int) -> dict:
     """Train for warmup + steps steps in this process; the measurements as a dict."""
     import torch
 
-    from ..config import preset
     from ..model import build_model, lm_losses
     from ..plan.calibrate import current_rss_bytes, peak_rss_bytes
     from .common import Timer
 
     torch.set_num_threads(setup.threads)
-    timer, wall = Timer(setup.clock), Timer("wall")
+    device = torch.device(setup.device)
+    timer, wall = Timer(setup.clock, device), Timer("wall", device)
     baseline = current_rss_bytes()
-    config = preset(setup.preset)
-    model = build_model(config).train()  # fp32 weights: the master copy
+    config = setup_config(setup)
+    model = build_model(config).to(device).train()  # fp32 weights: the master copy
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -65,10 +74,10 @@ def train_steps(setup: PlanSetup, steps: int, warmup: int) -> dict:
     times, walls = [], []
     first_peak = 0
     for step in range(warmup + steps):
-        tokens = torch.randint(0, config.vocab_size, (setup.micro_batch, setup.seq_len + 1), generator=gen)
+        tokens = torch.randint(0, config.vocab_size, (setup.micro_batch, setup.seq_len + 1), generator=gen).to(device)
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         start, wall_start = timer(), wall()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             out = model(inputs)
         losses = lm_losses(out, labels)
         loss = losses["lm"] + 0.3 * sum(v for k, v in losses.items() if k != "lm")
@@ -83,7 +92,11 @@ def train_steps(setup: PlanSetup, steps: int, warmup: int) -> dict:
         if step == 1:  # two steps: the optimizer state exists, the allocator has not yet fragmented
             first_peak = peak_rss_bytes()
     mean = sum(times) / len(times)
+    backend = getattr(torch, device.type, None) if device.type != "cpu" else None
+    device_peak = getattr(backend, "max_memory_allocated", None)
     return {
+        "peak_device_memory_gib": device_peak(device) / 2**30 if callable(device_peak) else None,
+        "step_times_s": times,
         "step_time_s": mean, "step_time_std_s": (sum((t - mean) ** 2 for t in times) / len(times)) ** 0.5,
         "step_time_min_s": min(times), "steps": len(times), "wall_step_time_s": sum(walls) / len(walls),
         "clock": "process CPU time" if setup.clock == "cpu" else "wall clock",
@@ -104,7 +117,6 @@ def _train_in_child(setup: PlanSetup, steps: int, warmup: int, env: dict | None 
 
 def calibrate(setup: PlanSetup, output: Path, quick: bool, log) -> str:
     """Measure this machine on the configuration's shapes into `output`; its path, for load_hardware."""
-    from ..config import preset
     from ..plan.arch import from_longcat
     from ..plan.calibrate import measure, to_toml
 
@@ -113,7 +125,7 @@ def calibrate(setup: PlanSetup, output: Path, quick: bool, log) -> str:
     log(f"calibrating (longcat plan calibrate --model {setup.preset} --tokens {tokens} --seq-len {setup.seq_len} "
         f"--threads {setup.threads}{' --cpu-time' if cpu_time else ''}{' --quick' if quick else ''} "
         f"--output {output}) ...")
-    measured = measure(quick=quick, threads=setup.threads, arch=from_longcat(preset(setup.preset), name=setup.preset),
+    measured = measure(quick=quick, threads=setup.threads, arch=from_longcat(setup_config(setup), name=Path(setup.preset).name),
                        tokens=tokens, seq_len=setup.seq_len, cpu_time=cpu_time)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(to_toml(measured))
@@ -122,13 +134,12 @@ def calibrate(setup: PlanSetup, output: Path, quick: bool, log) -> str:
 
 def predict(setup: PlanSetup, hardware: str):
     """The planner's plan for the configuration, one chip, no parallelism; and the hardware entry."""
-    from ..config import preset
     from ..plan.arch import from_longcat
     from ..plan.hardware import load_hardware, load_stack
     from ..plan.layout import Layout
     from ..plan.train import Planner, TrainSetup
 
-    arch = from_longcat(preset(setup.preset), name=setup.preset)
+    arch = from_longcat(setup_config(setup), name=Path(setup.preset).name)
     hw = load_hardware(hardware)
     plan_setup = TrainSetup(arch, hw, load_stack("pytorch-eager"), chips=1, seq_len=setup.seq_len,
                             global_batch_tokens=setup.seq_len * setup.micro_batch, optimizer="adamw",

@@ -3,6 +3,7 @@
     hardware/*.toml     accelerators for the planner (`longcat plan hardware` lists them)
     plan/*.toml         model architectures the planner knows by name (gpt3-175b, deepseek-v3, ...)
     validation/*.toml   published training runs the planner is checked against (`longcat plan validate`)
+    engines/*.toml      serving engines' memory layouts (`longcat plan serve --engine`)
 
 A user folder ($LONGCAT_CONFIG_DIR, else $XDG_CONFIG_HOME/longcat, else ~/.config/longcat) holds
 files of the same kinds that take precedence over the packaged ones: `longcat plan calibrate`
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-KINDS = ("hardware", "plan", "validation")
+KINDS = ("hardware", "plan", "validation", "engines")
 
 
 def catalog_dir(kind: str) -> Path:

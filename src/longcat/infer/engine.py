@@ -308,6 +308,15 @@ class Engine:
                                   "stream first, or batch the prompts into one call")
         return _Generation(self, seqs, k).run()
 
+    def encode(self, text: str) -> list[int]:
+        """The token ids a text prompt runs as (the tokenizer's ids after `prompt_prefix`)."""
+        if self.tokenizer is None:
+            raise GenerationError("text prompts need a tokenizer: pass Engine(model, tokenizer) or token ids")
+        ids = list(self.tokenizer.encode(text))
+        if self.prompt_prefix and ids[: len(self.prompt_prefix)] != self.prompt_prefix:
+            ids = self.prompt_prefix + ids
+        return ids
+
     def release(self) -> None:
         """Free the preallocated cache (the next generation allocates again)."""
         if self._busy:
@@ -344,9 +353,7 @@ class Engine:
             if isinstance(prompt, str):
                 if self.tokenizer is None:
                     raise GenerationError("text prompts need a tokenizer: pass Engine(model, tokenizer) or token ids")
-                ids = list(self.tokenizer.encode(prompt))
-                if self.prompt_prefix and ids[: len(self.prompt_prefix)] != self.prompt_prefix:
-                    ids = self.prompt_prefix + ids
+                ids = self.encode(prompt)
             else:
                 ids = prompt
             if not ids:

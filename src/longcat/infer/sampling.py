@@ -143,6 +143,31 @@ class BatchSampler:
                 setattr(self, name, t[:batch_size])
         self.all_greedy = all(p.greedy for p in self.params)
 
+    def extend(self, other: "BatchSampler") -> None:
+        """Append the rows of `other` after this sampler's rows (a continuous batch admitting new
+        sequences); each row keeps its generator state and penalty counts."""
+        V = self.vocab_size
+        for name in ("counts", "prompt_mask"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine is None and theirs is None:
+                continue
+            dtype = torch.bool if name == "prompt_mask" else torch.float32
+            mine = torch.zeros(len(self.params), V, dtype=dtype, device=self.device) if mine is None else mine
+            theirs = torch.zeros(len(other.params), V, dtype=dtype, device=self.device) if theirs is None else theirs
+            setattr(self, name, torch.cat([mine, theirs]))
+        for name in ("greedy", "temperature", "top_k", "top_p", "min_p", "repetition", "presence", "frequency"):
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        self.params += other.params
+        self.generators += other.generators
+        sampling = [p for p in self.params if not p.greedy]
+        self.all_greedy = not sampling
+        self.any_top_k = any(0 < p.top_k < V for p in sampling)
+        self.any_top_p = any(p.top_p < 1 for p in sampling)
+        self.any_min_p = any(p.min_p > 0 for p in sampling)
+        self.any_temperature = any(p.temperature != 1 for p in sampling)
+        self.any_penalty = self.counts is not None
+        self.max_logprobs = max((p.logprobs for p in self.params if p.logprobs is not None), default=None)
+
     def record(self, tokens: list[list[int]]) -> None:
         """Count the tokens each row has just committed (for the penalties)."""
         if self.counts is None:

@@ -1,101 +1,243 @@
-"""Reading and writing safetensors directories: one file, or shards with an index."""
+"""Reading and writing safetensors directories: one file, or shards with an index.
+
+Reading is lazy: opening a directory parses only the headers (every file's length is checked
+against them, so a truncated shard is found before anything is allocated); tensors are then read
+one at a time from a memory map of their file (`SafetensorsDir.view`), and the pages of a tensor
+already copied are handed back to the OS, so a load never holds more than the model it builds plus
+one tensor, however large the checkpoint.
+"""
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import warnings
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# A header larger than this is not a safetensors header (the format caps it at 100 MB).
+MAX_HEADER_BYTES = 100_000_000
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory is missing, incomplete or does not match the model."""
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies in a safetensors file, from its header alone."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+
+def read_header(file: Path) -> dict[str, TensorInfo]:
+    """The tensors of one safetensors file, checked against the file's length (nothing else is read)."""
+    redo = "download or copy it again"
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            prefix = f.read(8)
+            length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if length < 2 or length > MAX_HEADER_BYTES or 8 + length > size:
+                raise CheckpointError(f"{file} is truncated or not a safetensors file ({size} bytes, header length "
+                                      f"{length}); {redo}")
+            raw = f.read(length)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {file}: {exc.strerror or exc}; check the path and permissions") from exc
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file} has a corrupt safetensors header ({exc}); {redo}") from None
+    base = 8 + length
+    out = {}
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = DTYPES[meta["dtype"]]
+            shape = tuple(int(d) for d in meta["shape"])
+            begin, end = (int(o) for o in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{file}: the header entry of '{key}' is corrupt ({exc!r}); {redo}") from None
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - begin != numel * dtype.itemsize or begin < 0:
+            raise CheckpointError(f"{file}: '{key}' is {end - begin} bytes for shape {list(shape)} "
+                                  f"{meta['dtype']}; the file is corrupt, {redo}")
+        if base + end > size:
+            raise CheckpointError(f"{file} is truncated: '{key}' ends at byte {base + end}, the file has {size}; {redo}")
+        out[key] = TensorInfo(file, dtype, shape, base + begin, end - begin)
+    return out
+
+
 class SafetensorsDir:
-    """Lazy view of the tensors in a directory (single file or sharded). Nothing is read until asked."""
+    """Lazy view of the tensors in a directory (single file or sharded). Only headers are read
+    until a tensor is asked for."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         index = self.path / INDEX_NAME
+        self.info: dict[str, TensorInfo] = {}
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as exc:
-                raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from exc
-            self.file_of = {k: self.path / v for k, v in weight_map.items()}
-            missing = sorted({str(f) for f in self.file_of.values() if not f.exists()})
+                if not isinstance(weight_map, dict):
+                    raise ValueError("weight_map is not an object")
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index} is not a valid safetensors index ({exc!r}); download it again") from None
+            files = sorted({self.path / v for v in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
             if missing:
-                raise CheckpointError(f"shards listed in {index} are missing: {', '.join(missing)}")
-        elif (self.path / SINGLE_NAME).exists():
-            file = self.path / SINGLE_NAME
-            with safe_open(file, "pt") as f:
-                self.file_of = {k: file for k in f.keys()}
+                raise CheckpointError(f"shard {', '.join(missing)} listed in {index} is missing; download it "
+                                      "again (every shard the index names must be present)")
+            headers = {f: read_header(f) for f in files}
+            for key, name in weight_map.items():
+                found = headers[self.path / name].get(key)
+                if found is None:
+                    raise CheckpointError(f"{index} puts '{key}' in {name}, which does not hold it; the index "
+                                          "and the shards come from different downloads, fetch both again")
+                self.info[key] = found
         else:
-            files = sorted(self.path.glob("*.safetensors"))
+            single = self.path / SINGLE_NAME
+            files = [single] if single.exists() else sorted(self.path.glob("*.safetensors"))
             if not files:
                 raise CheckpointError(f"no safetensors weights in {self.path} (expected {SINGLE_NAME} or {INDEX_NAME})")
-            self.file_of = {}
             for file in files:
-                with safe_open(file, "pt") as f:
-                    self.file_of.update({k: file for k in f.keys()})
+                self.info.update(read_header(file))
+        self.file_of = {k: i.file for k, i in self.info.items()}
+        self._maps: dict[Path, mmap.mmap] = {}
 
     def keys(self) -> list[str]:
-        return list(self.file_of)
+        return list(self.info)
 
     def __contains__(self, key: str) -> bool:
-        return key in self.file_of
+        return key in self.info
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self.info.values())
+
+    def _map(self, file: Path) -> mmap.mmap:
+        if file not in self._maps:
+            with open(file, "rb") as f:
+                # copy-on-write: torch views of it are writable (no warning), and nothing is ever written
+                self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._maps[file]
+
+    @contextmanager
+    def view(self, key: str) -> Iterator[torch.Tensor]:
+        """The tensor `key` as a view of the memory-mapped file, valid inside the `with`; afterwards its
+        pages are dropped from this process's memory (they are read again from the file if needed)."""
+        info = self.info[key]
+        mapped = self._map(info.file)
+        if info.nbytes == 0:
+            yield torch.empty(info.shape, dtype=info.dtype)
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            raw = torch.frombuffer(mapped, dtype=torch.uint8, count=info.nbytes, offset=info.start)
+        try:
+            yield raw.view(info.dtype).view(info.shape)
+        finally:
+            del raw
+            _drop_pages(mapped, info.start, info.nbytes)
 
     def get(self, key: str) -> torch.Tensor:
-        with safe_open(self.file_of[key], "pt") as f:
-            return f.get_tensor(key)
+        """The tensor `key`, copied into memory of its own."""
+        with self.view(key) as t:
+            return t.clone()
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        by_file: dict[Path, list[str]] = {}
-        for k, file in self.file_of.items():
-            by_file.setdefault(file, []).append(k)
-        for file, keys in by_file.items():
-            with safe_open(file, "pt") as f:
-                for k in keys:
-                    yield k, f.get_tensor(k)
+        for key in self.info:
+            yield key, self.get(key)
+
+    def close(self) -> None:
+        for mapped in self._maps.values():
+            try:
+                mapped.close()
+            except BufferError:  # a caller still holds a view: the map closes when it is released
+                pass
+        self._maps.clear()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _drop_pages(mapped: mmap.mmap, start: int, nbytes: int) -> None:
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None:
+        return
+    page = mmap.PAGESIZE
+    begin = start - start % page
+    try:
+        mapped.madvise(advice, begin, start + nbytes - begin)
+    except (OSError, ValueError):  # advice is an optimisation only
+        pass
 
 
 def write_sharded(
     tensors: Iterable[tuple[str, torch.Tensor]], path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30,
     metadata: dict[str, str] | None = None,
 ) -> list[Path]:
-    """Write tensors as model.safetensors, or as shards plus an index when larger than one shard."""
+    """Write tensors as model.safetensors, or as shards plus an index when larger than one shard.
+
+    Streams: a shard is written as soon as it is full, so at most one shard's tensors are held.
+    Shards are named model-0000i.safetensors while writing and renamed model-0000i-of-0000n once n
+    is known."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    total = 0
+    meta = {"format": "pt", **(metadata or {})}
+    written: list[tuple[Path, list[str]]] = []
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        nonlocal shard, size
+        file = path / f"model-{len(written) + 1:05d}.safetensors.partial"
+        save_file(shard, str(file), metadata=meta)
+        written.append((file, list(shard)))
+        shard, size = {}, 0
+
     for name, t in tensors:
         n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append({})
-            size = 0
+        if shard and size + n > max_shard_bytes:
+            flush()
         # clone: slices of one stacked tensor share storage, which safetensors refuses
-        shards[-1][name] = t.detach().contiguous().clone()
+        shard[name] = t.detach().contiguous().clone()
         size += n
         total += n
-    meta = {"format": "pt", **(metadata or {})}
-    if len(shards) == 1:
+    if not written:
         out = path / SINGLE_NAME
-        save_file(shards[0], str(out), metadata=meta)
+        save_file(shard, str(out), metadata=meta)
         return [out]
+    if shard:
+        flush()
     files, weight_map = [], {}
-    for i, shard in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path / name), metadata=meta)
-        files.append(path / name)
-        weight_map.update({k: name for k in shard})
+    for i, (file, keys) in enumerate(written, start=1):
+        final = path / f"model-{i:05d}-of-{len(written):05d}.safetensors"
+        file.rename(final)
+        files.append(final)
+        weight_map.update({k: final.name for k in keys})
     (path / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return files

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .fp8 import dense_weight
 from .layers import RMSNorm, apply_rope, linear
 
 
@@ -56,14 +57,14 @@ class Indexer(nn.Module):
 
     def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """(B, T, H) -> (B, T, index_dim)."""
-        return self._rope(self.k_norm(self.wk(x)), cos, sin)
+        return self._rope(self.k_norm(linear(x, self.wk)), cos, sin)
 
     def scores(
         self, x: torch.Tensor, q_latent: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
         """Index scores (B, T, S) of the T queries against S keys (no mask applied)."""
         B, T, _ = x.shape
-        q = self._rope(self.wq_b(q_latent).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        q = self._rope(linear(q_latent, self.wq_b).view(B, T, self.n_heads, self.head_dim), cos, sin)
         # Scores in fp32 even under autocast (einsum would otherwise run in bf16).
         with torch.autocast(x.device.type, enabled=False):
             weights = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads**-0.5  # (B, T, h)
@@ -164,7 +165,7 @@ class MLA(nn.Module):
     def _dense_path(self, q_nope, q_rope, c_kv, k_rope, keep):
         """Expand the latent to per-head K/V and attend with SDPA. Shapes (B, T, h, d)."""
         B, T, h, _ = q_nope.shape
-        kv = self.kv_b_proj(c_kv).view(B, T, h, self.nope + self.v_dim)
+        kv = linear(c_kv, self.kv_b_proj).view(B, T, h, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # (B, h, T, qk)
         k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, T, h, self.rope)], dim=-1).transpose(1, 2)
@@ -181,8 +182,9 @@ class MLA(nn.Module):
         return o[..., : self.v_dim].transpose(1, 2)  # (B, T, h, v)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """kv_b_proj split per head: W_uk (h, nope, kv_lora), W_uv (h, v, kv_lora)."""
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora)
+        """kv_b_proj split per head: W_uk (h, nope, kv_lora), W_uv (h, v, kv_lora) (dequantized when
+        FP8-resident)."""
+        w = dense_weight(self.kv_b_proj).view(self.n_heads, self.nope + self.v_dim, self.kv_lora)
         return w[:, : self.nope], w[:, self.nope :]
 
     def _absorbed_path(self, q_nope, q_rope, c_kv_all, k_rope_all, mask):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, yarn_mscale
+from .fp8 import dense_weight, is_fp8
 
 
 # Rows (input vectors per weight matrix) up to which `linear` is a generated reduction when compiled
@@ -40,10 +41,15 @@ def linear(x: torch.Tensor, w: torch.Tensor | nn.Linear) -> torch.Tensor:
     each weight row once for all rows, fused with the norm or activation producing x. BLAS GEMV on
     the (out, in) layout streams weights well below memory bandwidth, and a decode step is mostly
     weight streaming.
+
+    An FP8-resident module (e4m3 weight + `weight_scale_inv`, model/fp8.py) is dequantized block by
+    block into x's dtype here, inside the product, so the model holds one byte per weight.
     """
     module = w if isinstance(w, nn.Module) else None
     if module is not None:
         w = module.weight
+        if is_fp8(w):
+            w, module = dense_weight(module, dtype=x.dtype), None
     grouped = w.dim() == 3
     rows = x.shape[-2] if grouped else x.numel() // x.shape[-1]
     few = torch.compiler.is_compiling() and x.device.type == "cpu" and isinstance(rows, int) and rows <= REDUCTION_ROWS

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .fp8 import dense_weight
 from .layers import linear, realized
 
 
@@ -90,12 +91,17 @@ class GroupedExperts(nn.Module):
             return x.new_zeros(x.shape)
         dtype = compute_dtype(x)
         offsets = counts.cumsum(0).to(torch.int32)
-        gate_up = self.gate_up_proj.to(dtype).transpose(-2, -1)  # (N, H, 2F)
-        down = self.down_proj.to(dtype).transpose(-2, -1)  # (N, F, H)
+        gate_up = self.weights("gate_up_proj", dtype).transpose(-2, -1)  # (N, H, 2F)
+        down = self.weights("down_proj", dtype).transpose(-2, -1)  # (N, F, H)
         h = grouped_mm(x.to(dtype), gate_up, offsets, counts)
         gate, up = h.split(self.inner, dim=-1)
         h = (F.silu(gate) * up).contiguous()
         return grouped_mm(h, down, offsets, counts)
+
+    def weights(self, name: str, dtype: torch.dtype, index: torch.Tensor | None = None) -> torch.Tensor:
+        """gate_up_proj or down_proj in `dtype` (of the experts in `index` only, when given),
+        dequantized when FP8-resident (gate and up each on their own block grid)."""
+        return dense_weight(self, name, dtype, parts=2 if name == "gate_up_proj" else 1, index=index)
 
 
 # Devices where torch._grouped_mm is known to work; elsewhere (e.g. Ascend NPU) loop over experts.
@@ -214,9 +220,9 @@ class MoE(nn.Module):
         dtype = compute_dtype(x)
         gate = (routing.weights * is_ffn).flatten().to(dtype)  # (P,)
         xs = x.to(dtype).unsqueeze(1).expand(T, k, H).reshape(T * k, 1, H)  # (P, 1, H)
-        gate_up = linear(xs, self.experts.gate_up_proj[expert].to(dtype))  # (P, 1, 2F)
+        gate_up = linear(xs, self.experts.weights("gate_up_proj", dtype, expert))  # (P, 1, 2F)
         g, u = gate_up.split(self.experts.inner, dim=-1)
-        y = linear(F.silu(g) * u, self.experts.down_proj[expert].to(dtype)) * gate.view(-1, 1, 1)  # (P, 1, H)
+        y = linear(F.silu(g) * u, self.experts.weights("down_proj", dtype, expert)) * gate.view(-1, 1, 1)  # (P, 1, H)
         # realized per pair, then summed over a reshape: fused into the per-token sum instead, every
         # output element would walk all k experts' rows (and a scatter here was read before it had
         # finished when inductor fused it with its readers, torch 2.13)

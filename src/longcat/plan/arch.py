@@ -66,6 +66,9 @@ class Architecture:
     # runs beside the dense FFNs and joins at the end of the block, so its all-to-all can overlap them.
     moe_style: str = "replace"
     first_dense_layers: int = 0  # leading blocks without MoE (DeepSeek-V3: 3)
+    # node-limited routing: each token's experts lie on at most this many scale-up domains (nodes),
+    # and it crosses the network once per destination node (DeepSeek-V3: 4 of 8). 0 = no limit.
+    route_max_nodes: int = 0
     # --- embeddings -------------------------------------------------------------------------------------
     tied_embeddings: bool = False
     learned_positions: int = 0  # rows of a learned position table (GPT-3: 2048), 0 = RoPE
@@ -320,7 +323,7 @@ class Architecture:
 
     # --- memory per token of one block ---------------------------------------------------------------------
     def layer_tensors(self, moe: bool, seq_len: int, *, flash: bool, mtp: bool = False, residual_bytes: int = 2,
-                      eager: bool = False) -> "LayerTensors":
+                      eager: bool = False, fp8_cache: bool = False) -> "LayerTensors":
         """Saved activations and element-wise traffic of one block (bytes per token, forward).
 
         Korthikanti et al. 2022 (GPT, no flash, dropout) gives 34*H + 5*a*S bytes saved per token
@@ -335,25 +338,41 @@ class Architecture:
         saved tensors of this repository's model with torch.autograd.graph.saved_tensors_hooks):
         SwiGLU's silu output, the combine scatter-add's source rows, and, when the residual stream
         is fp32 under autocast, the bf16 copy of its input that each consuming GEMM casts and keeps.
+
+        `fp8_cache` is DeepSeek-V3's FP8 recipe (tech report §3.3.2): the GEMM inputs kept for the
+        backward (norm outputs, the attention output before o_proj, the experts' dispatched rows)
+        are stored in e4m3 with one fp32 scale per 128 values, and the experts' SwiGLU keeps its
+        two inputs in FP8 and recomputes its product.
+
+        `LayerTensors.light` records what recomputing only the norms and the MLA up-projections
+        (recompute=norm_up, DeepSeek-V3 §3.2.3) drops: every norm output and the per-head q, k, v
+        the up-projections expand from the latents.
         """
         H, a, S = self.hidden_size, self.num_heads, seq_len
         r = residual_bytes
+        g = (1 + 4 / 128) if fp8_cache else 2  # bytes per element of a cached GEMM input
+        gin = g if fp8_cache else r  # a norm output is the next GEMM's input
         t = LayerTensors()
         drop = 1 if self.dropout else 0
         attn_keys = min(S, self.sparse_topk) if self.sparse_topk else S
         attn_sublayers = 1 if mtp else self.attn_per_layer
         for i in range(attn_sublayers):
             # pre-norm input and output (the QKV GEMM input)
-            t.add("rep", saved=2 * r * H, traffic=2 * r * H)
+            t.add("rep", saved=r * H + gin * H, traffic=2 * r * H)
+            t.light["rep"] += gin * H
             if eager and r != 2:  # q/kv (MLA: q_a, kv_a; GQA: q, k, v) each keep a bf16 cast of the input
                 t.add("rep", saved=(2 if self.attention == "mla" else 3) * 2 * H, traffic=0)
             if self.attention == "mla":
                 lat = self.q_lora_rank + self.kv_lora_rank
-                t.add("rep", saved=2 * (self.q_lora_rank + self.kv_lora_rank + self.qk_rope_head_dim) + 2 * lat,
+                # the latents (norm inputs) and their normed copies (the up-projections' inputs)
+                t.add("rep", saved=2 * (self.q_lora_rank + self.kv_lora_rank + self.qk_rope_head_dim) + g * lat,
                       traffic=4 * lat)
-            t.add("par", saved=2 * a * self.qk_dim + 2 * (a if self.attention == "mla" else self.kv_heads) * (self.qk_dim + self.v_dim),
-                  traffic=4 * (a + self.kv_heads) * (self.qk_rope_head_dim or self.qk_dim))  # RoPE on q and k
-            t.add("par", saved=2 * a * self.v_dim + 4 * a, traffic=0)  # attention output (+ softmax stats)
+                t.light["rep"] += g * lat
+            qkv = 2 * a * self.qk_dim + 2 * (a if self.attention == "mla" else self.kv_heads) * (self.qk_dim + self.v_dim)
+            t.add("par", saved=qkv, traffic=4 * (a + self.kv_heads) * (self.qk_rope_head_dim or self.qk_dim))  # RoPE on q and k
+            if self.attention == "mla":
+                t.light["par"] += qkv  # the up-projections' outputs
+            t.add("par", saved=g * a * self.v_dim + 4 * a, traffic=0)  # attention output (+ softmax stats)
             if not flash:
                 # softmax output (2aS) [+ dropout mask aS and dropout output 2aS]; scale-mask-softmax
                 # reads and writes the scores, dropout reads the probabilities and writes both.
@@ -367,7 +386,8 @@ class Architecture:
         dense_plain, dense_moe = self.dense_ffns_in_layer
         n_dense = 1 if mtp and not (moe and self.mtp_ffn == "moe") else (dense_moe if moe else dense_plain)
         for _ in range(n_dense):
-            t.add("rep", saved=2 * r * H + drop * H, traffic=(5 * r + drop) * H)  # norm in/out, residual
+            t.add("rep", saved=r * H + gin * H + drop * H, traffic=(5 * r + drop) * H)  # norm in/out, residual
+            t.light["rep"] += gin * H
             if eager and r != 2:  # gate and up (GELU: fc1) each keep a bf16 cast of the input
                 t.add("rep", saved=(2 if self.mlp == "swiglu" else 1) * 2 * H, traffic=0)
             t.add("par", **self._ffn_tensors(self.ffn_hidden_size, eager))
@@ -375,7 +395,8 @@ class Architecture:
             E = self.n_routed_experts + self.zero_experts
             slots = self.slots
             if self.moe_style == "replace":
-                t.add("rep", saved=2 * r * H, traffic=5 * r * H)  # its own pre-norm and residual
+                t.add("rep", saved=r * H + gin * H, traffic=5 * r * H)  # its own pre-norm and residual
+                t.light["rep"] += gin * H
             else:
                 t.add("rep", saved=0, traffic=3 * r * H)  # the delayed join adds one more residual term
             # router logits and probabilities in fp32; softmax + top-k
@@ -384,8 +405,10 @@ class Architecture:
             # plus the expert's own intermediates; the permute gathers rows from the residual-stream
             # tensor, the combine weights the bf16 outputs and scatter-adds them back.
             ffn = self._ffn_tensors(self.expert_ffn_hidden_size, eager)
+            if fp8_cache and self.mlp == "swiglu":
+                ffn["saved"] = 2 * g * self.expert_ffn_hidden_size  # gate and up in FP8; the product recomputed
             combine_source = r * H if eager else 0  # autograd keeps index_add's source rows
-            t.add("exp", saved=slots * (4 * H + combine_source + ffn["saved"]), traffic=slots * ((2 * r + 6) * H + ffn["traffic"]))
+            t.add("exp", saved=slots * ((g + 2) * H + combine_source + ffn["saved"]), traffic=slots * ((2 * r + 6) * H + ffn["traffic"]))
             for _ in range(self.n_shared_experts):
                 t.add("par", **self._ffn_tensors(self.expert_ffn_hidden_size, eager))
         return t
@@ -430,6 +453,7 @@ class LayerTensors:
     """Per-token bytes of one block, by how they split across devices (see `layer_tensors`)."""
 
     saved: dict[str, float] = dataclasses.field(default_factory=lambda: {"rep": 0.0, "par": 0.0, "s2": 0.0, "idx": 0.0, "exp": 0.0})
+    light: dict[str, float] = dataclasses.field(default_factory=lambda: {"rep": 0.0, "par": 0.0})  # dropped by recompute=norm_up
     traffic: dict[str, float] = dataclasses.field(default_factory=lambda: {"rep": 0.0, "par": 0.0, "s2": 0.0, "idx": 0.0, "exp": 0.0})
 
     def add(self, kind: str, *, saved: float, traffic: float) -> None:

@@ -79,8 +79,20 @@ def register(subparsers) -> None:
     serve.add_argument("--ep", type=int, default=0, help="expert parallel size (default: every chip; the result's --parallel "
                        "string needs ep to divide chips/tp, as the runtime takes ep from dp_shard)")
     serve.add_argument("--weights-dtype", choices=("bf16", "fp8"), default="bf16")
-    serve.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16")
-    serve.add_argument("--mem-fraction", type=float, default=0.9, help="share of device memory the server may use (default 0.9)")
+    serve.add_argument("--engine", default="sglang", help="serving engine whose memory layout to plan: sglang, vllm or longcat "
+                       "(this repository's engine); it decides the KV cache's byte layout per dtype, the indexer and MTP "
+                       "caches, page rounding and what --mem-fraction covers (catalog/engines/*.toml; default sglang)")
+    serve.add_argument("--kv-dtype", choices=("bf16", "fp16", "fp32", "fp8"), default="bf16",
+                       help="KV cache dtype; fp8 is laid out as the engine does it (default bf16)")
+    serve.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=None,
+                       help="the MTP layers draft (speculative decoding) and hold their own cache (default: the engine's "
+                            "rule: longcat always, sglang/vllm only when asked)")
+    serve.add_argument("--max-running", type=int, default=0, help="requests decoded together, for the decode workspace "
+                       "(default: the engine's)")
+    serve.add_argument("--prefill-chunk", type=int, default=0, help="tokens per prefill forward, for the prefill workspace "
+                       "(default: the engine's chunked-prefill size)")
+    serve.add_argument("--mem-fraction", type=float, default=0.0, help="share of device memory the server may use "
+                       "(default: the engine's: sglang --mem-fraction-static 0.88, vllm --gpu-memory-utilization 0.9)")
     serve.add_argument("--context", type=lambda s: int(count(s)), default=1 << 20, help="target context in tokens (default 1Mi = 1,048,576)")
     serve.add_argument("--batch", type=int, default=1, help="sequences decoded together, for the decode bound (default 1)")
     serve.set_defaults(func=run_serve)
@@ -281,7 +293,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from .serve import ServeSetup, chips_for_context, serve_plan
 
     arch, hw = _load(args)
-    base = ServeSetup(arch, hw, max(args.chips, 1), args.tp, args.ep, args.weights_dtype, args.kv_dtype, args.mem_fraction, args.batch, args.context)
+    base = ServeSetup(arch, hw, max(args.chips, 1), args.tp, args.ep, args.weights_dtype, args.kv_dtype, args.mem_fraction,
+                      args.batch, args.context, engine=args.engine, mtp=args.mtp, max_running=args.max_running,
+                      prefill_chunk=args.prefill_chunk)
+    serve_plan(base)  # bad options fail here, before the search for a chip count
     need = chips_for_context(base, args.context)
     need_group = chips_for_context(base, args.context, per_group=True)
     chips = args.chips or need
@@ -296,17 +311,30 @@ def run_serve(args: argparse.Namespace) -> int:
         return 0 if out["fits"] else 1
     con = _console()
     con.print(f"[bold]{arch.summary()}[/]")
-    con.print(f"{chips:,} x {hw.name}, tp={out['tp']} (x{out['attention_groups']} attention groups), ep={out['ep']}, "
-              f"weights {out['weights_dtype']}, KV {out['kv_dtype']}, {args.mem_fraction:.0%} of {hw.hbm_gib:g} GiB usable")
+    con.print(f"{chips:,} x {hw.name}, engine {out['engine']}, tp={out['tp']} (x{out['attention_groups']} attention groups), "
+              f"ep={out['ep']}, weights {out['weights_dtype']}, KV {out['kv_dtype']}, {out['mem_fraction']:.0%} of "
+              f"{hw.hbm_gib:g} GiB for the engine")
     b = out["weights_breakdown_gib"]
     con.print(f"weights per device {out['weights_gib_per_device']:,.1f} GiB (dense {b['dense']:.1f}, experts {b['experts']:.1f} "
               f"[{out['experts_per_device']} per device], n-gram tables {b['ngram_tables']:.1f}); free for KV {out['free_gib_per_device']:,.1f} GiB")
-    con.print(f"KV cache {out['kv_bytes_per_token']:,.0f} bytes per token per device (all {arch.num_layers * arch.attn_per_layer} attention sublayers)")
+    ws = out["workspace_gib_per_device"]
+    con.print(f"runtime {out['runtime_reserved_gib']:.1f} GiB, activation workspace {ws['total']:.2f} GiB (prefill chunk "
+              f"{out['prefill_chunk']:,} tokens {ws['prefill']:.2f}, decode of {out['max_running']} requests {ws['decode']:.2f}) "
+              + ("inside" if out["workspace_in_fraction"] else "outside") + " the engine's share")
+    for problem in out["problems"]:
+        con.print(f"[red]{problem}", highlight=False)
+    lay = out["kv_layout_bytes_per_token"]
+    parts = ", ".join(f"{k} {v:,.0f}" for k, v in lay.items() if v and k != "total")
+    page = f"pages of {out['page_tokens']} tokens" if out["page_tokens"] > 1 else (
+        "one max_len row per request" if out["page_tokens"] == 0 else "no page rounding")
+    con.print(f"KV cache {out['kv_bytes_per_token']:,.0f} bytes per token per device ({parts}; all "
+              f"{arch.num_layers * arch.attn_per_layer} attention sublayers{' + MTP' if out['mtp_cache'] else ''}), {page}")
     con.print(f"max context: {out['max_context_tokens']:,} tokens with the KV sharded over all attention groups; "
               f"{out['max_context_tokens_per_group']:,} in one group")
     if need:
         single = f"{need_group:,} chips if one attention group holds it" if need_group else "no deployment if one group must hold it"
         con.print(f"[bold]{args.context:,}-token context: {need:,} chips[/] with the KV sharded across attention groups; {single}")
+    con.print(f"requests of {args.context:,} tokens held at once per attention group: {out['requests_at_context_per_group']:,}")
     if out["parallel"]:
         con.print(f"parallel (--parallel vocabulary): {out['parallel']}", highlight=False)
     else:

@@ -204,7 +204,10 @@ class Stack:
     grad_reduce_bytes: float = 4.0  # gradient element size on the wire (fp32 reduce)
     pp_scatter_gather: bool = True  # stage-boundary sends split across the TP ranks' links
     balance_stages: bool = True  # uneven layer counts so the head/embedding stages are not slower
-    ep_overlap: float = 0.0  # share of expert all-to-all hidden for 'replace' MoE (DualPipe-style: ~1)
+    fp8_activation_cache: bool = False  # with --precision fp8: GEMM inputs kept in e4m3 + 1x128 scales (DeepSeek-V3 §3.3.2)
+    optimizer_state_bytes: float = 4.0  # bytes per AdamW moment (DeepSeek-V3 keeps them in bf16: 2)
+    ema: bool = False  # an fp32 EMA copy of the weights
+    ema_offload: bool = False  # ... kept in host memory, updated asynchronously (DeepSeek-V3 §3.3.1): no device memory
     logits_bytes: float = 6.0  # per logit element kept: bf16 logits + fp32 log-probabilities
     logits_backward_bytes: float = 6.0  # transient per logit element in the loss backward (fused: fp32 grad + bf16 grad)
     optimizer_traffic_bytes: float = 30.0  # AdamW step bytes per local parameter: fused kernel (fp32 master, m, v, grad, bf16 copy)
@@ -231,6 +234,12 @@ STACKS: dict[str, Stack] = {
     # two fp32 gradients and a bf16 one per logit), and element-wise chains run op by op: an RMSNorm
     # makes ~7 passes over its tensor where a fused kernel makes 2, SwiGLU 5 instead of 3, a residual
     # add 3 either way -- about twice the fused traffic over a block.
+    # DeepSeek-V3's FP8 training framework (DeepSeek-AI 2024, §3.2-3.3): FP8 GEMM inputs cached for
+    # the backward (1x128 tile scales), AdamW moments in bf16, an EMA of the weights in host memory.
+    # Recompute of norms and MLA up-projections and the DualPipe overlap are layout choices
+    # (recompute=norm_up, ep_schedule=dualbatch).
+    "deepseek-v3": Stack(name="deepseek-v3", fp8_activation_cache=True, optimizer_state_bytes=2.0, ema=True,
+                         ema_offload=True),
     "pytorch-eager": Stack(
         name="pytorch-eager", flash_attention=True, sequence_parallel=False, overlap_grad_reduce=True,
         optimizer_traffic_bytes=80.0, logits_backward_bytes=10.0, persistent_grads=False, elementwise_passes=2.0,
@@ -245,6 +254,9 @@ def load_stack(name: str, overrides: dict[str, Any] | None = None) -> Stack:
     stack = dataclasses.replace(STACKS[name])
     hints = typing.get_type_hints(Stack)
     for key, value in (overrides or {}).items():
+        if key == "ep_overlap":
+            raise ConfigError("--stack-set ep_overlap is gone: the overlap follows from the schedule, "
+                              "--layout ep_schedule=dualbatch|shortcut|none")
         if key not in hints or key == "name":
             raise ConfigError(f"unknown stack field '{key}' in --stack-set; valid: {', '.join(k for k in hints if k != 'name')}")
         if hints[key] is bool:

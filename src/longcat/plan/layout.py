@@ -12,8 +12,14 @@ The planner adds what the degrees do not say:
   hold the same experts). 0 nothing, 1 optimizer state and fp32 master, 2 also gradients, 3 also
   weights. The runtime is FSDP2, i.e. zero=3; 1 and 2 are planned for other frameworks.
   `dp_replicate` copies are never sharded (HSDP across them, plain DDP when `dp_shard*cp` is 1).
-- `recompute`: activation recomputation (none | selective | full). The runtime keeps all
-  activations (none).
+- `recompute`: activation recomputation: none | norm_up (the norms and the MLA up-projections,
+  DeepSeek-V3's recipe) | selective (attention scores) | full (block inputs only). The runtime keeps
+  all activations (none).
+- `ep_schedule`: what hides the expert all-to-all: none (it is exposed: the runtime), dualbatch
+  (each micro-batch split in two, one half's all-to-all overlapping the other half's compute:
+  SGLang/DeepEP two-batch overlap, DeepSeek's DualPipe), shortcut (LongCat's ScMoE: the dense FFN
+  and the second attention, which do not depend on the MoE, run during its all-to-all). Printed
+  only when not none.
 - `microbatch`: sequences per micro-batch on each data-parallel rank. The micro-batch count
   follows from the global batch; with pp > 1 it is `pp_microbatches`.
 
@@ -28,10 +34,11 @@ from typing import Any
 from ..config import ConfigError
 from ..parallel.layout import SCHEDULES, ParallelLayout
 
-RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE = ("none", "norm_up", "selective", "full")
+EP_SCHEDULES = ("none", "dualbatch", "shortcut")
 DEGREES = ("dp_replicate", "dp_shard", "ep", "tp", "cp", "pp")
 PIPELINE = ("pp_schedule", "pp_microbatches", "pp_stages_per_rank")
-KNOBS = ("zero", "recompute", "microbatch")
+KNOBS = ("zero", "recompute", "microbatch", "ep_schedule")
 # Older planner spellings: `dp` is the whole data-parallel degree (dp_replicate*dp_shard, split by
 # zero: zero=0 replicates, otherwise dp_shard=dp), `schedule=interleaved:V` sets both pipeline
 # fields, `vpp` is pp_stages_per_rank.
@@ -51,19 +58,20 @@ class Layout:
     wraps a runtime layout."""
 
     # the degrees are copied out of `parallel` into plain slots: the search reads them millions of times
-    __slots__ = ("parallel", "zero", "recompute", "microbatch", "tp", "pp", "ep", "cp", "dp_shard", "dp_replicate", "dp",
+    __slots__ = ("parallel", "zero", "recompute", "microbatch", "ep_schedule", "tp", "pp", "ep", "cp", "dp_shard", "dp_replicate", "dp",
                  "schedule", "vpp", "chips", "shard_group", "expert_shard_group")
 
     def __init__(self, parallel: ParallelLayout | None = None, *, tp: int = 1, pp: int = 1, ep: int = 1, cp: int = 1,
                  dp: int | None = None, dp_shard: int | None = None, dp_replicate: int | None = None,
                  zero: int = 1, recompute: str = "none", microbatch: int = 1, schedule: str = "1f1b",
-                 vpp: int = 1, pp_microbatches: int = 0) -> None:
+                 vpp: int = 1, pp_microbatches: int = 0, ep_schedule: str = "none") -> None:
         if parallel is None:
             dp_shard, dp_replicate = split_dp(dp, dp_shard, dp_replicate, ep=ep, zero=zero)
             parallel = ParallelLayout(dp_shard=dp_shard, dp_replicate=dp_replicate, ep=ep, tp=tp, cp=cp, pp=pp,
                                       pp_schedule=schedule, pp_microbatches=pp_microbatches, pp_stages_per_rank=vpp)
         p = parallel
         self.parallel, self.zero, self.recompute, self.microbatch = p, zero, recompute, microbatch
+        self.ep_schedule = ep_schedule
         self.tp, self.pp, self.ep, self.cp = p.tp, p.pp, p.ep, p.cp
         self.dp_shard, self.dp_replicate = p.dp_shard, p.dp_replicate
         self.dp = p.dp_replicate * p.dp_shard  # data-parallel ranks
@@ -75,7 +83,7 @@ class Layout:
         self.expert_shard_group = max(1, p.dp_shard // p.ep) * p.cp
 
     def _key(self) -> tuple:
-        return (self.parallel, self.zero, self.recompute, self.microbatch)
+        return (self.parallel, self.zero, self.recompute, self.microbatch, self.ep_schedule)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Layout) and self._key() == other._key()
@@ -87,19 +95,21 @@ class Layout:
         return f"Layout({self})"
 
     def replace(self, *, zero: int | None = None, recompute: str | None = None, microbatch: int | None = None,
-                **parallel: Any) -> "Layout":
+                ep_schedule: str | None = None, **parallel: Any) -> "Layout":
         return Layout(self.parallel.replace(**parallel) if parallel else self.parallel,
                       zero=self.zero if zero is None else zero,
                       recompute=self.recompute if recompute is None else recompute,
-                      microbatch=self.microbatch if microbatch is None else microbatch)
+                      microbatch=self.microbatch if microbatch is None else microbatch,
+                      ep_schedule=self.ep_schedule if ep_schedule is None else ep_schedule)
 
     def __str__(self) -> str:
-        return f"{self.parallel},zero={self.zero},recompute={self.recompute},microbatch={self.microbatch}"
+        text = f"{self.parallel},zero={self.zero},recompute={self.recompute},microbatch={self.microbatch}"
+        return text if self.ep_schedule == "none" else f"{text},ep_schedule={self.ep_schedule}"
 
     def to_dict(self) -> dict[str, Any]:
         p = self.parallel
         return {**{k: getattr(p, k) for k in DEGREES + PIPELINE}, "zero": self.zero, "recompute": self.recompute,
-                "microbatch": self.microbatch}
+                "microbatch": self.microbatch, "ep_schedule": self.ep_schedule}
 
 
 def split_dp(dp: int | None, dp_shard: int | None, dp_replicate: int | None, *, ep: int, zero: int) -> tuple[int, int]:
@@ -168,6 +178,10 @@ def parse_layout(text: str) -> dict[str, Any]:
             if value not in RECOMPUTE:
                 raise ConfigError(f"--layout recompute must be one of {', '.join(RECOMPUTE)}, got '{value}'")
             raw[key] = value
+        elif key == "ep_schedule":
+            if value not in EP_SCHEDULES:
+                raise ConfigError(f"--layout ep_schedule must be one of {', '.join(EP_SCHEDULES)}, got '{value}'")
+            raw[key] = value
         elif key == "pp_schedule":
             raw[key] = value
         else:
@@ -189,4 +203,4 @@ def _int(key: str, value: str) -> int:
         raise ConfigError(f"--layout {key} must be an integer, got '{value}'") from None
 
 
-__all__ = ["Layout", "parse_layout", "normalize_fixed", "split_dp", "RECOMPUTE", "SCHEDULES", "DEGREES", "KNOBS", "KEYS"]
+__all__ = ["Layout", "parse_layout", "normalize_fixed", "split_dp", "RECOMPUTE", "EP_SCHEDULES", "SCHEDULES", "DEGREES", "KNOBS", "KEYS"]

@@ -32,7 +32,7 @@ from ..config import ConfigError
 from .arch import Architecture
 from .hardware import Hardware, Stack
 from ..parallel.layout import ParallelLayout
-from .layout import RECOMPUTE, SCHEDULES, Layout, normalize_fixed, split_dp
+from .layout import EP_SCHEDULES, RECOMPUTE, SCHEDULES, Layout, normalize_fixed, split_dp
 
 GiB = 2**30
 OPTIMIZERS = ("adamw", "muon")
@@ -249,7 +249,7 @@ class Planner:
         core_flops = core * tokens / tp
         # autocast keeps the residual stream (embedding output, norms, residual adds) in fp32
         t = a.layer_tensors(moe, S, flash=flash, mtp=mtp, residual_bytes=4 if s.precision == "autocast" else 2,
-                            eager=stack.eager_autograd)
+                            eager=stack.eager_autograd, fp8_cache=stack.fp8_activation_cache and s.precision == "fp8")
         traffic_scale = stack.elementwise_passes
         rep_div = tp if sp else 1
         saved = {k: v * tokens for k, v in t.saved.items()}
@@ -257,6 +257,7 @@ class Planner:
         saved_dev = (saved["rep"] / rep_div + (saved["par"] + saved["s2"] * (not flash)) / tp + saved["exp"] / exp_div
                      + saved["idx"] / rep_div)
         s2_dev = saved["s2"] * (not flash) / tp
+        light_dev = t.light["rep"] * tokens / rep_div + t.light["par"] * tokens / tp  # dropped by recompute=norm_up
         traffic_dev = (traffic["rep"] / rep_div + (traffic["par"] + traffic["s2"] * (not flash)) / tp + traffic["exp"] / exp_div
                        + traffic["idx"] / rep_div)
         s2_traffic = traffic["s2"] * (not flash) / tp
@@ -289,13 +290,21 @@ class Planner:
             cp_bytes = n_attn * (cp - 1) / cp * b * S * kv_token
         a2a = 0.0
         if moe:
-            a2a = 2 * tokens / exp_div * a.slots * H * 2  # dispatch + combine rows, bf16
+            a2a = 2 * tokens / exp_div * a.slots * H * 2  # dispatch + combine rows in bf16: the buffers
+        # recompute=norm_up repeats the norms (element-wise) and the MLA up-projections (GEMMs)
+        up_params = 0.0
+        if a.attention == "mla":
+            up_params = n_attn * a.num_heads * (a.q_lora_rank * a.qk_dim + a.kv_lora_rank * (a.qk_nope_head_dim + a.v_head_dim))
+        norm_traffic = (n_attn + n_ffn + (moe and a.moe_style == "replace")) * 2 * 2 * H * tokens / rep_div
+        t_norm_up = (2 * up_params * tokens / tp / (peak * hw.gemm_efficiency)
+                     + traffic_scale * norm_traffic / (hw.hbm_bandwidth_gbs * 1e9 * hw.memory_efficiency))
         return {
             "gemm_flops": gemm_flops, "core_flops": core_flops,
             "t_gemm": t_gemm, "t_core": t_core, "t_mem": t_mem, "t_launch": t_launch,
             "t_s2_mem": traffic_scale * s2_traffic / (hw.hbm_bandwidth_gbs * 1e9 * hw.memory_efficiency),
             "fwd": fwd, "bwd": bwd, "overlap_share": overlap_share,
-            "saved": saved_dev, "saved_s2": s2_dev,
+            "saved": saved_dev, "saved_s2": s2_dev, "saved_light": light_dev, "t_norm_up": t_norm_up,
+            "routed_tokens": tokens / exp_div if moe else 0.0,
             "input": act_bytes / (tp if sp else 1),
             "act_bytes": act_bytes, "tp_collectives": tp_collectives, "cp_bytes": cp_bytes, "a2a_bytes": a2a,
             "tokens": tokens,
@@ -306,26 +315,46 @@ class Planner:
             return 0.0
         return nbytes / self.s.hw.group_bandwidth(size, stride) + self.s.hw.collective_latency_us * 1e-6
 
-    def _a2a_time(self, nbytes: float, ep: int, stride: int) -> float:
-        """All-to-all over ep ranks spaced `stride` (= tp) apart: the in-domain share rides the
-        scale-up links, the rest leaves through each chip's own NIC; both run at once."""
-        if ep <= 1 or nbytes <= 0:
+    def _a2a_time(self, tokens: float, row_bytes: float, ep: int, stride: int) -> float:
+        """One all-to-all (a dispatch or a combine) of `tokens` tokens' routed rows of `row_bytes`
+        over ep ranks spaced `stride` (= tp) apart: rows for ranks in the same scale-up domain ride
+        its links, the rest leave through each chip's own NIC; both run at once.
+
+        Node-limited routing (`route_max_nodes` = M, DeepSeek-V3 §2.1.2 with DeepEP's dispatch)
+        sends each token once to each destination node, at most M of them, and the node forwards
+        it over its scale-up links to the experts there: the network carries min(M, distinct remote
+        nodes) rows per token instead of one per remote expert."""
+        if ep <= 1 or tokens <= 0:
             return 0.0
-        hw = self.s.hw
+        a, hw = self.s.arch, self.s.hw
+        slots = a.slots
         local = max(1, min(ep, hw.scaleup_domain // max(1, stride)))
         up = hw.scaleup_bandwidth_gbs * hw.scaleup_efficiency * 1e9
         out = hw.scaleout_bandwidth_gbs * hw.scaleout_efficiency * 1e9
-        sent = nbytes * (ep - 1) / ep
-        in_domain = sent * (local - 1) / max(1, ep - 1)
-        remote = sent - in_domain
-        t = in_domain / up
-        if remote > 0:
-            t = max(t, remote / out)
+        in_domain_rows = slots * (local - 1) / ep
+        remote_slot_rows = slots * (ep - local) / ep
+        if a.route_max_nodes and ep > local:
+            nodes = math.ceil(ep / local)
+            touched = nodes * (1 - (1 - 1 / nodes) ** slots)  # distinct nodes among a token's experts
+            remote_rows = min(a.route_max_nodes, touched) * (nodes - 1) / nodes
+            in_domain_rows += remote_slot_rows  # forwarded inside the destination node
+        else:
+            remote_rows = remote_slot_rows
+        t = tokens * in_domain_rows * row_bytes / up
+        if remote_rows > 0:
+            t = max(t, tokens * remote_rows * row_bytes / out)
         return t + hw.collective_latency_us * 1e-6
+
+    def _a2a_rows(self) -> tuple[float, float]:
+        """(dispatch, combine) bytes per row in the forward: FP8 training dispatches e4m3 rows with
+        1x128 fp32 scales and combines in bf16 (DeepSeek-V3 §3.3); otherwise both bf16. The
+        backward sends bf16 gradients both ways."""
+        H = self.s.arch.hidden_size
+        return (H * (1 + 4 / 128), 2.0 * H) if self.s.precision == "fp8" else (2.0 * H, 2.0 * H)
 
     # --- one layer-microbatch, all passes, with communication ------------------------------------------
     def _layer_time(self, moe: bool, L: Layout, mtp: bool = False) -> dict[str, float]:
-        key = (moe, L.tp, L.cp, L.microbatch, L.recompute, L.ep, mtp)
+        key = (moe, L.tp, L.cp, L.microbatch, L.recompute, L.ep, L.ep_schedule, mtp)
         cached = self._layer_time_cache.get(key)
         if cached is None:
             cached = self._layer_time_cache[key] = self._layer_time_uncached(moe, L, mtp)
@@ -345,6 +374,8 @@ class Planner:
         elif L.recompute == "selective":
             compute += 0.5 * q["t_core"] * (not stack.flash_attention)  # QK^T again for the softmax
             mem += q["t_s2_mem"]
+        elif L.recompute == "norm_up":
+            compute += q["t_norm_up"]
         tp = 0.0
         if L.tp > 1:
             one = self._collective_time(ring_bytes("all_reduce", L.tp, q["act_bytes"]), L.tp, 1)
@@ -356,18 +387,27 @@ class Planner:
             cp = max(0.0, one - q["t_core"]) * (passes - 1) + max(0.0, one - 2 * q["t_core"])
         ep = 0.0
         if moe and L.ep > 1:
-            one = self._a2a_time(q["a2a_bytes"], L.ep, L.tp)
-            if self.s.arch.moe_style == "shortcut":
-                window_f = q["fwd"] * q["overlap_share"]
-                exposed = max(0.0, one - window_f) * (passes - 1) + max(0.0, one - 2 * window_f)
+            dispatch, combine = self._a2a_rows()
+            bf16 = 2.0 * self.s.arch.hidden_size
+            tokens = q["routed_tokens"]
+            fwd = self._a2a_time(tokens, dispatch, L.ep, L.tp) + self._a2a_time(tokens, combine, L.ep, L.tp)
+            bwd = 2 * self._a2a_time(tokens, bf16, L.ep, L.tp)
+            forwards = passes - 1  # the forward, and again under full recomputation
+            if L.ep_schedule == "shortcut":
+                # ScMoE: the block's dense work that does not wait for the MoE (FFN0, Attn1, FFN1)
+                window = q["fwd"] * q["overlap_share"]
+                ep = max(0.0, fwd - window) * forwards + max(0.0, bwd - 2 * window)
+            elif L.ep_schedule == "dualbatch":
+                # two half micro-batches: one half's all-to-all runs during the other's whole block
+                ep = max(0.0, fwd - q["fwd"]) * forwards + max(0.0, bwd - q["bwd"])
+                launch += q["t_launch"] * passes  # every kernel runs once per half
             else:
-                exposed = passes * one * (1 - stack.ep_overlap)
-            ep = exposed
+                ep = fwd * forwards + bwd
         return {"compute": compute, "memory_bound": mem, "overhead": launch, "tp_comm": tp, "ep_comm": ep, "cp_comm": cp}
 
     def _extras(self, L: Layout) -> tuple[dict[str, float], dict[str, float]]:
         """Work outside the blocks: the embedding (first stage), head, loss and MTP (last stage)."""
-        key = (L.tp, L.cp, L.microbatch, L.recompute, L.ep)
+        key = (L.tp, L.cp, L.microbatch, L.recompute, L.ep, L.ep_schedule)
         if key not in self._extras_cache:
             self._extras_cache[key] = self._extras_uncached(L)
         return self._extras_cache[key]
@@ -550,6 +590,9 @@ class Planner:
                            f"over dp_shard*cp={L.shard_group} (zero=3)")
         if L.recompute != "none":
             differs.append(f"recompute={L.recompute}: the runtime keeps every activation (recompute=none)")
+        if L.ep_schedule != "none":
+            differs.append(f"ep_schedule={L.ep_schedule}: the runtime's expert all-to-all waits for its rows "
+                           "(ep_schedule=none)")
         if L.tp > 1 and stack.sequence_parallel:
             differs.append(f"tp={L.tp}: the runtime's tensor parallelism has no sequence parallelism "
                            "(plan with --stack-set sequence_parallel=false)")
@@ -591,6 +634,16 @@ class Planner:
                 out.append(f"ep={L.ep} must divide the {a.n_routed_experts} routed experts")
             elif L.dp_shard % L.ep:
                 out.append(f"ep={L.ep} must divide dp_shard={L.dp_shard} (expert-parallel ranks are taken from the data-shard ranks)")
+        if L.ep_schedule not in EP_SCHEDULES:
+            out.append(f"ep_schedule must be one of {', '.join(EP_SCHEDULES)}, got '{L.ep_schedule}'")
+        elif L.ep_schedule != "none" and (L.ep <= 1 or not a.is_moe):
+            out.append(f"ep_schedule={L.ep_schedule} hides an expert all-to-all: it needs an MoE model and ep > 1 "
+                       "(use ep_schedule=none)")
+        elif L.ep_schedule == "shortcut" and a.moe_style != "shortcut":
+            out.append("ep_schedule=shortcut needs a shortcut MoE (LongCat ScMoE: moe_style = 'shortcut'); "
+                       "use dualbatch or none")
+        if L.recompute not in RECOMPUTE:
+            out.append(f"recompute must be one of {', '.join(RECOMPUTE)}, got '{L.recompute}'")
         if L.schedule not in SCHEDULES:
             out.append(f"pp_schedule must be one of {', '.join(SCHEDULES)}, got '{L.schedule}'")
         elif L.schedule == "interleaved":
@@ -634,8 +687,9 @@ class Planner:
     def _state_bytes(self) -> tuple[float, float, float]:
         """(weights, gradients, optimizer incl. fp32 master) bytes per parameter."""
         s = self.s
-        adam = 8.0
-        opt = adam if s.optimizer == "adamw" else self.muon_share * 4.0 + (1 - self.muon_share) * adam
+        moment = s.stack.optimizer_state_bytes
+        adam = 2 * moment
+        opt = adam if s.optimizer == "adamw" else self.muon_share * moment + (1 - self.muon_share) * adam
         if s.precision == "autocast":
             return 4.0, 4.0, opt  # fp32 weights are the master copy
         return 2.0, 4.0, opt + 4.0
@@ -654,6 +708,8 @@ class Planner:
                 working = max(working, q["saved"])
             elif L.recompute == "selective":
                 stored += share * (q["saved"] - q["saved_s2"])
+            elif L.recompute == "norm_up":
+                stored += share * (q["saved"] - q["saved_light"])
             else:
                 stored += share * q["saved"]
         return stored, working
@@ -703,6 +759,8 @@ class Planner:
                 "weights": weights,
                 "gradients": g_b * (sharded(L.zero >= 2) + ngram),
                 "optimizer": o_b * (sharded(L.zero >= 1) + ngram),
+                # an fp32 EMA of the weights, sharded like the optimizer state; none on the device when offloaded
+                "ema": 4.0 * (sharded(L.zero >= 1) + ngram) if stack.ema and not stack.ema_offload else 0.0,
             }
             if where == "only":
                 memory.update(activations=stored * n_first + mtp_act + working, pipeline_inflight=0.0, logits=logits)
@@ -781,6 +839,10 @@ class Planner:
             return ex["layers_gemm"] + ex["attention_core"] + (ex["mtp"] - 2 * self.s.arch.mtp_layers * self.s.arch.vocab_size * self.s.arch.hidden_size)
         if L.recompute == "selective" and not self.s.stack.flash_attention:
             return 0.5 * ex["attention_core"]
+        if L.recompute == "norm_up" and self.s.arch.attention == "mla":
+            a = self.s.arch
+            return 2 * a.num_layers * a.attn_per_layer * a.num_heads * (
+                a.q_lora_rank * a.qk_dim + a.kv_lora_rank * (a.qk_nope_head_dim + a.v_head_dim))
         return 0.0
 
     # --- checkpoints and failures ----------------------------------------------------------------------

@@ -70,6 +70,16 @@ def register(subparsers) -> None:
     p.add_argument("--parallel", default=None, metavar="LAYOUT",
                    help="parallel layout, e.g. dp_shard=2,ep=2 (default with --nproc N: dp_shard=N); AdamW only")
     p.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts of the group after a rank dies")
+    p.add_argument("--stage", choices=["yarn", "indexer-warmup", "sparse"], default=None,
+                   help="a context-extension stage starting from --init-from's weights (a new run in --out): "
+                        "yarn extends RoPE, indexer-warmup trains only the LSA indexers under dense attention, "
+                        "sparse trains everything with LSA on (docs/LONG_CONTEXT.md); also a [stage] table")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="with --stage: the run, checkpoint or model directory whose weights, model config, "
+                        "recipe and tokenizer the stage starts from")
+    p.add_argument("--yarn-factor", type=float, default=None, metavar="F",
+                   help="with --stage yarn: grow the context F-fold from the positions the checkpoint was "
+                        "trained for (its yarn_original_max_position_embeddings, or max_position_embeddings)")
     _add_common(p)
     p.set_defaults(func=run_train)
 
@@ -140,13 +150,32 @@ def run_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--config: file not found: {args.config}")
     if args.data is not None and not Path(args.data).exists():
         raise ConfigError(f"--data: path not found: {args.data}")
-    run = build_run_config(preset_name=args.preset, config_file=args.config, overrides=args.overrides,
-                           train_values=_train_values(args), base=base)
+    run = _stage_run_config(args)
+    if run is None:
+        run = build_run_config(preset_name=args.preset, config_file=args.config, overrides=args.overrides,
+                               train_values=_train_values(args), base=base)
     if getattr(args, "nproc", 1) > 1 or getattr(args, "parallel", None) or _under_torchrun():
         return _run_train_parallel(args, run, out, console)
     result, trainer, _ = _with_data_errors(lambda: train_run(run, out, resume=args.resume, console=console))
     _print_summary(console, result, trainer)
     return 0
+
+
+def _stage_run_config(args: argparse.Namespace) -> RunConfig | None:
+    """The run config of a --stage / [stage] run (None for plain training; `--resume` alone reads the
+    saved config, which holds the stage)."""
+    from .stages import read_stage_table, stage_run_config
+
+    table = read_stage_table(args.config)
+    kind = args.stage or table.get("kind")
+    if kind is None:
+        if args.init_from or args.yarn_factor is not None:
+            raise ConfigError("--init-from and --yarn-factor belong to a stage; add --stage yarn|indexer-warmup|sparse")
+        return None
+    if args.preset:
+        raise ConfigError("--preset does not apply to a stage: the model comes from --init-from")
+    return stage_run_config(kind=kind, init_from=args.init_from, config_file=args.config, overrides=args.overrides,
+                            train_values=_train_values(args), yarn_factor=args.yarn_factor, table=table)
 
 
 def _under_torchrun() -> bool:
@@ -228,6 +257,21 @@ def _prepare_demo_dir(out: Path) -> None:
     (out / DEMO_MARKER).write_text("written by `longcat demo`; the next demo run replaces this directory\n")
 
 
+def demo_run_config(overrides: list[str] | tuple[str, ...] = (), *, preset_name: str = "small",
+                    **train_values) -> RunConfig:
+    """What `longcat demo` trains: the small preset (or `preset_name`) with the demo's defaults,
+    then `overrides` (`model.FIELD=V` / `train.FIELD=V`), then `train_values` (the demo's flags)."""
+    defaults = dict(steps=1_000_000, seq_len=DEMO_SEQ_LEN, micro_batch=DEMO_MICRO_BATCH, precision="auto",
+                    lr=DEMO_LR, warmup_steps=30, eval_every=0, eval_batches=16, checkpoint_every=0, sample_tokens=60)
+    train_values = {"optimizer": DEMO_OPTIMIZER, "threads": DEMO_THREADS, "time_budget": DEMO_TIME_BUDGET,
+                    **train_values}
+    return build_run_config(
+        preset_name=preset_name,
+        overrides=[f"model.vocab_size={DEMO_VOCAB}", *(f"train.{k}={v}" for k, v in defaults.items()), *overrides],
+        train_values=train_values,
+    )
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -238,18 +282,9 @@ def run_demo(args: argparse.Namespace) -> int:
     wall0 = time.perf_counter()
     out = Path(args.out)
     threads = args.threads or DEMO_THREADS
-    # demo defaults first, then the user's --set, then the demo's own flags
-    defaults = dict(steps=1_000_000, seq_len=DEMO_SEQ_LEN, micro_batch=DEMO_MICRO_BATCH, precision="auto",
-                    lr=DEMO_LR, warmup_steps=30, eval_every=0, eval_batches=16, checkpoint_every=0, sample_tokens=60)
-    run = build_run_config(
-        preset_name="small",
-        overrides=[f"model.vocab_size={DEMO_VOCAB}", *(f"train.{k}={v}" for k, v in defaults.items()), *args.overrides],
-        train_values=dict(
-            time_budget=args.time_budget, optimizer=args.optimizer, threads=threads, seed=args.seed,
-            peak_tflops=args.peak_tflops, max_bytes=args.max_bytes,
-            **({"progress": False} if args.no_progress else {}),
-        ),
-    )
+    run = demo_run_config(args.overrides, time_budget=args.time_budget, optimizer=args.optimizer, threads=threads,
+                          seed=args.seed, peak_tflops=args.peak_tflops, max_bytes=args.max_bytes,
+                          **({"progress": False} if args.no_progress else {}))
     _prepare_demo_dir(out)
     cache = out / "cache"
     cache.mkdir(exist_ok=True)

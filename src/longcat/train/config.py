@@ -77,6 +77,12 @@ class TrainConfig:
     progress: bool = True  # live rich progress bar
     tensorboard: bool = True  # TensorBoard event files when tensorboard is installed
     peak_tflops: float = 0.0  # MFU denominator per device (times the rank count); 0 = measure a GEMM peak at start
+    # --- long-context stages (train/stages.py, docs/LONG_CONTEXT.md) ---------------------------------
+    stage: str = "pretrain"  # "pretrain", "yarn", "indexer-warmup" or "sparse"
+    init_from: str | None = None  # run or checkpoint directory whose weights start the stage (new run)
+    freeze: str = "none"  # "none", or "all-but-indexer": only the LSA indexers train
+    retrieval_ratio: float = 0.0  # share of training rows replaced by synthetic retrieval examples
+    retrieval_tasks: str = "passkey,niah_single,niah_multikey,vt"  # tasks of those rows
     # --- checkpoints ---------------------------------------------------------------------------------
     checkpoint_every: int = 200  # steps between checkpoints (a final one is always written)
     keep_checkpoints: int = 3  # keep the newest k complete checkpoints
@@ -107,6 +113,10 @@ class TrainConfig:
             (self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0"),
             (self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1"),
             (self.peak_tflops >= 0, "peak_tflops", "must be >= 0"),
+            (self.stage in ("pretrain", "yarn", "indexer-warmup", "sparse"), "stage",
+             "must be 'pretrain', 'yarn', 'indexer-warmup' or 'sparse'"),
+            (self.freeze in ("none", "all-but-indexer"), "freeze", "must be 'none' or 'all-but-indexer'"),
+            (0 <= self.retrieval_ratio <= 1, "retrieval_ratio", "must be in [0, 1]"),
         ]
         for ok, name, rule in checks:
             if not ok:
@@ -255,9 +265,9 @@ def read_toml(path: str | Path) -> tuple[str | None, dict[str, Any], dict[str, A
         data = tomllib.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot parse {path}: {exc}") from exc
-    unknown = sorted(set(data) - {"model", "train", "preset"})
+    unknown = sorted(set(data) - {"model", "train", "preset", "stage"})
     if unknown:
-        raise ConfigError(f"unknown table(s) in {path}: {', '.join(unknown)}; expected [model] and [train]")
+        raise ConfigError(f"unknown table(s) in {path}: {', '.join(unknown)}; expected [model], [train] and [stage]")
     model = dict(data.get("model", {}))
     name = model.pop("preset", data.get("preset"))
     return name, model, dict(data.get("train", {}))

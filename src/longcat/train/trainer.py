@@ -43,6 +43,7 @@ from ..config import ConfigError, ModelConfig, from_dict
 from ..devices import resolve_device
 from ..model import build_model
 from ..model.count import count_parameters
+from ..telemetry import Telemetry
 from . import checkpoint as ckpt
 from .config import RunConfig
 from .engine import LocalEngine, LossWeights, StepEngine, update_router_bias
@@ -156,7 +157,9 @@ class Trainer:
         self.cfg = run.train
         self.out_dir = Path(out_dir)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else self.out_dir / "checkpoints"
-        self.batches = batches
+        from .stages import mix_retrieval, prepare_model
+
+        self.batches = mix_retrieval(batches, run.train, tokenizer)
         self.eval_data = eval_data
         self.tokenizer = tokenizer
         self.on_step = on_step
@@ -192,6 +195,8 @@ class Trainer:
 
         model = build_model(run.model, device=self.device, seed=cfg.seed)  # the same on every rank
         model.train()
+        # a long-context stage: the initial run's weights (a new run, not a resume), frozen parts
+        prepare_model(model, cfg, initialise=not (resume or resume_from is not None))
         if dims is None:
             self.engine: StepEngine = LocalEngine(model, self.device, self.autocast_dtype)
         else:
@@ -282,7 +287,7 @@ class Trainer:
         return self.schedule.done(self.step, self.elapsed)
 
     # -----------------------------------------------------------------------------------------------
-    def _step(self) -> dict[str, Any]:
+    def train_step(self) -> dict[str, Any]:
         """One optimizer step over grad_accum micro-batches. Returns its metrics record."""
         cfg, engine = self.cfg, self.engine
         t0 = time.perf_counter()
@@ -423,11 +428,13 @@ class Trainer:
                              metrics=self.metrics.path if self.metrics is not None else None)
         progress = _Progress(self, enabled=cfg.progress and self.is_main and self.console.is_terminal)
         last_eval: dict | None = None
+        telemetry = Telemetry(self.device, interval_s=1.0)  # rss_gib, cpu_percent, device_mem_gib per record
         try:
-            with progress:
+            with progress, telemetry:
                 while not self._done():
                     t0 = time.perf_counter()
-                    record = self._step()
+                    record = self.train_step()
+                    record.update(telemetry.record_fields())
                     result.losses.append(record["loss"])
                     self._write(record)
                     if self.on_step is not None:

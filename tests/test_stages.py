@@ -1,0 +1,110 @@
+"""Context-extension stages: pre-train short, then yarn -> indexer-warmup -> sparse, each a new run
+starting from the previous one's checkpoint (tiny sizes, a few steps each)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from longcat.cli import main
+from longcat.config import ConfigError
+from longcat.errors import UserError
+from safetensors.torch import load_file
+from longcat.train.metrics import read_metrics
+
+COMMON = ["--threads", "1", "--no-progress", "--peak-tflops", "0.1", "--set", "train.micro_batch=2",
+          "--set", "train.tensorboard=false", "--set", "train.eval_batches=1", "--set", "train.sample_tokens=4"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    words = ("the cat sat on a mat and then it ran to the red house where a dog lived with two small "
+             "birds that sang every morning while the sun rose over the hill").split()
+    root = tmp_path_factory.mktemp("corpus")
+    with open(root / "docs.jsonl", "w", encoding="utf-8") as f:
+        for _ in range(600):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 60)))}) + "\n")
+    return root / "docs.jsonl"
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, corpus) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "pre"
+    assert main(["train", "--preset", "tiny", *COMMON, "--data", str(corpus), "--out", str(out), "--steps", "3",
+                 "--set", "model.yarn_factor=1", "--set", "model.max_position_embeddings=64",
+                 "--set", "train.seq_len=64"]) == 0
+    return out
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    step = sorted((run / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:]))[-1]
+    return load_file(step / "model" / "model.safetensors")
+
+
+def test_stages_chain(tmp_path, corpus, pretrained):
+    before = _weights(pretrained)
+    yarn = tmp_path / "yarn"
+    assert main(["train", "--stage", "yarn", "--init-from", str(pretrained), "--yarn-factor", "4", *COMMON,
+                 "--data", str(corpus), "--out", str(yarn), "--steps", "2", "--set", "train.seq_len=128"]) == 0
+    cfg = json.loads(next((yarn / "checkpoints").glob("step_*/train_config.json")).read_text())
+    assert cfg["model"]["yarn_factor"] == 4.0
+    assert cfg["model"]["yarn_original_max_position_embeddings"] == 64
+    assert cfg["model"]["max_position_embeddings"] == 256
+    assert cfg["train"]["stage"] == "yarn" and cfg["train"]["lsa_dense_warmup_steps"] == 2
+    # the stage started from the pre-trained weights: after 2 small steps they are close, not re-initialised
+    after = _weights(yarn)
+    w = "layers.0.self_attn.0.q_a_proj.weight"
+    assert (after[w] - before[w]).abs().max() < 0.5 * before[w].abs().max()
+
+    warm = tmp_path / "warm"
+    assert main(["train", "--stage", "indexer-warmup", "--init-from", str(yarn), *COMMON, "--data", str(corpus),
+                 "--out", str(warm), "--steps", "3"]) == 0
+    w_after = _weights(warm)
+    y_after = _weights(yarn)
+    changed = {k for k in w_after if not torch.equal(w_after[k], y_after[k])}
+    assert changed and all(".indexer." in k for k in changed), sorted(changed)[:5]
+    records = [r for r in read_metrics(warm / "metrics.jsonl") if r["kind"] == "train"]
+    assert all("indexer_loss" in r for r in records)
+    assert all(r["indexer_loss"] > 0 for r in records)  # the KL towards dense attention is trained
+
+    sparse = tmp_path / "sparse"
+    stage = tmp_path / "stage.toml"
+    stage.write_text(f'[stage]\nkind = "sparse"\ninit_from = "{warm}"\nretrieval_ratio = 0.5\n'
+                     f'retrieval_tasks = "passkey"\n[train]\nseq_len = 256\n')
+    assert main(["train", "--config", str(stage), *COMMON, "--data", str(corpus), "--out", str(sparse),
+                 "--steps", "2", "--set", "train.checkpoint_every=1"]) == 0
+    cfg = json.loads(next((sparse / "checkpoints").glob("step_2/train_config.json")).read_text())
+    assert cfg["train"]["stage"] == "sparse" and cfg["train"]["lsa_dense_warmup_steps"] == 0
+    s_after = _weights(sparse)
+    assert not torch.equal(s_after[w], w_after[w])  # everything trains again
+    # resume the stage run: continues from its own checkpoint
+    assert main(["train", "--resume", "--out", str(sparse), *COMMON, "--data", str(corpus), "--steps", "3"]) == 0
+    assert [r["step"] for r in read_metrics(sparse / "metrics.jsonl") if r["kind"] == "train"][-1] == 3
+
+
+def test_stage_errors(tmp_path, pretrained, corpus):
+    with pytest.raises((ConfigError, UserError), match="--init-from"):
+        main(["train", "--stage", "sparse", *COMMON, "--out", str(tmp_path / "a")])
+    with pytest.raises((ConfigError, UserError), match="yarn-factor"):
+        main(["train", "--stage", "yarn", "--init-from", str(pretrained), *COMMON, "--out", str(tmp_path / "b")])
+    with pytest.raises((ConfigError, UserError), match="max_position_embeddings"):
+        main(["train", "--stage", "sparse", "--init-from", str(pretrained), *COMMON, "--data", str(corpus),
+              "--out", str(tmp_path / "c"), "--set", "train.seq_len=128"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[stage]\nkind = "sparse"\nfactor = 3\n')
+    with pytest.raises((ConfigError, UserError), match="unknown key"):
+        main(["train", "--config", str(bad), *COMMON, "--out", str(tmp_path / "d")])
