@@ -141,7 +141,7 @@ def test_memory_responds_to_zero_recompute_and_optimizer():
     assert muon.memory_gib["optimizer"] < adam.memory_gib["optimizer"]
     plan = p.evaluate(Layout(**base))
     assert plan.fits == (plan.memory_gib["total"] <= 79.6)
-    assert set(plan.memory) == {"weights", "gradients", "optimizer", "activations", "pipeline_inflight", "logits",
+    assert set(plan.memory) == {"weights", "gradients", "optimizer", "ema", "activations", "pipeline_inflight", "logits",
                                 "comm_buffers", "reserved"}
 
 

@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "longcat.interop.cli",
     "longcat.bench.cli",
     "longcat.plan.cli",
+    "longcat.eval.cli",
     "longcat.train.parity_cli",  # `longcat parallel check`: it runs the Trainer, so it lives in train/
 ]
 

@@ -375,6 +375,9 @@ _HF_IGNORED = {
     "torchscript", "use_bfloat16", "tie_encoder_decoder", "add_cross_attention", "is_decoder",
     "cross_attention_hidden_size", "finetuning_task", "prefix", "sep_token_id", "decoder_start_token_id",
     "task_specific_params", "tf_legacy_loss", "pruned_heads", "output_scores", "return_dict_in_generate",
+    # published LongCat configs: read by the checkpoint loader (oe_embed_dim, index_k_norm_type) or
+    # without architectural content for us
+    "oe_embed_dim", "index_k_norm_type", "attention_method", "num_nextn_predict_layers", "torch_dtype",
 }
 
 
@@ -418,15 +421,26 @@ def from_hf_config(data: dict[str, Any]) -> ModelConfig:
         raise ConfigError("tie_word_embeddings=true is not part of the LongCat architecture (untied head)")
     if data.get("num_key_value_heads") not in (None, data.get("num_attention_heads")):
         raise ConfigError("num_key_value_heads must equal num_attention_heads for MLA")
+    for key in ("mla_scale_q_lora", "mla_scale_kv_lora"):
+        if data.get(key) is False:
+            raise ConfigError(f"{key}=false is not supported: longcat's MLA always applies the LoRA variance scale")
+    if data.get("index_k_norm_type") not in (None, "rmsnorm", "RMSNorm", "rms"):
+        raise ConfigError(f"index_k_norm_type {data['index_k_norm_type']!r} is not supported: the LSA indexer's "
+                          "key norm is an RMSNorm")
+    if data.get("zero_expert_type") not in (None, "identity"):
+        raise ConfigError(f"zero_expert_type {data['zero_expert_type']!r} is not supported (identity only)")
     return from_dict(values, source="Hugging Face config.json")
 
 
-def to_hf_config(config: ModelConfig) -> dict[str, Any]:
-    """A config.json that transformers' LongcatFlashConfig reads (and the LongCat-2.0 keys)."""
+def to_hf_config(config: ModelConfig, architecture: str = "LongcatFlashForCausalLM") -> dict[str, Any]:
+    """A config.json in the published family `architecture`: LongcatFlashForCausalLM (with
+    model_type longcat_flash, which transformers' LongcatFlashConfig needs and the published file
+    lacks), LongcatFlashNgramForCausalLM (n-gram keys ngram_vocab_size_ratio, emb_neighbor_num,
+    emb_split_num) or LongcatCausalLM (model_type null; oe_* n-gram keys, LSA index_* keys)."""
     c = config
     out: dict[str, Any] = {
-        "architectures": ["LongcatFlashForCausalLM"],
-        "model_type": "longcat_flash",
+        "architectures": [architecture],
+        "model_type": "longcat_flash" if architecture == "LongcatFlashForCausalLM" else None,
         "vocab_size": c.vocab_size,
         "hidden_size": c.hidden_size,
         "num_layers": c.num_layers,
@@ -470,12 +484,20 @@ def to_hf_config(config: ModelConfig) -> dict[str, Any]:
             "mscale": c.yarn_mscale,
             "mscale_all_dim": c.yarn_mscale_all_dim,
         }
-    if c.ngram_enabled:
+    if c.ngram_enabled and architecture == "LongcatFlashNgramForCausalLM":
+        out.update(
+            ngram_vocab_size_ratio=c.oe_vocab_size_ratio,
+            emb_neighbor_num=c.oe_neighbor_num,
+            emb_split_num=c.oe_split_num,
+            oe_scale_word_embedding=c.oe_scale_word_embedding,
+        )
+    elif c.ngram_enabled:
         out.update(
             use_over_embedding=True,
             oe_vocab_size_ratio=c.oe_vocab_size_ratio,
             oe_neighbor_num=c.oe_neighbor_num,
             oe_split_num=c.oe_split_num,
+            oe_embed_dim=c.hidden_size // c.ngram_branches,
             oe_scale_word_embedding=c.oe_scale_word_embedding,
         )
     if c.lsa_enabled:

@@ -131,9 +131,9 @@ def accelerators() -> list[dict[str, Any]]:
     for kind in ("xpu", "npu", "mps"):
         backend = getattr(torch, kind, None)
         if kind == "npu":
-            from ..devices import _register_npu
-
-            if not _register_npu():
+            try:
+                import torch_npu  # noqa: F401  (Ascend NPUs are a torch device type once it is imported)
+            except ImportError:
                 continue
             backend = getattr(torch, "npu", None)
         if backend is None or not callable(getattr(backend, "is_available", None)) or not backend.is_available():

@@ -60,6 +60,7 @@ class Trial:
     status: str = ""
     seconds: float = 0.0
     peak_rss_gib: float | None = None
+    peak_device_gib: float | None = None  # the device allocator's peak (null on the CPU)
     baseline_vms_gib: float | None = None
     message: str = ""
 
@@ -126,6 +127,7 @@ def run_trial(trial: Trial) -> Trial:
         except ValueError:
             continue
         trial.peak_rss_gib, trial.baseline_vms_gib = data.get("peak_rss_gib"), data.get("baseline_vms_gib")
+        trial.peak_device_gib = data.get("peak_device_gib")
         break
     if trial.status != "ok":
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
@@ -205,7 +207,10 @@ def _child(trial: Trial) -> None:
         prompts = torch.randint(3, vocab, (trial.batch, trial.seq_len), generator=gen).tolist()
         params = SamplingParams(max_new_tokens=trial.decode_tokens, temperature=0, ignore_eos=True)
         Engine(model).generate(prompts, params)
-    print(json.dumps({"peak_rss_gib": peak_rss_bytes() / GiB, "baseline_vms_gib": baseline}))
+    backend = getattr(torch, device.type, None) if device.type != "cpu" else None
+    device_peak = getattr(backend, "max_memory_allocated", None)
+    print(json.dumps({"peak_rss_gib": peak_rss_bytes() / GiB, "baseline_vms_gib": baseline,
+                      "peak_device_gib": device_peak(device) / GiB if callable(device_peak) else None}))
 
 
 # --- the predicted frontier -----------------------------------------------------------------------------

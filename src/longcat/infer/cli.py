@@ -54,6 +54,10 @@ def register(subparsers) -> None:
                         "tokenizer's bos setting otherwise), the bos token, or nothing")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights and cache dtype (default: as stored)")
+    p.add_argument("--weights-dtype", choices=["fp8", "bf16", "fp32"], default=None,
+                   help="fp8: keep expert and projection weights in memory as e4m3 with 128x128 block scales "
+                        "(half the bytes of bf16; quantized on load if the checkpoint is not FP8); bf16/fp32: "
+                        "dequantize and cast every weight (default: as stored, FP8 checkpoints dequantized)")
     p.add_argument("--device", default="cpu",
                    help="torch device: cpu, cuda, cuda:N, mps, xpu, ..., or auto for the best one present (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -131,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     device = resolve_device(args.device, setting="--device")
     try:
-        model = load(model_dir, device=device, dtype=dtype)
+        model = load(model_dir, device=device, dtype=dtype, weights_dtype=args.weights_dtype)
     except CheckpointError as exc:
         raise _user_error(str(exc)) from exc
     model.eval()

@@ -363,8 +363,8 @@ class Scheduler:
         request.prefilled = e
         if e == L:
             logits = model.lm_head(out.hidden_states[:, -1]).unsqueeze(1)  # (1, 1, V)
-            self._prefilling = None
             self._start(request, logits)
+            self._prefilling = None  # after the start: a failure there still reaches this request
         return e - s
 
     def _start(self, request: Request, logits: torch.Tensor) -> None:

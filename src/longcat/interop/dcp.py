@@ -73,7 +73,8 @@ def read_dcp_model_state(step_dir: str | os.PathLike) -> dict[str, torch.Tensor]
     return {key[len(MODEL_PREFIX):]: t for key, t in state.items()}
 
 
-def load_dcp(step_dir: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None) -> LongCatForCausalLM:
+def load_dcp(step_dir: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None,
+             weights_dtype: str | None = None) -> LongCatForCausalLM:
     """The model of one DCP training checkpoint directory (step_N with .metadata and COMPLETE)."""
     step_dir = Path(step_dir)
     config = dcp_model_config(step_dir)
@@ -82,7 +83,7 @@ def load_dcp(step_dir: str | os.PathLike, *, device="cpu", dtype: torch.dtype | 
         warnings.warn(f"{step_dir} has no MTP weights (a pipeline-parallel run trains none); loading without "
                       "MTP heads (mtp_num_layers=0)", stacklevel=2)
         config = config.replace(mtp_num_layers=0)
-    return materialize(config, state, device=device, dtype=dtype, origin=str(step_dir))
+    return materialize(config, state, device=device, dtype=dtype, weights_dtype=weights_dtype, origin=str(step_dir))
 
 
 __all__ = ["load_dcp", "read_dcp_model_state", "dcp_model_config", "TRAIN_CONFIG", "MODEL_PREFIX"]

@@ -14,7 +14,7 @@ import torch
 
 from ..config import ConfigError, from_dict
 from ..model import LongCatForCausalLM
-from .materialize import materialize
+from .materialize import Part, Planned, materialize
 from .safetensors_io import CheckpointError, SafetensorsDir, write_sharded
 
 
@@ -29,15 +29,19 @@ def save_model(model: LongCatForCausalLM, path: str | os.PathLike, *, tokenizer_
     return path
 
 
-def load_model(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None) -> LongCatForCausalLM:
+def load_model(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None,
+               weights_dtype: str | None = None) -> LongCatForCausalLM:
     path = Path(path)
     try:
         config = from_dict(json.loads((path / "config.json").read_text()), source=str(path / "config.json"))
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from exc
     source = SafetensorsDir(path)
-    state = dict(source.items())
-    return materialize(config, state, device=device, dtype=dtype, origin=str(path))
+    state = {key: Planned(source, [Part(key)]) for key in source.keys()}  # read lazily, one at a time
+    try:
+        return materialize(config, state, device=device, dtype=dtype, weights_dtype=weights_dtype, origin=str(path))
+    finally:
+        source.close()
 
 
 __all__ = ["save_model", "load_model"]

@@ -184,14 +184,20 @@ class SafetensorsDir:
         self.close()
 
 
+# Reading a page of a mapped file also maps its cached neighbours (the kernel's fault-around, 64 KiB
+# by default), which may belong to tensors read before: drop this much around each tensor as well.
+_DROP_MARGIN = 1 << 20
+
+
 def _drop_pages(mapped: mmap.mmap, start: int, nbytes: int) -> None:
     advice = getattr(mmap, "MADV_DONTNEED", None)
     if advice is None:
         return
-    page = mmap.PAGESIZE
-    begin = start - start % page
+    begin = max(0, start - _DROP_MARGIN)
+    begin -= begin % mmap.PAGESIZE
+    end = min(len(mapped), start + nbytes + _DROP_MARGIN)
     try:
-        mapped.madvise(advice, begin, start + nbytes - begin)
+        mapped.madvise(advice, begin, end - begin)
     except (OSError, ValueError):  # advice is an optimisation only
         pass
 

@@ -84,14 +84,19 @@ def select_tokens(scores: torch.Tensor, causal: torch.Tensor, config: ModelConfi
         return None
     key_pos = torch.arange(S, device=scores.device)
     # the query's own position is its last causal key
-    query_pos = causal.long().cumsum(-1)[..., -1:] - 1  # (B, T, 1)
+    query_pos = causal.sum(-1, keepdim=True, dtype=torch.int32) - 1  # (B, T, 1)
     forced = (key_pos < config.index_init_tokens) | (key_pos > query_pos - config.index_local_tokens)
     choice = scores.float().masked_fill(forced, float("inf")).masked_fill(~causal, float("-inf"))
-    # A stable sort, not topk: relu makes exact score ties common, and topk breaks ties in an order
-    # that depends on the tensor width, so a cached decode would pick differently from a full
-    # forward. Ties go to the earlier key; columns past the query are -inf and sort last.
-    top = choice.sort(dim=-1, descending=True, stable=True).indices[..., : config.index_topk]
-    keep = torch.zeros_like(causal).scatter_(-1, top, True)
+    # What a stable descending sort would keep, without sorting the row: every key above the k-th
+    # largest score, then the earliest of the keys equal to it. relu makes exact ties common, and
+    # topk alone breaks them in an order that depends on the tensor width (a cached decode would pick
+    # differently from a full forward); columns past the query are -inf and come last.
+    k = config.index_topk
+    kth = choice.topk(k, dim=-1).values[..., -1:]  # (B, T, 1)
+    above = choice > kth
+    tied = choice == kth
+    room = k - above.sum(-1, keepdim=True, dtype=torch.int32)  # (B, T, 1) ties still taken
+    keep = above | (tied & (tied.cumsum(-1, dtype=torch.int32) <= room))
     return keep & causal
 
 
@@ -156,9 +161,10 @@ class MLA(nn.Module):
 
         if cache is None:
             out = self._dense_path(q_nope, q_rope, c_kv, k_rope, keep)
+        elif keep is not None:
+            out = self._selected_path(q_nope, q_rope, c_kv_all, k_rope_all, keep)
         else:
-            mask = causal if keep is None else keep
-            out = self._absorbed_path(q_nope, q_rope, c_kv_all, k_rope_all, mask)
+            out = self._absorbed_path(q_nope, q_rope, c_kv_all, k_rope_all, causal)
         return linear(out.reshape(B, T, -1), self.o_proj), keep, index_loss
 
     # ------------------------------------------------------------------------------------------
@@ -219,6 +225,28 @@ class MLA(nn.Module):
         o_lat = o_lat.transpose(0, 1).reshape(h, B * T, kv)
         out = linear(o_lat, w_uv.to(o_lat.dtype))  # (h, B*T, v): W_uv applied per head
         return out.view(h, B, T, self.v_dim).permute(1, 2, 0, 3)
+
+    def _selected_path(self, q_nope, q_rope, c_kv_all, k_rope_all, keep):
+        """LSA over the latent cache: each query attends to its index_topk selected keys only,
+        gathered from the cache, so the work per query does not grow with the context.
+
+        keep (B, T, S) with at most index_topk True per row -> (B, T, h, v).
+        """
+        B, T, h, _ = q_nope.shape
+        k = min(self.config.index_topk, keep.shape[-1])
+        chosen = keep.to(torch.uint8).topk(k, dim=-1)  # (B, T, k): the kept keys, then padding
+        valid = chosen.values.bool()  # (B, T, k)
+        at = chosen.indices.reshape(B, T * k, 1)
+        c_sel = c_kv_all.gather(1, at.expand(B, T * k, self.kv_lora)).view(B, T, k, self.kv_lora)
+        r_sel = k_rope_all.gather(1, at.expand(B, T * k, self.rope)).view(B, T, k, self.rope)
+        w_uk, w_uv = self.absorbed_weights()  # (h, nope, kv), (h, v, kv)
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk.to(q_nope.dtype))  # (B, T, h, kv)
+        scores = torch.einsum("bthc,btkc->bthk", q_lat, c_sel.to(q_lat.dtype)) + torch.einsum(
+            "bthr,btkr->bthk", q_rope, r_sel.to(q_rope.dtype)
+        )  # (B, T, h, k)
+        probs = (scores.float() * self.scale).masked_fill(~valid.unsqueeze(2), float("-inf")).softmax(-1)
+        o_lat = torch.einsum("bthk,btkc->bthc", probs.to(c_sel.dtype), c_sel)  # (B, T, h, kv)
+        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv.to(o_lat.dtype))  # (B, T, h, v)
 
     # ------------------------------------------------------------------------------------------
     def _select(self, x, q_latent, ctx, layer, causal, q_nope, q_rope, c_kv_all, k_rope_all):

@@ -77,8 +77,9 @@ FP8_LINEARS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_pro
 SCALE_SUFFIX = "_scale_inv"
 
 
-def is_fp8(t: torch.Tensor) -> bool:
-    return t.dtype == FP8_DTYPE
+def is_fp8(t: torch.Tensor | torch.dtype) -> bool:
+    """Whether a tensor (or a dtype) is e4m3."""
+    return (t if isinstance(t, torch.dtype) else t.dtype) == FP8_DTYPE
 
 
 def dequantize_stacked(q: torch.Tensor, scale_inv: torch.Tensor, parts: int, dtype: torch.dtype) -> torch.Tensor:

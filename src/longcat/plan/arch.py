@@ -116,6 +116,8 @@ class Architecture:
                 raise ConfigError("an MoE architecture needs expert_ffn_hidden_size > 0")
             if not 0 <= self.first_dense_layers < self.num_layers:
                 raise ConfigError(f"first_dense_layers must be in [0, num_layers), got {self.first_dense_layers}")
+        if self.route_max_nodes < 0:
+            raise ConfigError(f"route_max_nodes must be >= 0 (0: no node limit), got {self.route_max_nodes}")
         if self.ffn_per_layer < 0 or (not self.is_moe and self.ffn_per_layer == 0):
             raise ConfigError("a dense architecture needs ffn_per_layer >= 1")
         if self.sparse_topk < 0 or (self.index_heads and self.index_head_dim <= 0):

@@ -1,4 +1,4 @@
-"""The planner's layout: the runtime's parallel degrees plus three knobs only the planner models.
+"""The planner's layout: the runtime's parallel degrees plus the knobs only the planner models.
 
 One vocabulary for both sides (DESIGN §6): the degrees are a `longcat.parallel.ParallelLayout`
 (`dp_replicate`, `dp_shard`, `ep`, `tp`, `cp`, `pp`, `pp_schedule`, `pp_microbatches`,
@@ -19,7 +19,7 @@ The planner adds what the degrees do not say:
   (each micro-batch split in two, one half's all-to-all overlapping the other half's compute:
   SGLang/DeepEP two-batch overlap, DeepSeek's DualPipe), shortcut (LongCat's ScMoE: the dense FFN
   and the second attention, which do not depend on the MoE, run during its all-to-all). Printed
-  only when not none.
+  whenever ep > 1; left out of a complete --layout, the fastest is taken (none with --runnable).
 - `microbatch`: sequences per micro-batch on each data-parallel rank. The micro-batch count
   follows from the global batch; with pp > 1 it is `pp_microbatches`.
 
@@ -104,7 +104,8 @@ class Layout:
 
     def __str__(self) -> str:
         text = f"{self.parallel},zero={self.zero},recompute={self.recompute},microbatch={self.microbatch}"
-        return text if self.ep_schedule == "none" else f"{text},ep_schedule={self.ep_schedule}"
+        # with expert parallelism always said, so that a printed layout given back is evaluated as printed
+        return text if self.ep <= 1 and self.ep_schedule == "none" else f"{text},ep_schedule={self.ep_schedule}"
 
     def to_dict(self) -> dict[str, Any]:
         p = self.parallel

@@ -400,7 +400,7 @@ class Planner:
             elif L.ep_schedule == "dualbatch":
                 # two half micro-batches: one half's all-to-all runs during the other's whole block
                 ep = max(0.0, fwd - q["fwd"]) * forwards + max(0.0, bwd - q["bwd"])
-                launch += q["t_launch"] * passes  # every kernel runs once per half
+                launch *= 2  # every kernel runs once per half
             else:
                 ep = fwd * forwards + bwd
         return {"compute": compute, "memory_bound": mem, "overhead": launch, "tp_comm": tp, "ep_comm": ep, "cp_comm": cp}
@@ -904,9 +904,9 @@ def candidate_layouts(planner: Planner, fixed: dict[str, Any], *, runnable: bool
             pps = [p for p in range(1, L + 1) if L % p == 0]
     schedules = [fixed["pp_schedule"]] if "pp_schedule" in fixed else ["1f1b", "interleaved"]
     zeros = [fixed["zero"]] if "zero" in fixed else ([3] if runnable else [1, 2, 3])
-    recomputes = [fixed["recompute"]] if "recompute" in fixed else (["none"] if runnable else ["none", "selective", "full"])
+    recomputes = [fixed["recompute"]] if "recompute" in fixed else (["none"] if runnable else ["none", "norm_up", "selective", "full"])
     if s.stack.flash_attention and "recompute" not in fixed and not runnable:
-        recomputes = ["none", "full"]  # selective only drops the S x S scores flash never stores
+        recomputes = ["none", "norm_up", "full"]  # selective only drops the S x S scores flash never stores
     fixed_shard, fixed_rep = fixed.get("dp_shard"), fixed.get("dp_replicate")
     out = []
     for tp in tps:
@@ -920,7 +920,7 @@ def candidate_layouts(planner: Planner, fixed: dict[str, Any], *, runnable: bool
                         [a.n_routed_experts] if a.n_routed_experts & (a.n_routed_experts - 1) else [])
                 else:
                     eps = [fixed.get("ep", 1)]
-                for ep in eps:
+                for ep, ep_schedule in [(e, sch) for e in eps for sch in ep_schedule_choices(a, e, fixed, runnable)]:
                     if "dp" in fixed:
                         dps = [fixed["dp"]]
                     elif fixed_shard is not None and fixed_rep is not None:
@@ -961,9 +961,20 @@ def candidate_layouts(planner: Planner, fixed: dict[str, Any], *, runnable: bool
                                                 dp_shard=shard, dp_replicate=rep, ep=ep, tp=tp, cp=cp, pp=pp, pp_schedule=sched,
                                                 pp_stages_per_rank=v, pp_microbatches=fixed.get("pp_microbatches", 0) if pp > 1 else 0)
                                     out.append(tuple(
-                                        Layout(degrees[split_dp(dp, fixed_shard, fixed_rep, ep=ep, zero=z)], zero=z, recompute=r, microbatch=b)
+                                        Layout(degrees[split_dp(dp, fixed_shard, fixed_rep, ep=ep, zero=z)], zero=z, recompute=r,
+                                               microbatch=b, ep_schedule=ep_schedule)
                                         for r in recomputes for z in zeros))
     return out
+
+
+def ep_schedule_choices(a: Architecture, ep: int, fixed: dict[str, Any], runnable: bool) -> list[str]:
+    """What may hide the expert all-to-all: fixed by --layout; none for the runtime (--runnable) or
+    without one; otherwise dualbatch, and shortcut for a ScMoE model (the search keeps the faster)."""
+    if "ep_schedule" in fixed:
+        return [fixed["ep_schedule"]]
+    if runnable or ep <= 1 or not a.is_moe:
+        return ["none"]
+    return ["shortcut", "dualbatch"] if a.moe_style == "shortcut" else ["dualbatch"]
 
 
 def _better(a: TrainPlan, b: TrainPlan) -> bool:

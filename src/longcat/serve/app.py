@@ -143,7 +143,8 @@ class Server:
             raise APIError(400, "stop strings need a tokenizer, and this model has none; use stop_token_ids", "stop")
         try:
             return SamplingParams(
-                max_new_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
+                max_new_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p,
+                top_k=min(s.top_k, self.vocab_size), min_p=s.min_p,  # k beyond the vocabulary: no filter
                 repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty,
                 frequency_penalty=s.frequency_penalty, seed=None if s.seed is None else s.seed + choice,
                 stop=s.stop, stop_token_ids=s.stop_token_ids, ignore_eos=s.ignore_eos, logprobs=s.logprobs)

@@ -1,0 +1,1 @@
+"""Evaluations that run the inference engine over generated tasks (`longcat eval ...`)."""
