@@ -47,7 +47,7 @@ def test_eval_longctx_json_and_heatmaps(run_dir, tmp_path, capsys):
     run, corpus = run_dir
     out = tmp_path / "eval"
     assert main(["eval", "longctx", "--model", str(run), "--data", str(corpus), "--tasks", "passkey,vt",
-                 "--lengths", "600,900", "--depths", "0,1", "--samples", "2", "--prefill-chunk", "128",
+                 "--lengths", "600,900", "--depths", "0,1", "--samples", "2", "--prefill-chunk", "128", "--ppl-windows", "2",
                  "--threads", "1", "--out", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result["accuracy"]) == {"passkey", "vt"}
@@ -57,7 +57,7 @@ def test_eval_longctx_json_and_heatmaps(run_dir, tmp_path, capsys):
             assert set(by_depth) == {"0", "1"} and all(a in (0.0, 0.5, 1.0) for a in by_depth.values())
         assert (out / f"heatmap_{task}.png").stat().st_size > 1000
     assert [p["context"] for p in result["perplexity"]] == [600, 900]
-    assert all(p["ppl"] > 1 and p["tail_ppl"] > 1 for p in result["perplexity"])
+    assert all(p["ppl"] > 1 and p["tail_ppl"] > 1 and p["bpb"] > 0 and p["windows"] == 2 for p in result["perplexity"])
     assert result["setup"]["attention"] == "LSA top-24"
     assert json.loads((out / "longctx.json").read_text())["task_accuracy"] == result["task_accuracy"]
 

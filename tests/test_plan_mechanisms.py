@@ -107,3 +107,26 @@ def test_published_runs_table(capsys):
     data = json.loads(capsys.readouterr().out)
     assert {"megatron_2021_table1.toml", "published_runs.toml"} <= set(data)
     assert all("error" in r for rows in data.values() for r in rows)
+
+
+def test_gemm_library_cache_is_measured_and_planned():
+    """The GEMM library keeps a kernel per shape: measured (growth per shape, plateau) by running
+    new shapes, and planned as min(plateau, shapes a step runs x growth per shape)."""
+    import torch
+
+    from longcat.plan.calibrate import library_cache
+
+    plateau, per_shape = library_cache(torch, shapes=40, every=20)
+    assert plateau >= 0 and per_shape >= 0
+    hw = load_hardware("cpu-local", {"library_cache_gib": 0.5, "library_cache_per_shape_mib": 2.0})
+    dense = load_architecture("llama3-405b")
+    moe = load_architecture("small")
+    for arch, saturated in ((dense, False), (moe, True)):
+        p = Planner(TrainSetup(arch, hw, load_stack("pytorch-eager"), 1, 256, 256 * 4, precision="autocast"))
+        plan = p.evaluate(Layout(microbatch=4, zero=0, dp=1))
+        expected = 0.5 * GiB if saturated else p.gemm_shapes * 2.0 * 2**20
+        assert plan.memory["library"] == pytest.approx(expected)
+    # 2 kernels (gate_up, down) per routed expert and MoE block, each its own row count
+    assert p.gemm_shapes >= 2 * moe.n_routed_experts * moe.moe_layers
+    assert Planner(TrainSetup(dense, load_hardware("h100"), load_stack("modern"), 8, 256, 256 * 8)).evaluate(
+        Layout(dp=8, zero=1)).memory["library"] == 0.0  # GPU entries: counted in reserved_gib

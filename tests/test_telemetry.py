@@ -94,3 +94,17 @@ def test_training_records_gain_telemetry_fields(tmp_path):
         assert r["cpu_percent"] is not None and r["cpu_percent"] >= 0
         assert r["device_mem_gib"] is None  # the CPU has no device allocator: null, not 0
     assert GiB == 2**30
+
+
+def test_children_are_summed_when_asked():
+    import subprocess
+    import sys
+
+    script = "x = bytearray(96 * 2**20)\nimport time\ntime.sleep(0.6)"
+    with Telemetry(interval_s=0.05, children=True) as telemetry:
+        subprocess.run([sys.executable, "-c", script], check=True)
+    fields = telemetry.summary()["fields"]
+    assert fields["children_rss_bytes"]["peak"] >= 90 * 2**20
+    with Telemetry(interval_s=0.05) as own_only:
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+    assert "children_rss_bytes" not in own_only.summary()["fields"]  # children are counted only when asked

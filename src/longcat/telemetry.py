@@ -8,7 +8,8 @@
 Fields (units in the names; a field whose counter does not exist here is left out of the samples
 and named in `backends` with the reason):
 - rss_bytes, cpu_percent (psutil; cpu_percent is this process over all its threads, so 2 busy
-  threads read 200);
+  threads read 200); with `children=True` also children_rss_bytes and children_cpu_percent, summed
+  over the child processes alive at each reading;
 - device_memory_bytes, device_memory_reserved_bytes: the torch allocator of `device` (CUDA/ROCm,
   XPU, MPS, NPU: whatever `torch.<type>` reports);
 - power_w, utilization_percent, sm_clock_mhz, memory_used_bytes, gpu_energy_j: NVIDIA GPUs through NVML
@@ -46,7 +47,9 @@ ENERGY_COUNTERS = {"gpu_energy_j": "NVML total energy (GPU board)", "cpu_energy_
 class _Process:
     name = "process"
 
-    def __init__(self) -> None:
+    def __init__(self, children: bool = False) -> None:
+        self.children = children
+        self._kids: dict[int, Any] = {}  # pid -> psutil.Process: cpu_percent measures since its previous call
         try:
             import psutil
         except ImportError:
@@ -58,7 +61,23 @@ class _Process:
     def read(self) -> dict[str, float]:
         if self.proc is None:
             return {}
-        return {"rss_bytes": float(self.proc.memory_info().rss), "cpu_percent": self.proc.cpu_percent(None)}
+        out = {"rss_bytes": float(self.proc.memory_info().rss), "cpu_percent": self.proc.cpu_percent(None)}
+        if self.children:
+            import psutil
+
+            rss = cpu = 0.0
+            alive = {}
+            for kid in self.proc.children(recursive=True):
+                kid = self._kids.get(kid.pid, kid)
+                try:
+                    rss += kid.memory_info().rss
+                    cpu += kid.cpu_percent(None)
+                except psutil.Error:  # it ended between the listing and the reading
+                    continue
+                alive[kid.pid] = kid
+            self._kids = alive
+            out["children_rss_bytes"], out["children_cpu_percent"] = rss, cpu
+        return out
 
 
 class _TorchDevice:
@@ -241,13 +260,14 @@ class Telemetry:
     """
 
     def __init__(self, device: torch.device | str = "cpu", *, interval_s: float = 0.5, max_samples: int = 4096,
-                 rapl_root: Path = RAPL_ROOT) -> None:
+                 rapl_root: Path = RAPL_ROOT, children: bool = False) -> None:
         if not interval_s > 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s}")
         self.device = torch.device(device)
         self.interval_s = interval_s
         self.max_samples = max_samples
         self._rapl_root = rapl_root
+        self.children = children  # also sum the RSS and CPU of child processes (children_rss_bytes, ...)
         self.samples: list[dict[str, float]] = []
         self._stride = 1
         self._count = 0
@@ -264,7 +284,7 @@ class Telemetry:
     def start(self) -> "Telemetry":
         if self._thread is not None:
             raise RuntimeError("telemetry already started")
-        self._backends = [_Process(), _TorchDevice(self.device), _NVML(self.device), _NpuSmi(self.device),
+        self._backends = [_Process(self.children), _TorchDevice(self.device), _NVML(self.device), _NpuSmi(self.device),
                           _RAPL(self._rapl_root)]
         self._t0 = time.perf_counter()
         self._stop.clear()

@@ -266,3 +266,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from .toolkit_cli import register as register_toolkit
 
     register_toolkit(bench)
+    # `bench longctx`: long-context prefill and decode with LSA (longctx_bench.py)
+    from .longctx_bench import register as _register_longctx
+
+    _register_longctx(bench)

@@ -256,6 +256,7 @@ def run_frontier(model: str, *, mode: str = "train", seq_lens=(64, 256), memory_
                  skews=("uniform",), device: str = "cpu", threads: int = 1, timeout_s: float = 120.0,
                  max_batch: int = 256, log=print) -> dict:
     """The measured frontier per (skew, sequence length), every trial, and the planner's frontier."""
+    from ..config import ConfigError
     from .subject import resolve_subject
 
     subject = resolve_subject(model)
@@ -282,12 +283,16 @@ def run_frontier(model: str, *, mode: str = "train", seq_lens=(64, 256), memory_
     from ..plan.calibrate import current_rss_bytes
 
     reserved = current_rss_bytes() / GiB  # a process with torch loaded: the runtime the planner reserves
-    fits, basis = predicted_fits(subject, mode, memory_gib, reserved)
-    predicted = []
-    for seq_len in seq_lens:
-        best, _ = largest_passing(lambda b, s=seq_len: "ok" if fits(s, b) else "oom", limit=max_batch)
-        predicted.append({"seq_len": seq_len, "max_batch": best})
+    predicted, predicted_reason = [], None
+    try:  # minutes of trials are not lost to a planner that cannot answer
+        fits, basis = predicted_fits(subject, mode, memory_gib, reserved)
+        for seq_len in seq_lens:
+            best, _ = largest_passing(lambda b, s=seq_len: "ok" if fits(s, b) else "oom", limit=max_batch)
+            predicted.append({"seq_len": seq_len, "max_batch": best})
+    except (ConfigError, ValueError) as exc:
+        predicted, basis, predicted_reason = None, None, f"the planner could not answer: {exc}"
     return {
+        "predicted_reason": predicted_reason,
         "mode": mode, "model": subject.name, "config_hash": subject.config_hash, "memory_budget_gib": memory_gib,
         "device": device, "threads": threads, "timeout_s": timeout_s, "max_batch": max_batch,
         "cap": ("RLIMIT_AS = the child's virtual size after importing torch + the budget" if device == "cpu"
@@ -314,9 +319,10 @@ def plot_frontier(result: dict, path) -> str | None:
         rows = [r for r in result["measured"] if r["skew"] == skew]
         ax.plot([r["seq_len"] for r in rows], [max(r["max_batch"], 0.5) for r in rows], "o-",
                 label=f"measured ({skew} routing)")
-    pred = result["predicted"]
-    ax.plot([r["seq_len"] for r in pred], [max(r["max_batch"], 0.5) for r in pred], "s--", color="gray",
-            label="predicted: " + result["predicted_basis"].split(" (")[0])
+    pred = result["predicted"] or []
+    if pred:
+        ax.plot([r["seq_len"] for r in pred], [max(r["max_batch"], 0.5) for r in pred], "s--", color="gray",
+                label="predicted: " + result["predicted_basis"].split(" (")[0])
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_xlabel("sequence length (tokens)")

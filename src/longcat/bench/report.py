@@ -266,11 +266,12 @@ def write_plots(report: dict, out: Path, samples: list[dict]) -> dict:
             fig, ax = plt.subplots(figsize=(7, 3.2))
             t = [s["t_s"] for s in samples]
             ax.plot(t, [s.get("rss_bytes", float("nan")) / GiB for s in samples], label="RSS (GiB)")
+            ax.plot(t, [s.get("children_rss_bytes", float("nan")) / GiB for s in samples], label="children RSS (GiB)")
             ax.set_xlabel("seconds")
             ax.set_ylabel("GiB")
             ax2 = ax.twinx()
-            ax2.plot(t, [s.get("cpu_percent", float("nan")) for s in samples], color="tab:orange", alpha=0.6,
-                     label="CPU %")
+            ax2.plot(t, [s.get("cpu_percent", float("nan")) + s.get("children_cpu_percent", 0.0) for s in samples],
+                     color="tab:red", alpha=0.5, label="CPU % (with children)")
             ax2.set_ylabel("CPU % (this process)")
             ax.legend(loc="upper left")
             ax2.legend(loc="upper right")
@@ -318,7 +319,7 @@ def run_report(model: str, out: Path, *, suite: str | Suite = "quick", device: s
 
     bar = Progress(TextColumn("[bold]bench run"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("{task.description}"), TimeElapsedColumn(), disable=not progress, transient=False)
-    telemetry = Telemetry(dev, interval_s=0.5)
+    telemetry = Telemetry(dev, interval_s=0.5, children=True)  # training and OOM trials run in children
     with bar, telemetry:
         task = bar.add_task("environment", total=len(sections) + decode_cells)
 
@@ -577,10 +578,10 @@ def render_markdown(report: dict) -> str:
     if fr:
         lines += [f"{fr['mode']} mode, {fr['memory_budget_gib']:g} GiB budget ({fr['cap']}); {fr['workload']}.", "",
                   "| skew | seq len | largest batch | limited by | planner |", "|---|---:|---:|---|---:|"]
-        pred = {r["seq_len"]: r["max_batch"] for r in fr["predicted"]}
+        pred = {r["seq_len"]: r["max_batch"] for r in fr["predicted"] or []}
         for r in fr["measured"]:
             lines.append(f"| {r['skew']} | {r['seq_len']} | {r['max_batch']} | {r['limited_by']} | {pred.get(r['seq_len'])} |")
-        lines += ["", f"Planner basis: {fr['predicted_basis']}.", ""]
+        lines += ["", f"Planner: {fr['predicted_basis'] or fr['predicted_reason']}.", ""]
         if report["plots"].get("oom_frontier", "").endswith(".png"):
             lines += ["![OOM frontier](oom_frontier.png)", ""]
     else:

@@ -71,11 +71,13 @@ def run_oom(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    pred = {r["seq_len"]: r["max_batch"] for r in result["predicted"]}
+    pred = {r["seq_len"]: r["max_batch"] for r in result["predicted"] or []}
     print(f"{result['mode']} OOM frontier of {result['model']} under {args.memory_gib:g} GiB ({result['cap']})")
     print(f"{'skew':14s}{'seq len':>9s}{'largest batch':>15s}{'planner':>9s}  limited by")
     for r in result["measured"]:
-        print(f"{r['skew']:14s}{r['seq_len']:9d}{r['max_batch']:15d}{pred[r['seq_len']]:9d}  {r['limited_by']}")
+        print(f"{r['skew']:14s}{r['seq_len']:9d}{r['max_batch']:15d}{pred.get(r['seq_len'], '-'):>9}  "
+              f"{r['limited_by']}")
+    print(f"planner: {result['predicted_basis'] or result['predicted_reason']}")
     return 0
 
 
@@ -158,7 +160,9 @@ def register(bench: argparse._SubParsersAction) -> None:
                         "CPU into OUT/hardware-calibration.toml; on a GPU the catalog entry that names it)")
     r.add_argument("--peak-tflops", type=float, default=None,
                    help="MFU denominator in TFLOP/s, when you know the device's peak better than a measurement")
-    r.add_argument("--serve-url", default=None, help="an OpenAI-compatible server to load-test for the serve section")
+    r.add_argument("--serve-url", default=None,
+                   help="a running OpenAI-compatible server; the serve section is not measured by the report yet and "
+                        "records why (load-test it with `longcat bench serve`)")
     r.add_argument("--skip", nargs="+", default=[], choices=["train", "decode", "oom_frontier", "numerics"],
                    help="sections to leave out (recorded as null with the reason)")
     r.add_argument("--no-progress", action="store_true", help="log lines instead of the progress bar")

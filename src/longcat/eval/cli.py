@@ -40,7 +40,8 @@ def run_longctx_cli(args: argparse.Namespace) -> int:
     setup = LongContextSetup(
         tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], lengths=_parse_lengths(args.lengths),
         depths=_parse_depths(args.depths), samples=args.samples, needle=args.needle, seed=args.seed,
-        prefill_chunk=args.prefill_chunk, perplexity=not args.no_perplexity, dense=args.dense,
+        prefill_chunk=args.prefill_chunk, perplexity=not args.no_perplexity, ppl_windows=args.ppl_windows,
+        dense=args.dense,
     )
     if args.prefill_chunk < 1:
         raise UserError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
@@ -76,7 +77,8 @@ def run_longctx_cli(args: argparse.Namespace) -> int:
             by_len = "  ".join(f"{L}: {sum(d.values()) / len(d):.0%}" for L, d in result["accuracy"][task].items())
             print(f"  {task:14s} {acc:6.1%}   by length  {by_len}")
         for p in result["perplexity"]:
-            print(f"  perplexity at {p['context']:>8,} tokens: {p['ppl']:.2f} (last quarter {p['tail_ppl']:.2f})")
+            print(f"  perplexity at {p['context']:>8,} tokens: {p['ppl']:.2f} (last quarter {p['tail_ppl']:.2f}), "
+                  f"{p['bpb']:.4f} bits/byte over {p['windows']} window(s)")
         if args.out:
             print(f"  heatmaps and JSON in {args.out}")
     return 0
@@ -107,6 +109,8 @@ def register(sub) -> None:
     lc.add_argument("--tokenizer", default=None, metavar="PATH", help="tokenizer.json (default: next to the model)")
     lc.add_argument("--prefill-chunk", type=int, default=512, help="prompt positions per prefill forward")
     lc.add_argument("--dense", action="store_true", help="dense attention even when the model has LSA")
+    lc.add_argument("--ppl-windows", type=int, default=4,
+                    help="held-out windows per length for perplexity and bits per byte (default 4)")
     lc.add_argument("--no-perplexity", action="store_true", help="skip the perplexity curve")
     lc.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     lc.add_argument("--out", default=None, metavar="DIR", help="write longctx.json and a heatmap PNG per task here")

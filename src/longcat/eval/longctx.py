@@ -7,9 +7,10 @@ through the inference engine (chunked prefill into the latent cache, LSA when th
 greedy, for as many tokens as the answer has; an instance counts as retrieved when the generated
 text starts with the answer.
 
-Perplexity: the first `length` held-out tokens go through the model in prefill chunks over a
-latent cache (the engine's path, every position's logits kept); reported per length are the
-perplexity of the whole window and of its last quarter (the tokens that had the most context).
+Perplexity: consecutive `length`-token windows of held-out text (`ppl_windows` of them) go through
+the model in prefill chunks over a latent cache (the engine's path, every position's logits kept);
+reported per length are the perplexity and bits per byte of the windows, and the perplexity of
+their last quarters (the tokens that had the most context).
 
 Before anything runs, each length is checked against the model's positions (YaRN included) and
 against this machine's memory (`memory_estimate`).
@@ -41,6 +42,7 @@ class LongContextSetup:
     seed: int = 0
     prefill_chunk: int = 512
     perplexity: bool = True
+    ppl_windows: int = 4  # held-out windows per length for the perplexity (a short split repeats)
     dense: bool = False  # attend to every token even when the model has LSA
 
 
@@ -109,33 +111,38 @@ def check_memory(config, lengths: Sequence[int], *, batch: int, prefill_chunk: i
 # ---------------------------------------------------------------------------------------------------
 
 
-def heldout_tokens(tokenizer, need: int, *, data: str | None = None, text_field: str = "text") -> np.ndarray:
-    """At least `need` tokens of held-out documents (eos-separated), repeated if the split is short."""
+def heldout_tokens(tokenizer, need: int, *, data: str | None = None, text_field: str = "text") -> tuple[np.ndarray, float]:
+    """(at least `need` tokens of held-out documents, eos-separated and repeated if the split is
+    short; their tokens per UTF-8 byte, for bits per byte)."""
     from ..data import iter_documents
 
     out: list[int] = []
+    nbytes = 0
     for doc in iter_documents(data, text_field=text_field, split="heldout"):
         out += tokenizer.encode(doc) + [tokenizer.eos_id]
+        nbytes += len(doc.encode("utf-8"))
         if len(out) >= need:
             break
     if len(out) < 64:
         raise UserError(f"the held-out split of {data or 'the embedded corpus'} has {len(out)} tokens; give --data "
                         "with more text")
     reps = -(-need // len(out))
-    return np.asarray(out * reps, dtype=np.int64)[: max(need, len(out))]
+    return np.asarray(out * reps, dtype=np.int64)[: max(need, len(out))], len(out) / max(1, nbytes)
 
 
 @torch.inference_mode()
-def window_losses(model, tokens: torch.Tensor, chunk: int) -> torch.Tensor:
+def window_losses(model, tokens: torch.Tensor, chunk: int, *, cache=None) -> torch.Tensor:
     """Next-token losses (T-1,) of one token window (T,), prefilled chunk by chunk over a latent
-    cache as the engine does (the n-gram embedding reads the tokens before each chunk)."""
+    cache as the engine does (the n-gram embedding reads the tokens before each chunk). `cache`
+    (one row, at least T positions) keeps the keys of positions 0..T-2 for the caller."""
     from ..infer.batch import token_history
     from ..model import LatentCache
 
     T = tokens.numel()
     config = model.config
     dtype = model.embed_tokens.weight.dtype
-    cache = LatentCache(config, 1, T, dtype=dtype, device=tokens.device, with_mtp=False)
+    if cache is None:
+        cache = LatentCache(config, 1, T, dtype=dtype, device=tokens.device, with_mtp=False)
     row = tokens.view(1, T)
     width = config.oe_neighbor_num - 1 if config.ngram_enabled else 0
     losses = []
@@ -196,7 +203,8 @@ def run_longctx(model, tokenizer, setup: LongContextSetup, *, data: str | None =
     model.eval()
     if config.lsa_enabled:
         model.lsa_mode = "dense" if setup.dense else "sparse"
-    stream = heldout_tokens(tokenizer, max(lengths) + 1, data=data)
+    windows = max(1, setup.ppl_windows) if setup.perplexity else 1
+    stream, tokens_per_byte = heldout_tokens(tokenizer, windows * max(lengths) + 1, data=data)
     generator = RetrievalTasks(tokenizer, stream, seed=setup.seed, needle=setup.needle)
     prefix = [int(t) for t in getattr(tokenizer, "prompt_prefix", [])]
     engine = Engine(model, tokenizer, max_seq_len=max(lengths) + answer_room, prefill_chunk=setup.prefill_chunk)
@@ -220,14 +228,20 @@ def run_longctx(model, tokenizer, setup: LongContextSetup, *, data: str | None =
                 log(f"{task:14s} {length:>8,} tokens  depth {depth:4.2f}  accuracy {sum(hits)}/{len(hits)}")
     engine.release()
     if setup.perplexity:
+        device = model.embed_tokens.weight.device
         for length in lengths:
-            window = torch.as_tensor(stream[: length + 1], device=model.embed_tokens.weight.device)
-            losses = window_losses(model, window, setup.prefill_chunk)
-            tail = losses[-max(1, len(losses) // 4):]
-            entry = {"context": length, "ppl": math.exp(float(losses.mean())), "tail_ppl": math.exp(float(tail.mean())),
-                     "loss": float(losses.mean())}
+            # consecutive windows of the held-out stream; the same tokens for every model evaluated
+            count = max(1, min(windows, (len(stream) - 1) // length))
+            per_window = [window_losses(model, torch.as_tensor(stream[i * length: (i + 1) * length + 1], device=device),
+                                        setup.prefill_chunk) for i in range(count)]
+            losses = torch.stack(per_window)  # (windows, length)
+            tail = losses[:, -max(1, length // 4):]
+            loss = float(losses.mean())
+            entry = {"context": length, "windows": count, "loss": loss, "ppl": math.exp(loss),
+                     "tail_ppl": math.exp(float(tail.mean())), "bpb": loss * tokens_per_byte / math.log(2)}
             report.perplexity.append(entry)
-            log(f"perplexity at {length:>8,} tokens: {entry['ppl']:.2f} (last quarter {entry['tail_ppl']:.2f})")
+            log(f"perplexity at {length:>8,} tokens: {entry['ppl']:.2f} (last quarter {entry['tail_ppl']:.2f}), "
+                f"{entry['bpb']:.4f} bits/byte over {count} window(s)")
     report.seconds = time.perf_counter() - t0
     return report
 

@@ -291,9 +291,9 @@ class Scheduler:
         with self._lock:
             self._waiting.extend(self._incoming)
             self._incoming.clear()
-        self._drop_cancelled()
         worked = False
         with torch.inference_mode():
+            self._drop_cancelled()
             budget = self.chunk
             while budget > 0:
                 request = self._prefilling or self._next_admissible()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .fp8 import dense_weight
+from .fp8 import dense_weight, is_fp8
 from .layers import RMSNorm, apply_rope, linear
 
 
@@ -187,10 +187,12 @@ class MLA(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep.unsqueeze(1), scale=self.scale)
         return o[..., : self.v_dim].transpose(1, 2)  # (B, T, h, v)
 
-    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """kv_b_proj split per head: W_uk (h, nope, kv_lora), W_uv (h, v, kv_lora) (dequantized when
-        FP8-resident)."""
-        w = dense_weight(self.kv_b_proj).view(self.n_heads, self.nope + self.v_dim, self.kv_lora)
+    def absorbed_weights(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split per head: W_uk (h, nope, kv_lora), W_uv (h, v, kv_lora); an FP8-resident
+        kv_b_proj is dequantized into `dtype` (default: the dtype of the module's norms)."""
+        if is_fp8(self.kv_b_proj.weight):
+            dtype = dtype or self.q_a_layernorm.weight.dtype
+        w = dense_weight(self.kv_b_proj, dtype=dtype).view(self.n_heads, self.nope + self.v_dim, self.kv_lora)
         return w[:, : self.nope], w[:, self.nope :]
 
     def _absorbed_path(self, q_nope, q_rope, c_kv_all, k_rope_all, mask):
@@ -201,7 +203,7 @@ class MLA(nn.Module):
         """
         B, T, h, _ = q_nope.shape
         kv = self.kv_lora
-        w_uk, w_uv = self.absorbed_weights()  # (h, nope, kv), (h, v, kv)
+        w_uk, w_uv = self.absorbed_weights(q_nope.dtype)  # (h, nope, kv), (h, v, kv)
         # W_uk folded into the query, per head: (h, B*T, nope) -> (h, B*T, kv)
         q_lat = linear(q_nope.permute(2, 0, 1, 3).reshape(h, B * T, self.nope), w_uk.transpose(1, 2).to(q_nope.dtype))
         if T > DECODE_QUERIES:
@@ -239,7 +241,7 @@ class MLA(nn.Module):
         at = chosen.indices.reshape(B, T * k, 1)
         c_sel = c_kv_all.gather(1, at.expand(B, T * k, self.kv_lora)).view(B, T, k, self.kv_lora)
         r_sel = k_rope_all.gather(1, at.expand(B, T * k, self.rope)).view(B, T, k, self.rope)
-        w_uk, w_uv = self.absorbed_weights()  # (h, nope, kv), (h, v, kv)
+        w_uk, w_uv = self.absorbed_weights(q_nope.dtype)  # (h, nope, kv), (h, v, kv)
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk.to(q_nope.dtype))  # (B, T, h, kv)
         scores = torch.einsum("bthc,btkc->bthk", q_lat, c_sel.to(q_lat.dtype)) + torch.einsum(
             "bthr,btkr->bthk", q_rope, r_sel.to(q_rope.dtype)

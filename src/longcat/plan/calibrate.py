@@ -12,11 +12,17 @@ What is measured, and how it maps to the planner's fields:
   SiLU, log-softmax over the vocabulary, MoE gather and scatter-add), over that bandwidth;
 - kernel_overhead_us: the time of a tiny eager op with autograd (dispatch, not work);
 - hbm_gib: physical memory; reserved_gib: this process's resident memory once torch is loaded
-  (the runtime's own share, which a training process pays before any tensor).
+  (the runtime's own share, which a training process pays before any tensor);
+- library_cache_gib, library_cache_per_shape_mib: the GEMM library's kernel cache. oneDNN (behind
+  PyTorch's CPU matmuls) keeps a compiled primitive with its scratch memory for every GEMM shape it
+  has run, up to a fixed capacity. Measured by running linear layers (forward and backward) of
+  ever new row counts, as uneven expert loads produce, and reading the resident memory (after
+  returning freed heap to the OS) until it stops growing: the growth per shape, and the plateau.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 import time
@@ -53,6 +59,35 @@ def current_rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return peak_rss_bytes()
+
+
+def resident_bytes() -> int:
+    """Resident memory after returning freed heap pages to the OS (glibc malloc_trim): live memory
+    plus what libraries hold, without the allocator's retention."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return current_rss_bytes()
+
+
+def library_cache(torch, shapes: int = 400, every: int = 20) -> tuple[float, float]:
+    """(plateau GiB, MiB per linear-layer shape) of the GEMM library's per-shape cache: `shapes`
+    linear layers of new row counts, forward and backward, in bf16 (see the module docstring)."""
+    H, F = 256, 32
+    w1 = torch.randn(2 * F, H, dtype=torch.bfloat16, requires_grad=True)
+    w2 = torch.randn(H, F, dtype=torch.bfloat16, requires_grad=True)
+    start = resident_bytes()
+    growth = []
+    for rows in range(1, shapes + 1):
+        x = torch.randn(rows, H, dtype=torch.bfloat16, requires_grad=True)
+        h = torch.nn.functional.linear(x, w1)[:, :F]
+        torch.nn.functional.linear(h, w2).sum().backward()
+        if rows % every == 0:
+            growth.append(max(0, resident_bytes() - start))
+    w1 = w2 = x = h = None
+    per_shape = growth[0] / (2 * every) if growth else 0.0  # two linear layers per row count
+    return max(growth, default=0) / GiB, per_shape / 2**20
 
 
 def physical_memory_bytes() -> int:
@@ -125,6 +160,8 @@ def measure(quick: bool = False, threads: int | None = None, arch=None, tokens: 
         raise ValueError("cpu_time=True needs threads=1: with more threads CPU seconds add up across threads")
     _clock = time.process_time if cpu_time else time.perf_counter
     baseline_rss = current_rss_bytes()
+    # first, while no other GEMM has filled it: the library's per-shape cache
+    out_cache = library_cache(torch, shapes=60 if quick else 400)
     n = 256 if quick else 2048
     reps = 2 if quick else 5
     out: dict[str, Any] = {"threads": torch.get_num_threads(), "model": getattr(arch, "name", None), "tokens": tokens}
@@ -229,6 +266,7 @@ def measure(quick: bool = False, threads: int | None = None, arch=None, tokens: 
     out["kernel_overhead_us"] = _best_time(tiny_ops, 3) / count * 1e6
     out["hbm_gib"] = physical_memory_bytes() / GiB
     out["reserved_gib"] = baseline_rss / GiB
+    out["library_cache_gib"], out["library_cache_per_shape_mib"] = out_cache
     out["clock"] = "process CPU time" if cpu_time else "wall clock"
     _clock = time.perf_counter
     return out
@@ -246,7 +284,8 @@ def to_toml(measured: dict[str, Any], name: str = "cpu-local") -> str:
         "[measured]",
     ]
     order = ["peak_tflops_bf16", "gemm_efficiency", "expert_gemm_efficiency", "attention_efficiency", "hbm_bandwidth_gbs",
-             "memory_efficiency", "kernel_overhead_us", "hbm_gib", "reserved_gib"]
+             "memory_efficiency", "kernel_overhead_us", "hbm_gib", "reserved_gib", "library_cache_gib",
+             "library_cache_per_shape_mib"]
     for key in order:
         if key in measured:
             lines.append(f"{key} = {measured[key]:.6g}")
@@ -271,6 +310,8 @@ def to_toml(measured: dict[str, Any], name: str = "cpu-local") -> str:
         + (f' ({measured["model"]} at {measured["tokens"]} tokens)' if measured.get("model") else " (generic)") + '"',
         f'attention_efficiency = "causal SDPA forward+backward, bf16, (B, heads, T, d_qk, d_v) = {measured["attention_shape"]}"',
         'reserved_gib = "resident memory of a process with torch loaded, before any model tensor"',
+        'library_cache_gib = "plateau of the resident memory the GEMM library (oneDNN) keeps per GEMM shape it has run: bf16 linear layers forward + backward at new row counts until the growth stops"',
+        'library_cache_per_shape_mib = "the same growth per linear-layer shape (forward + backward), before the plateau"',
         'hbm_bandwidth_gbs = "fp32 multiply on 256 MiB buffers (read + write)"',
         'memory_efficiency = "bytes / time over a mix of eager element-wise kernels (casts, products, SiLU, log-softmax, MoE gather and scatter-add), over hbm_bandwidth_gbs"',
     ]
@@ -289,4 +330,4 @@ def default_output(name: str = "cpu-local") -> Path:
     return user_dir("hardware") / f"{name}.toml"
 
 
-__all__ = ["measure", "to_toml", "default_output", "peak_rss_bytes", "current_rss_bytes"]
+__all__ = ["measure", "to_toml", "default_output", "peak_rss_bytes", "current_rss_bytes", "resident_bytes", "library_cache"]

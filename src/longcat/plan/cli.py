@@ -242,11 +242,14 @@ def _print_train(arch, hw, setup, plans, elapsed: float, *, model_flag: str = ""
     con.print(f"{setup.chips:,} x {hw.name} ({hw.peak_tflops_bf16:g} TFLOP/s bf16, {hw.hbm_gib:g} GiB), seq {setup.seq_len:,}, "
               f"global batch {setup.global_batch_tokens:,.0f} tokens, {setup.optimizer}, {setup.precision}, stack {setup.stack.name}")
     table = Table(title=f"layouts (searched in {elapsed:.2f} s)" if len(plans) > 1 else "layout")
-    for col in ("#", "parallel", "zero", "recompute", "mb", "runtime", "fits", "GiB/dev", "step s", "tokens/s", "MFU", "days"):
-        table.add_column(col, justify="left" if col in ("parallel", "recompute", "runtime") else "right", overflow="fold")
+    for col in ("#", "parallel", "zero", "recompute", "mb", "ep_schedule", "runtime", "fits", "GiB/dev", "step s", "tokens/s",
+                "MFU", "days"):
+        table.add_column(col, justify="left" if col in ("parallel", "recompute", "ep_schedule", "runtime") else "right",
+                         overflow="fold")
     for i, p in enumerate(plans, 1):
         L = p.layout
-        table.add_row(str(i), str(L.parallel), str(L.zero), L.recompute, str(L.microbatch), _runtime_word(p.runtime),
+        table.add_row(str(i), str(L.parallel), str(L.zero), L.recompute, str(L.microbatch),
+                      L.ep_schedule if L.ep > 1 else "-", _runtime_word(p.runtime),
                       "yes" if p.fits else "[red]no", f"{p.memory_gib['total']:.1f}", f"{p.step_time_s:.3g}",
                       _num(p.tokens_per_s), f"{p.mfu:.1%}", f"{p.days:.1f}" if p.days else "-")
     con.print(table)

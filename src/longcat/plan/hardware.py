@@ -48,6 +48,9 @@ class Hardware:
     collective_latency_us: float = 20.0  # fixed cost of one collective or point-to-point message
     kernel_overhead_us: float = 4.0  # launch/dispatch cost per kernel (eager PyTorch on a CPU: ~10s of us)
     reserved_gib: float = 3.0  # runtime context and allocator slack, not available to tensors
+    # the GEMM library's per-shape kernel cache (oneDNN on CPUs; `longcat plan calibrate` measures it)
+    library_cache_gib: float = 0.0  # its plateau
+    library_cache_per_shape_mib: float = 0.0  # its growth per linear-layer shape (forward + backward)
     # --- reliability and storage -------------------------------------------------------------------------------
     chip_mtbf_hours: float = 50000.0  # mean time between job-stopping failures, per chip
     restart_minutes: float = 15.0  # detect, reschedule, reload after a failure

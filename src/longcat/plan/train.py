@@ -212,6 +212,15 @@ class Planner:
         # share of parameters Muon updates (hidden matrices); embeddings, head, norms stay on AdamW
         non_matrix = p["embedding"] + p["lm_head"] + p["norm"] + a.ngram_table_params
         self.muon_share = max(0.0, 1 - non_matrix / self.total_params)
+        # distinct linear-layer shapes one step runs: the GEMM library keeps a kernel per shape
+        # (Hardware.library_cache_*). Every block has the same weight shapes; a routed expert's
+        # row count differs by block and by step, so each expert of each MoE block is one more.
+        attn_shapes = 5 if a.attention == "mla" else 4
+        attn_shapes += 3 if a.index_heads else 0
+        dense_shapes = attn_shapes + 3 + (3 if a.n_shared_experts else 0) + (1 if a.is_moe else 0) + 1 + (a.mtp_layers > 0)
+        dense_shapes += 1 if a.ngram_proj_params else 0
+        expert_layers = a.moe_layers + (a.mtp_layers if a.mtp_ffn == "moe" and a.is_moe else 0)
+        self.gemm_shapes = dense_shapes + 2 * a.n_routed_experts * expert_layers
         self._layer_time_cache: dict[tuple, dict[str, float]] = {}
         self._extras_cache: dict[tuple, tuple[dict[str, float], dict[str, float]]] = {}
 
@@ -775,6 +784,7 @@ class Planner:
                 memory["gradients"] = max(0.0, memory["gradients"] - freed)
             memory["comm_buffers"] = comm
             memory["reserved"] = hw.reserved_gib * GiB
+            memory["library"] = min(hw.library_cache_gib * GiB, self.gemm_shapes * hw.library_cache_per_shape_mib * 2**20)
             if best is None or sum(memory.values()) > sum(best[0].values()):
                 best = (memory, where)
         return best

@@ -136,7 +136,10 @@ def run(args: argparse.Namespace) -> int:
 
     server = build_server(args)
     app = create_app(server)
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
+    # proto given explicitly: asyncio turns Nagle's algorithm off only on sockets marked IPPROTO_TCP,
+    # and with it on, a keep-alive client waits for a delayed ACK (tens of ms) on every response
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM,
+                         socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((args.host, args.port))
