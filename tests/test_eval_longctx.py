@@ -105,3 +105,15 @@ def test_helpers():
     small = memory_estimate(cfg, 1024, batch=1, prefill_chunk=256)
     big = memory_estimate(cfg, 4096, batch=1, prefill_chunk=256)
     assert big["cache_bytes"] == 4 * small["cache_bytes"] and big["prefill_bytes"] == 4 * small["prefill_bytes"]
+
+
+def test_perplexity_only_up_to_the_models_positions(run_dir, capsys):
+    run, corpus = run_dir
+    # 1,024 is every position the tiny model has: no room for a retrieval answer, enough for perplexity
+    assert main(["eval", "longctx", "--model", str(run), "--data", str(corpus), "--tasks", "none",
+                 "--lengths", "1k", "--ppl-windows", "1", "--threads", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["accuracy"] == {} and result["perplexity"][0]["context"] == 1024
+    assert main(["eval", "longctx", "--model", str(run), "--data", str(corpus), "--tasks", "passkey",
+                 "--lengths", "1k", "--depths", "0"]) == 2
+    assert "generated exceed the model's max_position_embeddings" in capsys.readouterr().err

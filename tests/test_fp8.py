@@ -144,3 +144,14 @@ def test_compiled_decode_step_with_fp8_weights():
         compiled, eager = DecodeStep(model, compile=True), DecodeStep(model)
         outs = [runner.forward(step, positions, cache, ids[:, 7:9]) for runner, cache in zip((compiled, eager), caches)]
     torch.testing.assert_close(outs[0][0], outs[1][0], atol=2e-5, rtol=1e-4)
+
+
+def test_training_from_an_fp8_checkpoint_starts_from_dequantized_weights(tmp_path):
+    model = load(write_published(tmp_path / "fp8", "flash-fp8"), dtype=torch.float32)
+    assert not fp8_parameter_names(model) & {n for n, p in model.named_parameters() if p.dtype == FP8_DTYPE}
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+    model.train()
+    x = torch.randint(3, 512, (2, 12))
+    out = model(x)
+    out.logits.float().logsumexp(-1).mean().backward()
+    assert model.layers[0].mlp.experts.down_proj.grad is not None

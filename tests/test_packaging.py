@@ -110,6 +110,9 @@ def test_wheel_works_outside_the_checkout(tmp_path):
     assert json.loads(run(longcat, "info", "longcat2", "--json"))["total_params"] == 1638616773376
     assert "days" in run(longcat, "plan", "train", "--model", "gpt3-175b", "--hardware", "a100-80gb",
                          "--chips", "1024", "--tokens", "300e9")
-    rows = json.loads(run(longcat, "plan", "validate", "--no-search", "--json"))
-    assert len(rows) == 10 and all(abs(r["error"]) <= 0.15 for r in rows)
+    tables = json.loads(run(longcat, "plan", "validate", "--no-search", "--json"))
+    rows = tables["megatron_2021_table1.toml"]
+    assert len(rows) == 10 and all(abs(r["error"]) <= 0.15 for r in rows) and tables["published_runs.toml"]
+    assert json.loads(run(longcat, "plan", "serve", "--model", "deepseek-v3", "--hardware", "h200", "--chips", "16",
+                          "--engine", "vllm", "--json"))["engine"] == "vllm"  # catalog/engines travels too
     assert "ascend-910c" in json.loads(run(longcat, "plan", "hardware", "--json"))

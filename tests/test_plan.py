@@ -54,6 +54,7 @@ def test_longcat_example_files_match_presets(file, preset_name):
 
 @pytest.mark.parametrize("name, total_b, active_b", [
     ("gpt3-175b", 174.6, 174.6), ("llama3-405b", 405.9, 405.9), ("deepseek-v3", 671.0, 37.6),
+    ("deepseek-v2", 235.7, 21.4), ("deepseek-67b", 67.4, 67.4),  # published: 236B (21B active), 67B
 ])
 def test_published_model_sizes(name, total_b, active_b):
     arch = load_architecture(name)
@@ -141,7 +142,7 @@ def test_memory_responds_to_zero_recompute_and_optimizer():
     assert muon.memory_gib["optimizer"] < adam.memory_gib["optimizer"]
     plan = p.evaluate(Layout(**base))
     assert plan.fits == (plan.memory_gib["total"] <= 79.6)
-    assert set(plan.memory) == {"weights", "gradients", "optimizer", "ema", "activations", "pipeline_inflight", "logits",
+    assert set(plan.memory) == {"weights", "gradients", "optimizer", "ema", "library", "activations", "pipeline_inflight", "logits",
                                 "comm_buffers", "reserved"}
 
 

@@ -101,3 +101,23 @@ def test_cli_engine_choice(capsys):
     assert main(["plan", "serve", "--model", "tiny", "--hardware", "cpu-local", "--chips", "1", "--engine", "longcat",
                  "--kv-dtype", "fp8"]) == 2
     assert "use --engine sglang or vllm" in capsys.readouterr().err
+
+
+def test_engine_file_errors_name_the_field(tmp_path, monkeypatch):
+    monkeypatch.setenv("LONGCAT_CONFIG_DIR", str(tmp_path))
+    (tmp_path / "engines").mkdir()
+    (tmp_path / "engines" / "mine.toml").write_text('name = "mine"\npage_tokens = "64"\n')
+    with pytest.raises(ConfigError, match="engine field 'page_tokens' must be int"):
+        load_engine("mine")
+    (tmp_path / "engines" / "mine.toml").write_text('name = "mine"\npage_size = 64\n')
+    with pytest.raises(ConfigError, match="unknown engine field"):
+        load_engine("mine")
+    (tmp_path / "engines" / "mine.toml").write_text('name = "mine"\npage_tokens = 16\nfp8_layout_sparse = "per-tensor"\n')
+    assert load_engine("mine").page_tokens == 16 and "mine" in engine_names()  # a user entry works like a packaged one
+
+
+def test_bench_plan_reports_the_kv_bytes_of_a_real_cache():
+    from longcat.bench.plan_bench import PlanSetup, kv_cache_check
+
+    check = kv_cache_check(PlanSetup(preset="tiny", seq_len=32))
+    assert check["measured_bytes_per_token"] > 0 and check["error"] == 0.0

@@ -9,13 +9,14 @@ import json
 
 import pytest
 
+from longcat.catalog import catalog_dir
 from longcat.cli import main
 from longcat.config import ConfigError
 from longcat.plan.arch import load_architecture
 from longcat.plan.hardware import load_hardware, load_stack
 from longcat.plan.layout import Layout, parse_layout
 from longcat.plan.train import Planner, TrainSetup
-from longcat.plan.validate import published_rows, validation_tables
+from longcat.plan.validate import published_rows
 
 GiB = 2**30
 DEEPSEEK = dict(tp=1, pp=16, ep=64, dp_shard=128, dp_replicate=1, zero=1, microbatch=1)
@@ -94,8 +95,7 @@ def test_optimizer_state_and_ema_formats():
 
 
 def test_published_runs_table(capsys):
-    rows = published_rows(validation_tables.__globals__["catalog_dir"]("validation") / "published_runs.toml",
-                          free_search=False)
+    rows = published_rows(catalog_dir("validation") / "published_runs.toml", free_search=False)
     assert len(rows) >= 6
     for row in rows:
         assert row["source"] and row["published"] > 0

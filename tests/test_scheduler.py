@@ -226,14 +226,14 @@ def test_the_run_loop_serves_other_threads_and_a_failure_fails_every_request(tin
 
 @pytest.mark.slow
 def test_compiled_speculative_scheduler_equals_plain_offline(trained):
-    """The compiled step (row buckets, fused greedy speculative step) inside the scheduler."""
-    from longcat.infer.step import ROW_BUCKETS  # noqa: F401 - the buckets the batch moves through
-
+    """The compiled step inside the scheduler: the batch moves between row buckets 1 and 2 as
+    requests arrive and finish, through the fused greedy speculative step. (Compiling is what
+    takes the time: one graph per bucket and kind.)"""
     gen = torch.Generator().manual_seed(7)
-    prompts = [p[:n] for p, n in zip(_arithmetic(4, 12, gen).tolist(), (11, 5, 8, 3))]
+    prompts = [p[:n] for p, n in zip(_arithmetic(3, 12, gen).tolist(), (11, 5, 8))]
     params = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
     expected = [Engine(trained).generate([p], params)[0].token_ids for p in prompts]
-    for k in (0, 2):
-        scheduler = Scheduler(Engine(trained, speculative=k, compile=True), SchedulerConfig(max_running=4))
-        results, _ = _drive(scheduler, prompts, params, arrivals=[0, 3, 3, 10])
-        assert [r.token_ids for r in results] == expected, k
+    scheduler = Scheduler(Engine(trained, speculative=2, compile=True), SchedulerConfig(max_running=2))
+    results, _ = _drive(scheduler, prompts, params, arrivals=[0, 3, 3])
+    assert [r.token_ids for r in results] == expected
+    assert sum(r.num_accepted_tokens for r in results) > 0

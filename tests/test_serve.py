@@ -402,3 +402,27 @@ def test_serve_command_refuses_bad_options(model_dir, capsys):
     assert "--max-running must be >= 1" in capsys.readouterr().err
     assert main(["serve", "--model", str(model_dir), "--max-model-len", "99999", "--dtype", "float32"]) == 2
     assert "beyond the model's max_position_embeddings" in capsys.readouterr().err
+
+
+def test_bench_serve_reports_latencies_throughput_and_the_comparison(server, capsys):
+    from longcat.cli import main
+
+    args = ["bench", "serve", "--url", server, "--api-key", KEY, "--num-prompts", "6", "--input-len", "6",
+            "--output-len", "5", "--concurrency", "3", "--warmup", "0", "--slo-ttft-ms", "60000",
+            "--slo-tpot-ms", "60000", "--compare-sequential"]
+    assert main(args + ["--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for run in ("sequential", "load"):
+        s = report[run]
+        assert s["completed"] == 6 and s["failed"] == 0 and s["output_tokens"] >= 6 * 2  # lengths 2.5-7.5
+        assert s["goodput"] == pytest.approx(s["request_throughput"])  # generous SLOs: every request is good
+        for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+            assert 0 < s[key]["p50"] <= s[key]["p99"]
+        assert s["ttft_ms"]["mean"] <= s["e2el_ms"]["mean"]
+    assert report["sequential"]["output_tokens"] == report["load"]["output_tokens"]  # the same requests
+    assert report["comparison"]["throughput_ratio"] > 0 and report["comparison"]["ttft_bound_ms"] > 0
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "== speed target ==" in text and "TTFT" in text and "output throughput, load / one at a time" in text
+    assert main(["bench", "serve", "--num-prompts", "2"]) == 2
+    assert "give exactly one" in capsys.readouterr().err

@@ -378,6 +378,7 @@ _HF_IGNORED = {
     # published LongCat configs: read by the checkpoint loader (oe_embed_dim, index_k_norm_type) or
     # without architectural content for us
     "oe_embed_dim", "index_k_norm_type", "attention_method", "num_nextn_predict_layers", "torch_dtype",
+    "dequantized_from",  # written by `longcat convert --to bf16|fp32` from an FP8 checkpoint
 }
 
 

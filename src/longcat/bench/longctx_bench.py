@@ -126,12 +126,13 @@ def lsa_fidelity(model, length: int, chunk: int, seed: int = 0) -> float | None:
     def capture(mla: MLA):
         original = mla._selected_path
 
-        def wrapped(q_nope, q_rope, c_kv_all, k_rope_all, keep):
-            S = c_kv_all.shape[1]
-            causal = torch.ones(keep.shape[0], keep.shape[1], S, dtype=torch.bool)
+        def wrapped(q_nope, q_rope, c_kv_all, k_rope_all, selection):
+            B, T, S = q_nope.shape[0], q_nope.shape[1], c_kv_all.shape[1]
+            causal = torch.ones(B, T, S, dtype=torch.bool)  # the one query sees every cached key
             dense = mla._attention_target(q_nope, q_rope, c_kv_all, k_rope_all, causal)  # (B, T, S)
-            shares.append(float((dense * keep).sum(-1).mean()))
-            return original(q_nope, q_rope, c_kv_all, k_rope_all, keep)
+            kept = dense.gather(-1, selection.index) * selection.valid  # (B, T, k)
+            shares.append(float(kept.sum(-1).mean()))
+            return original(q_nope, q_rope, c_kv_all, k_rope_all, selection)
 
         return wrapped
 

@@ -315,14 +315,24 @@ def plot_frontier(result: dict, path) -> str | None:
     except ImportError:
         return "matplotlib is not installed (pip install matplotlib)"
     fig, ax = plt.subplots(figsize=(6, 4))
+    none_runs = False
+
+    def line(rows, style, label, **kw):
+        """Batches on a log axis; a length where not even batch 1 runs is an x on the bottom edge."""
+        nonlocal none_runs
+        runs = [r for r in rows if r["max_batch"] > 0]
+        drawn = ax.plot([r["seq_len"] for r in runs], [r["max_batch"] for r in runs], style, label=label, **kw)
+        zero = [r["seq_len"] for r in rows if r["max_batch"] == 0]
+        if zero:
+            none_runs = True
+            ax.plot(zero, [0.5] * len(zero), "x", color=drawn[0].get_color(), markersize=10, mew=2)
+
     for skew in result["skews"]:
-        rows = [r for r in result["measured"] if r["skew"] == skew]
-        ax.plot([r["seq_len"] for r in rows], [max(r["max_batch"], 0.5) for r in rows], "o-",
-                label=f"measured ({skew} routing)")
-    pred = result["predicted"] or []
-    if pred:
-        ax.plot([r["seq_len"] for r in pred], [max(r["max_batch"], 0.5) for r in pred], "s--", color="gray",
-                label="predicted: " + result["predicted_basis"].split(" (")[0])
+        line([r for r in result["measured"] if r["skew"] == skew], "o-", f"measured ({skew} routing)")
+    if result["predicted"]:
+        line(result["predicted"], "s--", "predicted: " + result["predicted_basis"].split(" (")[0], color="gray")
+    if none_runs:
+        ax.plot([], [], "x", color="black", label="not even batch 1 runs")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_xlabel("sequence length (tokens)")

@@ -158,6 +158,25 @@ def predict(setup: PlanSetup, hardware: str):
     return plan, hw
 
 
+def kv_cache_check(setup: PlanSetup) -> dict:
+    """The planner's KV bytes per token for this repository's engine (`plan serve --engine longcat`)
+    against what a real `LatentCache` of the configuration allocates (bf16, with the MTP rows, as
+    `longcat.infer.Engine` builds it)."""
+    import torch
+
+    from ..model.cache import LatentCache
+    from ..plan.arch import from_longcat
+    from ..plan.engines import kv_layout, load_engine
+
+    config = setup_config(setup)
+    mtp = config.mtp_num_layers > 0
+    cache = LatentCache(config, 1, setup.seq_len, dtype=torch.bfloat16, with_mtp=mtp)
+    measured = cache.nbytes() / setup.seq_len
+    predicted = kv_layout(from_longcat(config), load_engine("longcat"), "bf16", mtp=mtp)["total"]
+    return {"predicted_bytes_per_token": predicted, "measured_bytes_per_token": measured,
+            "error": predicted / measured - 1}
+
+
 def run_plan_bench(setup: PlanSetup, *, steps: int = 10, warmup: int = 2, hardware: str | None = None,
                    output: str | None = None, quick: bool = False, log=print) -> dict:
     load_start = os.getloadavg()[0]
@@ -186,6 +205,7 @@ def run_plan_bench(setup: PlanSetup, *, steps: int = 10, warmup: int = 2, hardwa
         "error": {"step_time": predicted_time / real["step_time_s"] - 1,
                   "peak_memory": predicted_mem / real["peak_rss_gib"] - 1,
                   "peak_live_memory": predicted_mem / real["peak_live_gib"] - 1},
+        "kv_cache": kv_cache_check(setup),
     }
 
 
@@ -206,6 +226,12 @@ def format_report(result: dict) -> str:
         f"{real['baseline_rss_gib']:.2f} GiB)",
         f"{'peak live memory (GiB)':22s}{m:12.3f}{real['peak_live_gib']:12.3f}{err['peak_live_memory']:+9.1%}"
         f"   (peak RSS with every buffer mmapped: no allocator retention)",
+    ]
+    kv = result.get("kv_cache")
+    if kv:
+        lines.append(f"{'KV bytes per token':22s}{kv['predicted_bytes_per_token']:12,.0f}{kv['measured_bytes_per_token']:12,.0f}"
+                     f"{kv['error']:+9.1%}   (plan serve --engine longcat vs a real LatentCache, bf16, MTP rows included)")
+    lines += [
         f"load average {real['load_average_start']:.1f} at the start, {real['load_average_end']:.1f} at the end "
         f"({os.cpu_count()} cores); fastest measured step {real['step_time_min_s']:.3f} s",
         "predicted step time by category (s): "

@@ -96,7 +96,8 @@ def register(sub) -> None:
     )
     lc.add_argument("--model", required=True, metavar="DIR", help="model, HF or training run directory")
     lc.add_argument("--tasks", default="passkey,niah_single,niah_multikey,vt",
-                    help="comma-separated: passkey, niah_single, niah_multikey, vt (default: all)")
+                    help="comma-separated: passkey, niah_single, niah_multikey, vt (default: all); "
+                         "none: the perplexity curve only")
     lc.add_argument("--lengths", default="1k,4k,16k", help="prompt lengths in tokens, e.g. 1k,4k,16k or 4096")
     lc.add_argument("--depths", default="0,0.25,0.5,0.75,1",
                     help="needle depths: the share of the filler before the needle (0 = start, 1 = end)")

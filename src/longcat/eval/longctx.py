@@ -186,14 +186,20 @@ def run_longctx(model, tokenizer, setup: LongContextSetup, *, data: str | None =
     from ..infer.sampling import SamplingParams
 
     config = model.config
-    tasks_list = parse_tasks(list(setup.tasks))
+    # no tasks: the perplexity curve only
+    tasks_list = parse_tasks(list(setup.tasks)) if list(setup.tasks) not in ([], ["none"]) else []
+    if not tasks_list and not setup.perplexity:
+        raise UserError("nothing to evaluate: give --tasks, or leave out --no-perplexity")
     lengths = sorted(set(setup.lengths))
     if setup.samples < 1:
         raise UserError(f"--samples must be >= 1, got {setup.samples}")
     bad_depths = [d for d in setup.depths if not 0.0 <= d <= 1.0]
     if bad_depths:
         raise UserError(f"--depths must lie in [0, 1], got {bad_depths}")
-    answer_room = 48  # new tokens: the longest answer (a uuid) with room to spare
+    # positions a prompt's answer needs after it: the longest answer of any instance asked for
+    answers = RetrievalTasks(tokenizer, None, seed=setup.seed, needle=setup.needle)
+    answer_room = max((answers.answer_length(t, d, i) + 2 for t in tasks_list for d in setup.depths
+                       for i in range(setup.samples)), default=0)
     for length in lengths:
         check_positions(config, length, answer_room)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -207,7 +213,7 @@ def run_longctx(model, tokenizer, setup: LongContextSetup, *, data: str | None =
     stream, tokens_per_byte = heldout_tokens(tokenizer, windows * max(lengths) + 1, data=data)
     generator = RetrievalTasks(tokenizer, stream, seed=setup.seed, needle=setup.needle)
     prefix = [int(t) for t in getattr(tokenizer, "prompt_prefix", [])]
-    engine = Engine(model, tokenizer, max_seq_len=max(lengths) + answer_room, prefill_chunk=setup.prefill_chunk)
+    engine = Engine(model, tokenizer, max_seq_len=max(lengths) + max(2, answer_room), prefill_chunk=setup.prefill_chunk)
     report = LongContextReport(setup={
         "tasks": tasks_list, "lengths": lengths, "depths": list(setup.depths), "samples": setup.samples,
         "needle": setup.needle, "seed": setup.seed, "prefill_chunk": setup.prefill_chunk,

@@ -91,8 +91,25 @@ def _find_tokenizer(found) -> Path | None:
 # published -> published, key by key
 
 
-def stream_published(source, to: str) -> Iterator[tuple[str, "torch.Tensor"]]:  # noqa: F821
-    """The tensors of a published checkpoint converted to `to` (fp8, bf16, fp32), one at a time."""
+# Where a dequantized output keeps the quantization_config it came from, so that converting it back
+# to FP8 keeps the same modules in bf16.
+DEQUANTIZED_FROM = "dequantized_from"
+
+
+def skipped_modules(quantization_config: dict | None) -> set[str]:
+    """The modules an FP8 checkpoint keeps unquantized (`ignored_layers` or `modules_to_not_convert`)."""
+    q = quantization_config or {}
+    return set(q.get("ignored_layers") or []) | set(q.get("modules_to_not_convert") or [])
+
+
+def _skipped(key: str, skip: set[str]) -> bool:
+    module = key[: -len(".weight")]
+    return any(module == s or module.startswith(s + ".") for s in skip)
+
+
+def stream_published(source, to: str, skip: set[str] = frozenset()) -> Iterator[tuple[str, "torch.Tensor"]]:  # noqa: F821
+    """The tensors of a published checkpoint converted to `to` (fp8, bf16, fp32), one at a time;
+    --to fp8 leaves the modules in `skip` unquantized."""
     import torch
 
     from ..model.fp8 import dequantize_blockwise, is_fp8, quantize_blockwise
@@ -108,7 +125,7 @@ def stream_published(source, to: str) -> Iterator[tuple[str, "torch.Tensor"]]:  
                 if scale is not None:
                     yield key, t
                     yield scale_key(key), scale
-                elif fp8_key(key) and t.dim() == 2:
+                elif fp8_key(key) and t.dim() == 2 and not _skipped(key, skip):
                     q, s = quantize_blockwise(t)
                     yield key, q
                     yield scale_key(key), s
@@ -125,10 +142,12 @@ def _published_config(raw: dict, to: str, keys: list[str]) -> dict:
 
     cfg = dict(raw)
     if to == "fp8":
+        previous = cfg.pop(DEQUANTIZED_FROM, None)
         if not cfg.get("quantization_config"):
-            cfg["quantization_config"] = fp8_quantization_config(keys)
+            cfg["quantization_config"] = previous or fp8_quantization_config(keys)
     else:
-        cfg.pop("quantization_config", None)
+        if cfg.get("quantization_config"):
+            cfg[DEQUANTIZED_FROM] = cfg.pop("quantization_config")
         cfg["torch_dtype"] = {"bf16": "bfloat16", "fp32": "float32"}[to]
     return cfg
 
@@ -226,7 +245,9 @@ def run(args: argparse.Namespace) -> int:
             opened = open_published(found.weights)  # every check before anything is written
             names: list[str] = []
             try:
-                write_sharded(((names.append(k) or k, v) for k, v in stream_published(opened.source, args.to)), tmp,
+                skip = skipped_modules(opened.raw.get("quantization_config") or opened.raw.get(DEQUANTIZED_FROM))
+                converted = stream_published(opened.source, args.to, skip)
+                write_sharded(((names.append(k) or k, v) for k, v in converted), tmp,
                               max_shard_bytes=args.shard_mb * 2**20)
             finally:
                 opened.source.close()

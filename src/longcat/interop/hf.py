@@ -266,7 +266,7 @@ def _match_any(patterns: list[re.Pattern], key: str) -> int | None:
     return None
 
 
-def _target(key: str, c: ModelConfig):
+def published_target(key: str, c: ModelConfig):
     """Where published `key` lands: (our name, index, scale index); None for keys read elsewhere or
     ignored (identity-expert rows, the MTP's copy of the embedding); False for an unknown key."""
     m = _EXPERT_KEY.match(key)
@@ -348,7 +348,7 @@ def plan_hf(config: ModelConfig, source: SafetensorsDir, family: Family, origin:
     expected_state = meta.state_dict()
     wanted: dict[tuple[str, str], str] = {}
     for key, _ in hf_tensors(meta, family=family):
-        t = _target(key, config)
+        t = published_target(key, config)
         if t:
             wanted[(t[0], repr(t[1]))] = key
     scales = {k for k in source.keys() if k.endswith("." + SCALE_KEY_SUFFIX)}
@@ -358,7 +358,7 @@ def plan_hf(config: ModelConfig, source: SafetensorsDir, family: Family, origin:
     for key in source.keys():
         if key in scales:
             continue
-        t = _target(key, config)
+        t = published_target(key, config)
         if t is None:
             continue
         where = source.file_of[key].name
@@ -449,4 +449,4 @@ def state_dict_from_hf(config: ModelConfig, source: SafetensorsDir) -> dict[str,
 
 __all__ = ["save_hf", "load_hf", "hf_tensors", "state_dict_from_hf", "CheckpointError", "load_config", "Family",
            "FAMILIES", "recognise", "family_for", "open_published", "Published", "quantized", "fp8_key",
-           "scale_key", "mtp_depths", "fp8_quantization_config"]
+           "scale_key", "mtp_depths", "fp8_quantization_config", "published_target"]

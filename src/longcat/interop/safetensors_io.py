@@ -96,6 +96,7 @@ class SafetensorsDir:
     until a tensor is asked for."""
 
     def __init__(self, path: str | os.PathLike) -> None:
+        self._maps: dict[Path, mmap.mmap] = {}
         self.path = Path(path)
         index = self.path / INDEX_NAME
         self.info: dict[str, TensorInfo] = {}
@@ -126,7 +127,6 @@ class SafetensorsDir:
             for file in files:
                 self.info.update(read_header(file))
         self.file_of = {k: i.file for k, i in self.info.items()}
-        self._maps: dict[Path, mmap.mmap] = {}
 
     def keys(self) -> list[str]:
         return list(self.info)

@@ -100,6 +100,16 @@ def select_tokens(scores: torch.Tensor, causal: torch.Tensor, config: ModelConfi
     return keep & causal
 
 
+@dataclass
+class GatheredSelection:
+    """LSA's choice as positions in the latent cache, found once per layer (sublayer 0) and reused
+    by the second sublayer: index (B, T, k) of the kept keys, valid (B, T, k) False on padding
+    (rows that keep fewer than k)."""
+
+    index: torch.Tensor
+    valid: torch.Tensor
+
+
 # Queries per row up to which the absorbed attention is written out (scores over the cache as
 # batched products, no per-head copy of the shared key head: decode steps and verify windows);
 # longer ones (prefill, context-parallel training) use the fused SDPA kernel, which never holds
@@ -133,9 +143,10 @@ class MLA(nn.Module):
     def forward(
         self, x: torch.Tensor, ctx: AttentionContext, sublayer: int, keep: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """x (B, T, H) -> (out (B, T, H), sparse keep-mask for the sibling sublayer, indexer loss).
+        """x (B, T, H) -> (out (B, T, H), sparse selection for the sibling sublayer, indexer loss).
 
-        `keep` is the selection computed by sublayer 0 of the same layer (reused by sublayer 1).
+        `keep` is the selection computed by sublayer 0 of the same layer (reused by sublayer 1): a
+        keep-mask (B, T, S), or over a cache the `GatheredSelection` it was turned into.
         """
         B, T, _ = x.shape
         q_latent = self.q_a_layernorm(linear(x, self.q_a_proj))  # (B, T, q_lora)
@@ -162,6 +173,10 @@ class MLA(nn.Module):
         if cache is None:
             out = self._dense_path(q_nope, q_rope, c_kv, k_rope, keep)
         elif keep is not None:
+            if not isinstance(keep, GatheredSelection):
+                # (B, T, k): the kept keys first, then padding
+                chosen = keep.view(torch.uint8).topk(min(self.config.index_topk, keep.shape[-1]), dim=-1)
+                keep = GatheredSelection(chosen.indices, chosen.values.bool())
             out = self._selected_path(q_nope, q_rope, c_kv_all, k_rope_all, keep)
         else:
             out = self._absorbed_path(q_nope, q_rope, c_kv_all, k_rope_all, causal)
@@ -228,17 +243,13 @@ class MLA(nn.Module):
         out = linear(o_lat, w_uv.to(o_lat.dtype))  # (h, B*T, v): W_uv applied per head
         return out.view(h, B, T, self.v_dim).permute(1, 2, 0, 3)
 
-    def _selected_path(self, q_nope, q_rope, c_kv_all, k_rope_all, keep):
-        """LSA over the latent cache: each query attends to its index_topk selected keys only,
-        gathered from the cache, so the work per query does not grow with the context.
-
-        keep (B, T, S) with at most index_topk True per row -> (B, T, h, v).
-        """
+    def _selected_path(self, q_nope, q_rope, c_kv_all, k_rope_all, selection: GatheredSelection):
+        """LSA over the latent cache: each query attends to its selected keys only, gathered from
+        the cache, so the work per query does not grow with the context. -> (B, T, h, v)."""
         B, T, h, _ = q_nope.shape
-        k = min(self.config.index_topk, keep.shape[-1])
-        chosen = keep.to(torch.uint8).topk(k, dim=-1)  # (B, T, k): the kept keys, then padding
-        valid = chosen.values.bool()  # (B, T, k)
-        at = chosen.indices.reshape(B, T * k, 1)
+        k = selection.index.shape[-1]
+        valid = selection.valid  # (B, T, k)
+        at = selection.index.reshape(B, T * k, 1)
         c_sel = c_kv_all.gather(1, at.expand(B, T * k, self.kv_lora)).view(B, T, k, self.kv_lora)
         r_sel = k_rope_all.gather(1, at.expand(B, T * k, self.rope)).view(B, T, k, self.rope)
         w_uk, w_uv = self.absorbed_weights(q_nope.dtype)  # (h, nope, kv), (h, v, kv)
@@ -267,7 +278,8 @@ class MLA(nn.Module):
             # from a size where it can be, so a compiled decode step has no data-dependent branch.
             need_scores = False
         else:
-            need_scores = int(causal.sum(-1).max()) > cfg.index_topk
+            # the most keys a query sees: causal keys are those at or before its position
+            need_scores = min(int(ctx.positions.max()) + 1, causal.shape[-1]) > cfg.index_topk
         if not need_scores:
             return None, None
         scores = self.indexer.scores(xi, qi, keys, ctx.cos, ctx.sin)  # (B, T, S)

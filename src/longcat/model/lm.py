@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -138,20 +141,16 @@ class LongCatForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Normal(0, initializer_range) for matrices and tables, ones for norms, zero router bias."""
-        std = self.config.initializer_range
+    def init_weights(self, seed: int = 0) -> None:
+        """Normal(0, initializer_range) for matrices and tables, ones for norms, zero router bias.
+
+        Each value is a function of the parameter's name, its index and `seed` (`init_parameter_`),
+        not of how the model is laid out: a parallel layout that builds the model on the meta
+        device and fills only each rank's shard gets the same weights as one process."""
         for name, p in self.named_parameters():
-            if p.is_meta:
-                continue
-            if p.dim() == 1:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, std, generator=generator)
-        for module in self.modules():
-            if hasattr(module, "e_score_correction_bias") and not module.e_score_correction_bias.is_meta:
-                module.e_score_correction_bias.zero_()
-        self.rotary.inv_freq.copy_(RotaryEmbedding(self.config, self.config.qk_rope_head_dim).inv_freq)
+            if not p.is_meta:
+                init_parameter_(p, name, seed, self.config.initializer_range)
+        init_buffers_(self, self.config)
 
     def embed(self, input_ids: torch.Tensor, ngram_history: torch.Tensor | None = None) -> torch.Tensor:
         word = self.embed_tokens(input_ids)
@@ -325,15 +324,97 @@ def training_losses(
     return losses
 
 
+# Values generated per seeded block: large enough that a block costs far more than seeding a
+# generator, small enough that a shard's partial blocks at either end cost little.
+INIT_BLOCK_NUMEL = 1 << 20
+
+
+def _block_seed(name: str, seed: int, block: int) -> int:
+    # A digest is the same in every process (Python's hash() of a str is salted per process) and
+    # mixes every input into the low 32 bits, all that the CPU generator's Mersenne Twister keeps.
+    digest = hashlib.blake2b(f"{seed}/{name}/{block}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def init_values(name: str, shape, seed: int, std: float, *, offset=None, size=None,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """The initial values of the box `offset`..`offset+size` of the parameter `name` of global
+    `shape` (>= 2 dims), in fp32: Normal(0, std), generated without the rest of the tensor.
+
+    The tensor is read as rows of its last dim (prod(shape[:-1]) rows); each block of
+    INIT_BLOCK_NUMEL values' worth of rows has its own generator seeded from (name, seed, block
+    index). A box costs the blocks its rows touch, so a shard on any dim but the last costs about
+    itself; a shard of the last dim (row-wise tensor parallel) costs its rows.
+    """
+    shape = tuple(int(d) for d in shape)
+    offset = tuple(offset) if offset is not None else (0,) * len(shape)
+    size = tuple(size) if size is not None else shape
+    row_len = shape[-1]
+    rows_per_block = max(1, INIT_BLOCK_NUMEL // row_len)
+    total_rows = math.prod(shape[:-1])
+    cached: dict[int, torch.Tensor] = {}
+
+    def block(b: int) -> torch.Tensor:  # (rows of block b, row_len)
+        if b not in cached:
+            cached.clear()  # a box walks the blocks in order: keeping one is enough
+            g = torch.Generator(device=device).manual_seed(_block_seed(name, seed, b))
+            rows = min(rows_per_block, total_rows - b * rows_per_block)
+            cached[b] = torch.empty(rows, row_len, device=device).normal_(0.0, std, generator=g)
+        return cached[b]
+
+    def rows(start: int, count: int) -> torch.Tensor:  # (count, row_len): global rows start..start+count
+        parts = []
+        for b in range(start // rows_per_block, (start + count - 1) // rows_per_block + 1):
+            lo = max(start, b * rows_per_block) - b * rows_per_block
+            hi = min(start + count, (b + 1) * rows_per_block) - b * rows_per_block
+            parts.append(block(b)[lo:hi])
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    out = torch.empty(size, device=device)
+    if out.numel() == 0:
+        return out
+    rows_per_step = [math.prod(shape[k + 1:-1]) for k in range(len(shape) - 1)]  # of each leading dim
+    cols = slice(offset[-1], offset[-1] + size[-1])
+    # each index of the leading dims but the last picks one contiguous run of rows
+    for outer in itertools.product(*(range(n) for n in size[:-2])):
+        first = sum((offset[k] + i) * rows_per_step[k] for k, i in enumerate(outer)) + offset[-2] * rows_per_step[-1]
+        out[outer] = rows(first, size[-2])[:, cols]
+    return out
+
+
+@torch.no_grad()
+def init_parameter_(tensor: torch.Tensor, name: str, seed: int, std: float, *, global_shape=None,
+                    offset=None) -> None:
+    """Fill `tensor`, the box at `offset` of parameter `name` (global shape `global_shape`, default
+    its own), with its initial values: ones for 1-D parameters (norm weights), else `init_values`."""
+    if tensor.dim() <= 1:
+        tensor.fill_(1.0)
+        return
+    tensor.copy_(init_values(name, global_shape or tensor.shape, seed, std, offset=offset, size=tensor.shape,
+                             device=tensor.device))
+
+
+@torch.no_grad()
+def init_buffers_(module: nn.Module, config: ModelConfig) -> None:
+    """The buffers of every submodule: zero router bias, RoPE inverse frequencies from the config."""
+    for sub in module.modules():
+        bias = getattr(sub, "e_score_correction_bias", None)
+        if isinstance(bias, torch.Tensor) and not bias.is_meta:
+            bias.zero_()
+        if isinstance(sub, RotaryEmbedding) and not sub.inv_freq.is_meta:
+            sub.inv_freq.copy_(RotaryEmbedding(config, 2 * sub.inv_freq.shape[0]).inv_freq)
+
+
 def build_model(config: ModelConfig, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, seed: int | None = 0) -> LongCatForCausalLM:
-    """Build and initialise a model. device='meta' allocates nothing (for counting and planning)."""
+    """Build and initialise a model. device='meta' allocates nothing (for counting, planning, and
+    `longcat.parallel.parallelize`, which fills only each rank's shard). `seed=None` draws the
+    seed from torch's global generator."""
     with torch.device(device):
         model = LongCatForCausalLM(config)
     if str(device) != "meta":
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=device).manual_seed(seed)
-        model.init_weights(gen)
+        if seed is None:
+            seed = int(torch.randint(2**62, ()))
+        model.init_weights(seed)
     if dtype is not None:
         model.to(dtype)
     return model

@@ -5,8 +5,9 @@
 layout. What a Trainer with `dims=` does, in order (docs/PARALLEL.md has more):
 
     dims = setup(layout, config, seq_len=T, global_batch=B, ...)   # validate, init, mesh
-    model = build_model(config, device=dims.device, seed=seed)       # same seed on every rank
-    pm = parallelize(model, dims, seq_len=T)                         # TP -> EP -> CP -> PP -> FSDP
+    model = build_model(config, device="meta")                       # nothing allocated yet
+    pm = parallelize(model, dims, seq_len=T, seed=seed)              # PP -> TP -> EP -> CP -> FSDP, then
+                                                                     # each rank fills only its shard
     each step:
         result = pm.forward_backward(inputs, labels, weights)        # the GLOBAL batch, every rank
         norm = pm.clip_grad_norm_(max_norm)
@@ -61,7 +62,9 @@ def setup(
     )
     device_type = device_type_for(device)
     init_distributed(device_type)
-    return build_mesh(layout, device_type)
+    dims = build_mesh(layout, device_type)
+    dims.global_batch = global_batch
+    return dims
 
 
 # ------------------------------------------------------------------------------------------------
@@ -96,14 +99,27 @@ class ParallelModel:
         self._loss_sum = False  # pipeline_loss: summed cross-entropy of a held-out batch
 
     # --- data ---------------------------------------------------------------------------------
-    def shard_batch(self, inputs: torch.Tensor, labels: torch.Tensor):
-        """Global (B, T) -> this rank's rows (data parallel) and zig-zag chunks (context parallel)."""
+    def rows_are_local(self, rows: int) -> bool:
+        """Whether a training micro-batch of `rows` sequences is already this rank's share of the
+        global batch (`global_batch / dp` rows, e.g. from a sampler that reads only this data
+        rank's windows) rather than the whole global batch."""
+        dp, global_batch = self.layout.dp, self.dims.global_batch
+        return dp > 1 and global_batch is not None and rows * dp == global_batch
+
+    def shard_batch(self, inputs: torch.Tensor, labels: torch.Tensor, *, local: bool = False):
+        """(B, T) -> this rank's rows (data parallel) and zig-zag chunks (context parallel).
+
+        The batch is the global one, whose rows are split over the data ranks, or with `local`
+        already this data rank's rows."""
         B = inputs.shape[0]
         dp, dp_rank = self.layout.dp, self.dims.dp_rank
-        if B % dp:
-            raise ValueError(f"global batch {B} is not divisible by dp_replicate*dp_shard = {dp}")
-        rows = slice(dp_rank * B // dp, (dp_rank + 1) * B // dp)
-        x, y = inputs[rows], labels[rows]
+        if local:
+            x, y = inputs, labels
+        else:
+            if B % dp:
+                raise ValueError(f"global batch {B} is not divisible by dp_replicate*dp_shard = {dp}")
+            rows = slice(dp_rank * B // dp, (dp_rank + 1) * B // dp)
+            x, y = inputs[rows], labels[rows]
         positions = None
         if self.cp_kv is not None:
             positions = self.cp_kv.positions(self.dims.local_rank("cp")).to(x.device)
@@ -125,12 +141,14 @@ class ParallelModel:
     # --- forward and backward -----------------------------------------------------------------
     def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor, weights: LossWeights | None = None,
                          *, scale: float = 1.0) -> StepResult:
-        """Forward and backward of one global micro-batch; gradients accumulate (times `scale`,
-        e.g. 1/grad_accum). Losses are global means; counts are global sums."""
+        """Forward and backward of one micro-batch, the global one or this data rank's rows of it
+        (`rows_are_local`); gradients accumulate (times `scale`, e.g. 1/grad_accum). Losses are
+        global means; counts are global sums; `tokens` counts the global batch."""
         weights = weights or LossWeights()
+        local = self.rows_are_local(inputs.shape[0])
         if self.schedule is not None:
-            return self._pipeline_forward_backward(inputs, labels, scale)
-        x, y, positions = self.shard_batch(inputs, labels)
+            return self._pipeline_forward_backward(inputs, labels, scale, local)
+        x, y, positions = self.shard_batch(inputs, labels, local=local)
         with_mtp = weights.with_mtp(self.config)
         with_indexer = weights.with_indexer(self.config)
         with self._autocast():
@@ -148,10 +166,10 @@ class ParallelModel:
         names = list(losses)
         values = torch.stack([losses[k].detach().float() for k in names])
         values = self._all_reduce(values, "dp_cp") / self.dims.size("dp_cp")
-        return StepResult(dict(zip(names, values.tolist())), counts, inputs.numel())
+        return StepResult(dict(zip(names, values.tolist())), counts, inputs.numel() * (self.layout.dp if local else 1))
 
-    def _pipeline_forward_backward(self, inputs, labels, scale: float) -> StepResult:
-        x, y, _ = self.shard_batch(inputs, labels)
+    def _pipeline_forward_backward(self, inputs, labels, scale: float, local: bool) -> StepResult:
+        x, y, _ = self.shard_batch(inputs, labels, local=local)
         for stage in self.stages:
             stage.router_counts = []
         has_first = any(s.first for s in self.stages)
@@ -173,7 +191,7 @@ class ParallelModel:
                 counts[i] += c.to(counts.device)
         counts = self._all_reduce(self._all_reduce(counts, "pp"), "dp_cp")
         value = float(loss[0])
-        return StepResult({"lm": value, "loss_total": value}, counts, inputs.numel())
+        return StepResult({"lm": value, "loss_total": value}, counts, inputs.numel() * (self.layout.dp if local else 1))
 
     @torch.no_grad()
     def heldout_nats(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
@@ -313,9 +331,15 @@ def parallelize(
     seq_len: int | None = None,
     precision: str = "auto",
     autocast_dtype: torch.dtype | None = None,
+    seed: int = 0,
 ) -> ParallelModel:
-    """Apply the layout to a fully built model (identical on every rank), in TorchTitan's order:
-    pipeline split, tensor parallel, expert parallel, context parallel, then FSDP.
+    """Apply the layout to a model, in TorchTitan's order: pipeline split, tensor parallel,
+    expert parallel, context parallel, then FSDP.
+
+    A model built on the meta device (`build_model(config, device="meta")`) is laid out first and
+    then only this rank's shard of each parameter is allocated and initialised, with the values a
+    one-process `build_model(config, seed=seed)` has (`sharded_init.materialize_shards`). A model
+    with real weights (the same on every rank, e.g. loaded) is sharded as it is and `seed` unused.
 
     `precision` sets FSDP's MixedPrecisionPolicy ("auto": bf16 params with fp32 reduction on
     accelerators, fp32 on CPU); `autocast_dtype` wraps the forward in torch.autocast.
@@ -323,9 +347,11 @@ def parallelize(
     from .context import apply_context_parallel
     from .expert import apply_expert_parallel
     from .fsdp import apply_fsdp, mixed_precision_policy
+    from .sharded_init import is_meta_model, materialize_shards
     from .tensor import apply_tensor_parallel
 
     layout = dims.layout
+    on_meta = is_meta_model(model)
     if layout.cp > 1 and seq_len is None:
         raise ValueError("context parallelism needs seq_len")
     stages, schedule = [], None
@@ -348,6 +374,8 @@ def parallelize(
             policy = mixed_precision_policy(precision, dims.device.type)
             # Under PP every micro-batch would re-gather: keep the parameters between them.
             apply_fsdp(part, dims, policy, reshard_after_forward=layout.pp == 1)
+    if on_meta:
+        materialize_shards(parts, dims.device, seed, model.config)
     if layout.pp > 1:
         pm = ParallelModel(dims, PipelineRankModel(model, stages), seq_len=seq_len, stages=stages,
                            autocast_dtype=autocast_dtype)

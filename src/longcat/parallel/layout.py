@@ -284,6 +284,9 @@ class ParallelDims:
     mesh: torch.distributed.device_mesh.DeviceMesh
     device: torch.device
     views: dict = dataclasses.field(default_factory=dict)  # flattened meshes by name
+    # sequences per micro-batch over all ranks, when `setup` was told: lets the step engine accept
+    # either the global batch or this rank's rows of it (global_batch / dp)
+    global_batch: int | None = None
 
     def __getitem__(self, name: str):
         return self.views[name] if name in self.views else self.mesh[name]

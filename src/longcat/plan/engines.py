@@ -95,9 +95,13 @@ def load_engine(name: str) -> Engine:
         raise ConfigError(f"{path}: unknown engine field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
     engine = Engine()
     for key, value in data.items():
-        kind = hints[key]
+        if key == "notes":
+            continue
+        kind = typing.get_origin(hints[key]) or hints[key]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise ConfigError(f"{path}: engine field '{key}' must be {kind.__name__}, got {value!r}")
         setattr(engine, key, value)
     engine.notes = {k: str(v) for k, v in data.get("notes", {}).items()}
     engine.validate(str(path))

@@ -89,7 +89,14 @@ def build_trainer(run: RunConfig, out_dir: Path, data: PreparedData, *, resume: 
     from ..data import PackedBatches, eval_batches
 
     cfg = run.train
-    batches = PackedBatches(data.store.train, cfg.seq_len, cfg.micro_batch, seed=cfg.seed)
+    rank, data_ranks = 0, 1
+    if dims is not None and cfg.retrieval_ratio <= 0:
+        # Each data rank reads only its rows of the global batch (the windows the one-process batch
+        # has there), which the step engine takes as this rank's share. The retrieval mix draws
+        # per row of the global batch, so with it every rank reads the whole batch.
+        rank, data_ranks = dims.dp_rank, dims.layout.dp
+    batches = PackedBatches(data.store.train, cfg.seq_len, cfg.micro_batch // data_ranks, seed=cfg.seed,
+                            rank=rank, world_size=data_ranks)
     heldout = data.store.heldout
     eval_data = EvalData(
         batches=lambda: eval_batches(heldout, cfg.seq_len, cfg.micro_batch, cfg.eval_batches),

@@ -49,7 +49,12 @@ def read_stage_table(config_file: str | Path | None) -> dict[str, Any]:
         return {}
     import tomllib
 
-    data = tomllib.loads(Path(config_file).read_text()).get("stage", {})
+    try:
+        data = tomllib.loads(Path(config_file).read_text()).get("stage", {})
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot parse {config_file}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"'stage' in {config_file} must be a table ([stage])")
     unknown = sorted(set(data) - set(STAGE_KEYS))
     if unknown:
         raise ConfigError(f"unknown key(s) in [stage] of {config_file}: {', '.join(unknown)}; "

@@ -193,7 +193,11 @@ class Trainer:
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
 
-        model = build_model(run.model, device=self.device, seed=cfg.seed)  # the same on every rank
+        # On a layout each rank builds the model on the meta device and `parallelize` allocates and
+        # initialises only its shard (the one-process values); a stage that starts from another
+        # run's weights still loads them whole on every rank.
+        sharded_build = dims is not None and not (cfg.init_from and not (resume or resume_from is not None))
+        model = build_model(run.model, device="meta" if sharded_build else self.device, seed=cfg.seed)
         model.train()
         # a long-context stage: the initial run's weights (a new run, not a resume), frozen parts
         prepare_model(model, cfg, initialise=not (resume or resume_from is not None))
@@ -203,7 +207,7 @@ class Trainer:
             from ..parallel.engine import parallelize
 
             self.engine = parallelize(model, dims, seq_len=cfg.seq_len, precision=param_precision,
-                                      autocast_dtype=self.autocast_dtype)
+                                      autocast_dtype=self.autocast_dtype, seed=cfg.seed)
         self.model = self.engine.module
         self.is_main = self.engine.rank == 0
         self.weights = LossWeights.from_train(cfg)
