@@ -4,6 +4,7 @@ of bf16, and `longcat.load(..., weights_dtype=...)` / `longcat generate --weight
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -155,3 +156,24 @@ def test_training_from_an_fp8_checkpoint_starts_from_dequantized_weights(tmp_pat
     out = model(x)
     out.logits.float().logsumexp(-1).mean().backward()
     assert model.layers[0].mlp.experts.down_proj.grad is not None
+
+
+def test_fp8_grouped_experts_dequantize_a_range_of_experts_at_a_time(monkeypatch):
+    """Prefill's grouped GEMM on FP8-resident experts: the same result whatever range of experts is
+    dequantized at once (one expert, three, all)."""
+    import longcat.model.moe as moe
+    from longcat.model.moe import GroupedExperts
+
+    torch.manual_seed(0)
+    experts = GroupedExperts(8, 192, 136)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.05)
+    torch.nn.init.normal_(experts.down_proj, std=0.05)
+    to_fp8_(experts)
+    twin = from_fp8_(copy.deepcopy(experts), torch.float32)  # the same values, dequantized once
+    counts = torch.tensor([3, 0, 5, 1, 0, 0, 4, 2])
+    x = torch.randn(int(counts.sum()), 192)
+    with torch.no_grad():
+        expected = twin(x, counts)
+        for budget in (1, 3 * 136 * 192 * 4 * 3, 1 << 30):
+            monkeypatch.setattr(moe, "DEQUANTIZED_EXPERT_BYTES", budget)
+            assert torch.equal(experts(x, counts), expected), budget

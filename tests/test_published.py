@@ -16,7 +16,6 @@ from safetensors import safe_open
 
 from longcat.infer import Engine, SamplingParams
 from longcat.interop.loader import load
-from longcat.model.fp8 import dequantize_blockwise
 from longcat.testing import FIXTURE_FAMILIES, write_published
 
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)

@@ -426,3 +426,38 @@ def test_bench_serve_reports_latencies_throughput_and_the_comparison(server, cap
     assert "== speed target ==" in text and "TTFT" in text and "output throughput, load / one at a time" in text
     assert main(["bench", "serve", "--num-prompts", "2"]) == 2
     assert "give exactly one" in capsys.readouterr().err
+
+
+def test_an_engine_failure_ends_streams_with_an_error_frame_and_health_turns_503(model_dir):
+    """In process (the ASGI app without a socket), with a decode step that fails."""
+    from longcat.infer.scheduler import Scheduler, SchedulerConfig
+    from longcat.serve.app import Server, ServerSettings, create_app
+
+    engine = Engine(load_model(model_dir, dtype=torch.float32).eval(), Tokenizer.load(model_dir), max_seq_len=64)
+    server = Server(Scheduler(engine, SchedulerConfig(max_running=2)), ServerSettings(model_name="m"))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    server.scheduler._batch._step = broken
+    app = create_app(server)
+    server.start()
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as http:
+            assert (await http.get("/health")).status_code == 200
+            body = {"prompt": "the cat", "max_tokens": 8, "stream": True, "ignore_eos": True}
+            r = await http.post("/v1/completions", json=body)
+            frames = [f for f in r.text.split("\n\n") if f]
+            assert r.status_code == 200 and frames[-1] == "data: [DONE]"
+            error = json.loads(frames[-2].removeprefix("data: "))["error"]
+            assert "device lost" in error["message"] and error["code"] == 503
+            assert (await http.get("/health")).status_code == 503
+            r = await http.post("/v1/completions", json={"prompt": "the cat", "max_tokens": 2})
+            assert r.status_code == 503 and "engine has stopped" in r.json()["error"]["message"]
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.stop()

@@ -110,3 +110,28 @@ def test_stage_errors(tmp_path, pretrained, corpus, capsys):
     assert "unknown key(s) in [stage]" in error(["train", "--config", str(bad), *COMMON, "--out", str(tmp_path / "d")])
     assert "belong to a stage" in error(["train", "--preset", "tiny", "--init-from", str(pretrained), *COMMON,
                                          "--out", str(tmp_path / "e")])
+
+
+def test_indexer_warmup_lowers_the_kl_towards_dense_attention():
+    """The warm-up stage's model setup: only indexer weights train, and their KL falls. Larger init
+    weights make the dense attention peaked, so there is something to learn."""
+    from longcat.config import preset
+    from longcat.model import build_model
+    from longcat.train.config import TrainConfig
+    from longcat.train.stages import prepare_model
+
+    model = build_model(preset("tiny", initializer_range=0.2), seed=0).train()
+    model.lsa_mode = "dense"
+    prepare_model(model, TrainConfig(freeze="all-but-indexer"), initialise=False)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".indexer." in n for n in trainable)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randint(3, 500, (2, 64), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(20):
+        loss = model(x, mtp=False, indexer_loss=True).indexer_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.7 * losses[0], losses

@@ -270,3 +270,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from .longctx_bench import register as _register_longctx
 
     _register_longctx(bench)
+    # `bench memory`: per-rank peak memory of sharded construction on 1, 2, 4 ranks (memory_bench.py)
+    from .memory_bench import register as _register_memory
+
+    _register_memory(bench)

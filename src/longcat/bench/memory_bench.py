@@ -98,12 +98,18 @@ def run_worker(spec: dict) -> None:
         optimizer.step()
         loss = result.losses["loss_total"]
     else:
+        from torch.distributed.fsdp import FSDPModule
+
         pm.train(False)
+        # units that keep their gathered weights after forward for the backward (root, output head)
+        units = [m for m in pm.module.modules() if isinstance(m, FSDPModule)]
         ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=gen)
         with torch.no_grad():
             for _ in range(spec["new_tokens"]):
                 # every rank runs the same (global) batch: FSDP ranks each gather the layers
                 logits = pm.module(ids, mtp=False, indexer_loss=False, logits_to_keep=1).logits  # (B, 1, V)
+                for unit in units:
+                    unit.reshard()  # no backward follows
                 ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         tokens = ids[0, seq_len:].tolist()
     mine = {"peak_gib": _peak_gib(), "baseline_gib": baseline, "built_gib": built, "held_gib": held / GiB}

@@ -52,8 +52,8 @@ class Suite:
 SUITES = {
     "quick": Suite("quick", 128, 4, 1, 3, (1, 4), (32, 128), (16,), 3, ("eager",), (128,), ("uniform",), 1.5, 16,
                    256, 6, True),
-    "full": Suite("full", 256, 16, 2, 10, (1, 8), (128, 1024), (64,), 3, ("eager", "compiled"), (64, 256, 1024),
-                  ("uniform", "concentrated"), 2.0, 64, 1024, 30, False),
+    "full": Suite("full", 256, 16, 2, 10, (1, 8), (128, 1024), (64,), 3, ("eager", "compiled"), (64, 256),
+                  ("uniform", "concentrated"), 1.5, 32, 1024, 30, False),
 }
 
 

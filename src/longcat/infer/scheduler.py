@@ -6,11 +6,12 @@ every step,
 
 1. takes in new requests (a bounded FCFS queue) and drops cancelled ones (their rows leave the
    batch at once, the last live rows moving into their slots, as finished rows do);
-2. prefills waiting prompts within a token budget per step (`prefill_chunk`): a long prompt is
-   prefilled over several steps, one chunk per step, so the running streams keep decoding in
-   between. A prompt is prefilled alone into a one-row staging cache, then its latents are copied
-   into a free row of the batch's cache (a few KB per token: cheap next to the forward), its first
-   token sampled, and it joins the batch;
+2. prefills waiting prompts within a token budget per step (`prefill_chunk`): the queue's head
+   requests that fit (free rows, cache tokens) form a group, prefilled together (right-padded, as
+   `Engine.generate` prefills) into a staging cache over several steps, one chunk of positions per
+   step, so the running streams keep decoding in between and a long prompt does not stall them.
+   When a prompt is complete its latents are copied into a free row of the batch's cache (a few KB
+   per token: cheap next to the forward), its first token is sampled, and it joins the batch;
 3. runs one decode step of every running sequence (the engine's own step: eager or compiled,
    plain or MTP speculative, `engine._Generation._step`), retires the finished ones and reports
    their tokens.
@@ -102,7 +103,6 @@ class Request:
     t_arrival: float
     cancelled: bool = False
     done: bool = False
-    prefilled: int = 0  # prompt tokens already in the staging cache
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -150,15 +150,17 @@ class _ContinuousBatch(_Generation):
             self.full_hidden, self.full_frontier = self.drafter.hidden, self.drafter.frontier
         self.rows: list[_Sequence] = []
 
-    def admit(self, seq: _Sequence, stage: LatentCache, hidden: torch.Tensor | None, sampler: BatchSampler) -> None:
-        """Seq (prefilled into `stage`, its first token committed) joins as the batch's last row."""
+    def admit(self, seq: _Sequence, stage: LatentCache, stage_row: int, hidden: torch.Tensor | None,
+              sampler: BatchSampler) -> None:
+        """Seq (prefilled into row `stage_row` of `stage`, its first token committed) joins as the
+        batch's last row. hidden: the main model's pre-norm hidden states of its prompt (L, H)."""
         row, L = len(self.rows), len(seq.prompt)
         # (sublayers, 1, L, d) latents of the prompt -> the row's slot; the MTP sublayers are
         # recomputed by the first draft (its frontier starts at 0)
         for mine, theirs in ((self.full_cache.c_kv, stage.c_kv), (self.full_cache.k_rope, stage.k_rope),
                              (self.full_cache.index_k, stage.index_k)):
             if mine is not None:
-                mine[:, row, :L] = theirs[:, 0, :L]
+                mine[:, row, :L] = theirs[:, stage_row, :L]
         self.full_tokens[row, :L] = torch.tensor(seq.prompt, device=self.full_tokens.device)
         self.full_tokens[row, L] = seq.token_ids[0]
         self.full_n[row] = L
@@ -201,19 +203,22 @@ class Scheduler:
         self.max_cache_tokens = self.config.max_cache_tokens or self.config.max_running * self.max_model_len
         self._batch = _ContinuousBatch(engine, self.k, rows, self.max_len)
         model = engine.model
-        self._stage = LatentCache(engine.config, 1, self.max_len, dtype=engine.dtype, device=engine.device,
+        # the staging cache of a prefill group: a group has at most max_running prompts
+        group = self.config.max_running
+        self._stage = LatentCache(engine.config, group, self.max_len, dtype=engine.dtype, device=engine.device,
                                   with_mtp=bool(model.mtp))
-        self._stage_tokens = torch.zeros(1, self.max_len, dtype=torch.long, device=engine.device)
+        self._stage_tokens = torch.zeros(group, self.max_len, dtype=torch.long, device=engine.device)
         self._stage_hidden = None
         if self.k:
-            self._stage_hidden = torch.zeros(self.max_len, engine.config.hidden_size, dtype=engine.dtype,
+            self._stage_hidden = torch.zeros(group, self.max_len, engine.config.hidden_size, dtype=engine.dtype,
                                              device=engine.device)
         self._history = engine.config.oe_neighbor_num - 1 if engine.config.ngram_enabled else 0
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._incoming: deque[Request] = deque()
         self._waiting: deque[Request] = deque()
-        self._prefilling: Request | None = None
+        self._group: list[Request | None] = []  # the prefill group by staging row (None: started or dropped)
+        self._group_pos = 0  # prompt positions of the group prefilled so far
         self._ids = itertools.count()
         self._stopped = False
         self.error: BaseException | None = None  # set when a step failed; the scheduler is then dead
@@ -252,13 +257,12 @@ class Scheduler:
 
     def stats(self) -> _Stats:
         running = list(self._batch.rows)
-        prefilling = self._prefilling
+        prefilling = [r for r in self._group if r is not None]
         reserved = sum(len(s.prompt) + s.params.max_new_tokens for s in running)
-        if prefilling is not None:
-            reserved += prefilling.reserved_tokens
+        reserved += sum(r.reserved_tokens for r in prefilling)
         cached = sum(len(s.prompt) + len(s.token_ids) for s in running)
         return _Stats(
-            running=len(running), waiting=len(self._waiting) + len(self._incoming), prefilling=int(prefilling is not None),
+            running=len(running), waiting=len(self._waiting) + len(self._incoming), prefilling=len(prefilling),
             rows=self._batch.full_tokens.shape[0], reserved_tokens=reserved, max_cache_tokens=self.max_cache_tokens,
             cached_tokens=cached, capacity_tokens=self._batch.full_tokens.shape[0] * self.max_len, steps=self.steps,
         )
@@ -269,7 +273,7 @@ class Scheduler:
 
     # --- the engine thread -----------------------------------------------------------------------
     def has_work(self) -> bool:
-        return bool(self._batch.rows or self._waiting or self._incoming or self._prefilling is not None)
+        return bool(self._batch.rows or self._waiting or self._incoming or any(self._group))
 
     def run(self, idle_wait_s: float = 0.05) -> None:
         """Step until stop(); a failing step fails every request and ends the loop (`error`)."""
@@ -294,12 +298,10 @@ class Scheduler:
         worked = False
         with torch.inference_mode():
             self._drop_cancelled()
-            budget = self.chunk
-            while budget > 0:
-                request = self._prefilling or self._next_admissible()
-                if request is None:
-                    break
-                budget -= self._prefill_chunk(request, budget)
+            if not any(self._group):
+                self._form_group()
+            if any(self._group):
+                self._prefill_chunk()
                 worked = True
         if self._batch.rows:
             with torch.inference_mode():
@@ -315,9 +317,10 @@ class Scheduler:
         for request in [r for r in self._waiting if r.cancelled]:
             self._waiting.remove(request)
             self._finish_cancelled(request)
-        if self._prefilling is not None and self._prefilling.cancelled:
-            self._finish_cancelled(self._prefilling)
-            self._prefilling = None
+        for i, request in enumerate(self._group):
+            if request is not None and request.cancelled:
+                self._finish_cancelled(request)
+                self._group[i] = None
         rows = self._batch.rows
         if any(s.request.cancelled for s in rows):
             cancelled = [s.request for s in rows if s.request.cancelled]
@@ -330,44 +333,51 @@ class Scheduler:
             request.done = True
             request.on_event(RequestOutput(request, [], "", None, error=CANCELLED))
 
-    def _next_admissible(self) -> Request | None:
-        """The queue's head, when a row and its cache tokens are free (FCFS: nothing jumps it)."""
-        if not self._waiting or len(self._batch.rows) >= self.config.max_running:
-            return None
-        head = self._waiting[0]
+    def _form_group(self) -> None:
+        """The queue's head requests that get a row and their cache tokens (FCFS: nothing jumps the
+        head) become the next prefill group, their prompts written right-padded into staging rows."""
+        running = len(self._batch.rows)
         reserved = sum(len(s.prompt) + s.params.max_new_tokens for s in self._batch.rows)
-        if self._batch.rows and reserved + head.reserved_tokens > self.max_cache_tokens:
-            return None  # a lone request may always run: its length was checked against the context
-        self._waiting.popleft()
-        self._prefilling = head
-        head.prefilled = 0
-        return head
+        group = []
+        while self._waiting and running + len(group) < self.config.max_running:
+            head = self._waiting[0]
+            # a lone request may always run: its length was checked against the context
+            if (running or group) and reserved + head.reserved_tokens > self.max_cache_tokens:
+                break
+            group.append(self._waiting.popleft())
+            reserved += head.reserved_tokens
+        for i, request in enumerate(group):
+            prompt = request.seq.prompt
+            self._stage_tokens[i, : len(prompt)] = torch.tensor(prompt, device=self.engine.device)
+        self._group, self._group_pos = group, 0
 
-    def _prefill_chunk(self, request: Request, budget: int) -> int:
-        """Prefill up to `budget` more prompt tokens of `request` into the staging row; on its last
-        chunk, pick its first token and admit it into the batch. Returns the tokens prefilled."""
-        engine, model, seq = self.engine, self.engine.model, request.seq
-        L, s = len(seq.prompt), request.prefilled
-        if s == 0:
-            self._stage_tokens[0, :L] = torch.tensor(seq.prompt, device=engine.device)
-        e = min(L, s + budget)
-        ids = self._stage_tokens[:, s:e]
-        positions = torch.arange(s, e, device=engine.device).unsqueeze(0)
+    def _prefill_chunk(self) -> None:
+        """One chunk of positions of the prefill group (about `prefill_chunk` tokens in all): the
+        prompts that end in it get their first token and join the batch."""
+        engine, model = self.engine, self.engine.model
+        G, s = len(self._group), self._group_pos
+        longest = max(len(r.seq.prompt) for r in self._group if r is not None)
+        e = min(longest, s + max(1, self.chunk // G))
+        ids = self._stage_tokens[:G, s:e]
+        positions = torch.arange(s, e, device=engine.device).expand(G, -1)
         history = None
         if self._history:
-            history = token_history(self._stage_tokens, torch.tensor([s], device=engine.device), self._history)
-        out = model(ids, positions=positions, cache=self._stage, ngram_history=history, mtp=False,
+            history = token_history(self._stage_tokens[:G], torch.full((G,), s, device=engine.device), self._history)
+        out = model(ids, positions=positions, cache=self._stage.narrow(G), ngram_history=history, mtp=False,
                     indexer_loss=False, logits_to_keep=1)
         if self._stage_hidden is not None:
-            self._stage_hidden[s:e] = out.pre_norm_hidden[0]
-        request.prefilled = e
-        if e == L:
-            logits = model.lm_head(out.hidden_states[:, -1]).unsqueeze(1)  # (1, 1, V)
-            self._start(request, logits)
-            self._prefilling = None  # after the start: a failure there still reaches this request
-        return e - s
+            self._stage_hidden[:G, s:e] = out.pre_norm_hidden
+        self._group_pos = e
+        for row, request in enumerate(self._group):
+            if request is None or not s < len(request.seq.prompt) <= e:
+                continue
+            last = out.hidden_states[row, len(request.seq.prompt) - 1 - s]  # (H,) normed, the prompt's end
+            self._start(request, model.lm_head(last).view(1, 1, -1), row)
+            self._group[row] = None  # after the start: a failure there still reaches this request
+        if not any(self._group):
+            self._group = []
 
-    def _start(self, request: Request, logits: torch.Tensor) -> None:
+    def _start(self, request: Request, logits: torch.Tensor, stage_row: int) -> None:
         """The first token of a prefilled request (as `_Generation._commit_first`); it joins the batch."""
         seq = request.seq
         sampler = BatchSampler([seq.params], [seq.prompt], self.engine.config.vocab_size, self.engine.device)
@@ -382,7 +392,8 @@ class Scheduler:
         new, delta = seq.add(tokens[0].tolist(), logprobs, now)
         sampler.record([new])
         if seq.finish_reason is None:
-            self._batch.admit(seq, self._stage, self._stage_hidden, sampler)
+            hidden = self._stage_hidden[stage_row] if self._stage_hidden is not None else None
+            self._batch.admit(seq, self._stage, stage_row, hidden, sampler)
         self._emit([(seq, new, delta)], now)
 
     def _emit(self, events, now: float) -> None:
@@ -403,9 +414,8 @@ class Scheduler:
             pending = list(self._incoming) + list(self._waiting)
             self._incoming.clear()
             self._waiting.clear()
-        if self._prefilling is not None:
-            pending.append(self._prefilling)
-            self._prefilling = None
+        pending += [r for r in self._group if r is not None]
+        self._group = []
         pending += [s.request for s in self._batch.rows]
         self._batch.rows = []
         message = f"{type(exc).__name__}: {exc}"

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .fp8 import dense_weight
+from .fp8 import dense_weight, is_fp8
 from .layers import linear, realized
 
 
@@ -72,6 +72,10 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+# Largest dequantized copy of FP8-resident expert weights the grouped path makes at once.
+DEQUANTIZED_EXPERT_BYTES = 256 << 20
+
+
 class GroupedExperts(nn.Module):
     """N SwiGLU experts stored stacked: gate_up_proj (N, 2F, H), down_proj (N, H, F).
 
@@ -89,14 +93,36 @@ class GroupedExperts(nn.Module):
         """x (M, H) sorted by expert, counts (N,) -> (M, H)."""
         if x.shape[0] == 0:
             return x.new_zeros(x.shape)
+        if is_fp8(self.gate_up_proj):
+            return self._forward_fp8(x, counts)
+        return self._grouped(x, counts, slice(None))
+
+    def _grouped(self, x: torch.Tensor, counts: torch.Tensor, experts: slice) -> torch.Tensor:
+        """The two grouped GEMMs for the rows x of `experts` (counts per expert of that range)."""
         dtype = compute_dtype(x)
         offsets = counts.cumsum(0).to(torch.int32)
-        gate_up = self.weights("gate_up_proj", dtype).transpose(-2, -1)  # (N, H, 2F)
-        down = self.weights("down_proj", dtype).transpose(-2, -1)  # (N, F, H)
+        index = None if experts == slice(None) else torch.arange(experts.start, experts.stop, device=x.device)
+        gate_up = self.weights("gate_up_proj", dtype, index).transpose(-2, -1)  # (N, H, 2F)
+        down = self.weights("down_proj", dtype, index).transpose(-2, -1)  # (N, F, H)
         h = grouped_mm(x.to(dtype), gate_up, offsets, counts)
         gate, up = h.split(self.inner, dim=-1)
         h = (F.silu(gate) * up).contiguous()
         return grouped_mm(h, down, offsets, counts)
+
+    def _forward_fp8(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """FP8-resident experts, a range of experts at a time: each range is dequantized for its
+        grouped GEMMs and freed, so the dequantized copy never exceeds DEQUANTIZED_EXPERT_BYTES
+        (all of a LongCat-Flash layer's experts would be 25 GB in bf16)."""
+        per_expert = 3 * self.inner * self.gate_up_proj.shape[-1] * compute_dtype(x).itemsize
+        step = max(1, DEQUANTIZED_EXPERT_BYTES // per_expert)
+        ends = counts.cumsum(0).tolist()
+        out = []
+        for first in range(0, self.num_experts, step):
+            last = min(first + step, self.num_experts)
+            begin, end = (ends[first - 1] if first else 0), ends[last - 1]
+            if end > begin:
+                out.append(self._grouped(x[begin:end], counts[first:last], slice(first, last)))
+        return torch.cat(out)
 
     def weights(self, name: str, dtype: torch.dtype, index: torch.Tensor | None = None) -> torch.Tensor:
         """gate_up_proj or down_proj in `dtype` (of the experts in `index` only, when given),

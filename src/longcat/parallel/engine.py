@@ -14,8 +14,9 @@ layout. What a Trainer with `dims=` does, in order (docs/PARALLEL.md has more):
         if pm.all_finite(result.loss_total, norm): optimizer.step(); update_router_bias(pm.module, result.counts, ...)
     shutdown_distributed()
 
-Every rank passes the same global batch (B, T); `forward_backward` takes this rank's rows (data
-parallel) and zig-zag chunks (context parallel). Loss values and router counts come back
+Every rank passes the same global batch (B, T), or only its own rows of it (B / dp, when `setup`
+was given the global batch); `forward_backward` takes this rank's rows (data parallel) and
+zig-zag chunks (context parallel). Loss values and router counts come back
 averaged/summed over all data ranks, so they equal a single-process run on the same batch, and
 the one router-bias rule (`longcat.train.engine.update_router_bias`) sees the global counts.
 """

@@ -1,4 +1,5 @@
-"""FSDP2 (`fully_shard`) per decoder layer, per MTP layer and at the root, with mixed precision.
+"""FSDP2 (`fully_shard`) per decoder layer, per MTP layer, for the embeddings, for the output head
+and at the root, with mixed precision.
 
 Dense parameters are sharded over dp_shard x cp (HSDP: replicated over dp_replicate). With expert
 parallelism the experts are already split over ep, so FSDP shards them over the remaining data
@@ -36,7 +37,8 @@ def apply_fsdp(
     *,
     reshard_after_forward: bool = True,
 ) -> None:
-    """fully_shard every decoder layer (experts in their own group under EP), MTP layer, then the root."""
+    """fully_shard every decoder layer (experts in their own group under EP), MTP layer, the embeddings,
+    the final norm with the output head, then the root."""
     mesh = dims.fsdp_mesh
     layout = dims.layout
     for layer in decoder_layers(module):
@@ -54,7 +56,15 @@ def apply_fsdp(
         fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     for head in mtp_layers(module):
         fully_shard(head, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
-    # The root's parameters (embeddings, norm, head) are needed right at the start of backward.
+    # The embeddings and the output head are units of their own (as in TorchTitan), so that each
+    # is gathered only around its use instead of for the whole step with the root; with a large
+    # vocabulary they are the largest units. The head is needed right at the start of backward.
+    embeddings = [m for m in (getattr(module, "embed_tokens", None), getattr(module, "ngram", None)) if m is not None]
+    if embeddings:
+        fully_shard(embeddings, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    output = [m for m in (getattr(module, "norm", None), getattr(module, "lm_head", None)) if m is not None]
+    if output:
+        fully_shard(output, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
     fully_shard(module, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
 
 

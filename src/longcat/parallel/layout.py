@@ -146,19 +146,23 @@ class ParallelLayout:
         with_mtp: bool = False,
         with_indexer_loss: bool = False,
         with_aux_losses: bool = False,
+        fp8_block: int | None = None,
     ) -> None:
         """Raise ConfigError for the first degree that cannot work; the message says what to set.
 
         `global_batch` is the number of sequences per micro-step over all ranks; `with_mtp`,
         `with_indexer_loss` and `with_aux_losses` (z-loss/balance loss) say which losses the run
-        trains, since some parallelisms do not support all of them yet.
+        trains, since some parallelisms do not support all of them yet. `fp8_block` (the block
+        size of block-scaled FP8 weights, e.g. 128) checks that tensor parallelism cuts no block.
         """
         self._check_values()
         others = self.world_size // self.dp_shard
         if self.world_size != world_size:
-            hint = ""
             if world_size % others == 0:
                 hint = f"; with the other degrees as they are, set dp_shard={world_size // others}"
+            else:
+                hint = (f"; no dp_shard fits the other degrees (their product {others} does not divide "
+                        f"{world_size}): change them, e.g. --parallel dp_shard={world_size} alone")
             raise ConfigError(
                 f"--parallel {self}: pp*dp_replicate*dp_shard*cp*tp = {self.world_size} but the world size "
                 f"(--nproc * nodes) is {world_size}{hint}. Every rank must have exactly one place in the mesh"
@@ -184,6 +188,8 @@ class ParallelLayout:
                     raise ConfigError(
                         f"--parallel tp={self.tp} must divide {field_name}={value}; valid tp: {good}"
                     )
+            if fp8_block:
+                self._check_fp8_blocks(config, fp8_block, world_size)
             if with_indexer_loss:
                 raise ConfigError(
                     f"--parallel tp={self.tp}: the LSA indexer loss needs every attention head on one rank; "
@@ -230,6 +236,29 @@ class ParallelLayout:
                     f"the global batch of {global_batch} sequences must be divisible by {what} = {per_micro}; "
                     f"change the batch size or the data-parallel degrees"
                 )
+
+
+    def _check_fp8_blocks(self, config: ModelConfig, block: int, world_size: int) -> None:
+        """Every dimension tensor parallelism splits must split on FP8 block boundaries: a rank's
+        part of a block-scaled weight has to own whole blocks with their scales."""
+        heads = config.num_attention_heads
+        split = {  # the dimension each tensor-parallel weight is cut along, whole
+            "q_b_proj rows (heads x qk_head_dim)": heads * (config.qk_nope_head_dim + config.qk_rope_head_dim),
+            "kv_b_proj rows (heads x (qk_nope_head_dim + v_head_dim))": heads * (config.qk_nope_head_dim + config.v_head_dim),
+            "o_proj columns (heads x v_head_dim)": heads * config.v_head_dim,
+            "dense FFN width (ffn_hidden_size)": config.ffn_hidden_size,
+        }
+
+        def cuts(tp: int) -> str | None:
+            return next((what for what, size in split.items() if size % tp or (size // tp) % block), None)
+
+        cut = cuts(self.tp)
+        if cut is not None:
+            good = [d for d in _divisors(world_size) if cuts(d) is None]
+            raise ConfigError(
+                f"--parallel tp={self.tp} cuts the {block}x{block} FP8 weight blocks of {cut}: each rank's part "
+                f"must be a multiple of {block}; valid tp: {good}"
+            )
 
 
 # ------------------------------------------------------------------------------------------------

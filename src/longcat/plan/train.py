@@ -897,8 +897,9 @@ def _pow2_upto(n: int) -> list[int]:
 
 def candidate_layouts(planner: Planner, fixed: dict[str, Any], *, runnable: bool = False) -> list[tuple[Layout, ...]]:
     """Groups of layouts that share the parallel degrees and micro-batch and differ in (zero,
-    recompute). `fixed` uses the `parse_layout` names; `runnable` keeps to zero=3 and no
-    recomputation (what the runtime does)."""
+    recompute), with the first `ep_schedule_choices` schedule (`search` tries the others on each
+    group's winner). `fixed` uses the `parse_layout` names; `runnable` keeps to zero=3, no
+    recomputation and ep_schedule=none (what the runtime does)."""
     fixed = normalize_fixed(fixed)
     s, a, hw = planner.s, planner.s.arch, planner.s.hw
     N = s.chips
@@ -930,7 +931,10 @@ def candidate_layouts(planner: Planner, fixed: dict[str, Any], *, runnable: bool
                         [a.n_routed_experts] if a.n_routed_experts & (a.n_routed_experts - 1) else [])
                 else:
                     eps = [fixed.get("ep", 1)]
-                for ep, ep_schedule in [(e, sch) for e in eps for sch in ep_schedule_choices(a, e, fixed, runnable)]:
+                for ep in eps:
+                    # memory does not depend on the schedule: the search tries the others on each
+                    # group's winner only (search)
+                    ep_schedule = ep_schedule_choices(a, ep, fixed, runnable)[0]
                     if "dp" in fixed:
                         dps = [fixed["dp"]]
                     elif fixed_shard is not None and fixed_rep is not None:
@@ -1026,6 +1030,11 @@ def search(planner: Planner, fixed: dict[str, Any] | None = None, top: int = 5, 
                     fallback.sort(key=lambda p: p.memory_gib["total"])
                     del fallback[2 * top:]
         if chosen is not None:
+            for other in ep_schedule_choices(planner.s.arch, chosen.layout.ep, fixed, runnable)[1:]:
+                plan = planner.evaluate(chosen.layout.replace(ep_schedule=other), detail=False,
+                                        even_stages=True if runnable else None)
+                if plan is not None and plan.fits and plan.tokens_per_s > chosen.tokens_per_s:
+                    chosen = plan
             # keep the best per shape (tp, pp, cp) so the ranking shows distinct options
             L = chosen.layout
             shape = (L.tp, L.pp, L.cp)

@@ -9,6 +9,7 @@ stream's generator is closed), and the scheduler frees their rows at its next st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import threading
@@ -203,17 +204,15 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def create_app(server: Server) -> FastAPI:
-    app = FastAPI(title="longcat serve", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.server = server
-
-    @app.on_event("startup")
-    async def _start() -> None:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
         if server.thread is None:
             server.start()
-
-    @app.on_event("shutdown")
-    async def _stop() -> None:
+        yield
         server.stop()
+
+    app = FastAPI(title="longcat serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.server = server
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):

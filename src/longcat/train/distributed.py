@@ -5,9 +5,10 @@ torchrun (`longcat.parallel.run_under_torchrun`); every worker (or every process
 `torchrun ... -m longcat.train ...` launch on many nodes) runs `train_distributed`, which sets up
 the process group and mesh, prepares the data (rank 0 first: it trains or loads the tokenizer and
 fills the token cache, the others then read them) and runs `Trainer(..., dims=dims)`: the loop,
-recipe, metrics record and summary of a one-process run. Every rank builds the same global batch
-of `micro_batch` sequences per micro-batch from the same seed (the engine takes its rows); rank 0
-alone writes metrics.jsonl; checkpoints are DCP directories OUT/checkpoints/step_N (with
+recipe, metrics record and summary of a one-process run. Every rank builds only its shard of the
+model (meta-device construction, `longcat.parallel.parallelize`) and reads only its data rank's
+rows of the global batch of `micro_batch` sequences (`build_trainer`); rank 0 alone writes
+metrics.jsonl; checkpoints are DCP directories OUT/checkpoints/step_N (with
 train_config.json and tokenizer.json, written before the COMPLETE marker); text samples are
 skipped (the model is sharded). AdamW only.
 """
