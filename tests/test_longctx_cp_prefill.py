@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from longcat.config import preset
@@ -51,6 +52,7 @@ def _single_process(n: int) -> dict:
             "index_k": cache.index_k[:, :, :n]}
 
 
+@pytest.mark.slow
 def test_two_rank_prefill_matches_one_process(tmp_path: Path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)

@@ -84,6 +84,13 @@ def test_every_family_loads_and_generates(fixtures, family):
     assert len(plain.token_ids) == GREEDY.max_new_tokens
     speculative = engine.generate([[5, 6, 7, 8, 9]], GREEDY, speculative=2)[0]
     assert speculative.token_ids == plain.token_ids  # the MTP heads draft; greedy output is unchanged
+    resident = load(fixtures[family], weights_dtype="fp8").eval()
+    assert resident.layers[0].mlp.experts.gate_up_proj.dtype == torch.float8_e4m3fn
+    tokens = Engine(resident).generate([[5, 6, 7, 8, 9]], GREEDY, speculative=2)[0].token_ids
+    if family.endswith("fp8"):  # the stored e4m3 dequantized inside the products: the same bf16 weights
+        assert tokens == plain.token_ids
+    else:
+        assert len(tokens) == GREEDY.max_new_tokens
 
 
 def test_fp8_weights_are_dequantized_by_multiplying_the_block_scale(fixtures):

@@ -53,6 +53,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(step / "model" / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_stages_chain(tmp_path, corpus, pretrained):
     before = _weights(pretrained)
     yarn = tmp_path / "yarn"

@@ -214,3 +214,20 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["bench", "run", "--model", "tiny", "--out", str(tmp_path / "r"), "--device", "cuda"]) == 2
     assert "no cuda device" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "r", ignore_errors=True)
+
+
+def test_energy_counters_summed(tmp_path):
+    from longcat.bench.report import energy_now
+    from longcat.telemetry import Telemetry
+
+    idle = Telemetry(rapl_root=tmp_path).start()
+    assert energy_now(idle) is None  # no counter: None, not 0
+    idle.stop()
+    domain = tmp_path / "intel-rapl:0"
+    domain.mkdir()
+    (domain / "energy_uj").write_text("1000000")
+    (domain / "max_energy_range_uj").write_text("1000000000")
+    telemetry = Telemetry(interval_s=100, rapl_root=tmp_path).start()
+    (domain / "energy_uj").write_text("3500000")
+    assert energy_now(telemetry) == pytest.approx(2.5)
+    telemetry.stop()

@@ -231,10 +231,15 @@ class _RAPL:
         self.reason = None
         self.total_j = 0.0
         self._last = [float((d / "energy_uj").read_text()) for d, _ in self.domains]
+        self._lock = threading.Lock()  # the sampler thread and a caller's read() both advance the total
 
     def read(self) -> dict[str, float]:
         if not self.domains:
             return {}
+        with self._lock:
+            return self._advance()
+
+    def _advance(self) -> dict[str, float]:
         for i, (d, wrap) in enumerate(self.domains):
             try:
                 now = float((d / "energy_uj").read_text())

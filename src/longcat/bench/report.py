@@ -213,6 +213,15 @@ def decode_section(subject, suite: Suite, device: torch.device, clock: str, log,
     return section
 
 
+def energy_now(telemetry) -> float | None:
+    """The sum of the energy counters (joules) readable now, or None when there is none."""
+    from ..telemetry import ENERGY_COUNTERS
+
+    values = telemetry.read()
+    found = [values[k] for k in ENERGY_COUNTERS if k in values]
+    return sum(found) if found else None
+
+
 def _plot(fn: Callable, path: Path, notes: dict, key: str) -> None:
     try:
         import matplotlib
@@ -254,8 +263,10 @@ def write_plots(report: dict, out: Path, samples: list[dict]) -> dict:
         def decode_plot(plt):
             cells = decode["cells"]
             fig, ax = plt.subplots(figsize=(7, 3.5))
-            labels = [f"{c['mode'][0]} {c['workload']}" for c in cells]
-            ax.bar(labels, [c["decode_tok_per_s"] or 0 for c in cells], label="decode")
+            labels = [f"{c['mode']}\n{c['workload']}" for c in cells]
+            # an unmeasured cell has no bar (NaN), not a bar of height 0
+            ax.bar(labels, [c["decode_tok_per_s"] if c["decode_tok_per_s"] is not None else float("nan")
+                            for c in cells])
             ax.set_ylabel("decode tokens/s (aggregate)")
             ax.tick_params(axis="x", rotation=45, labelsize=7)
             ax.grid(alpha=0.3, axis="y")
@@ -330,7 +341,10 @@ def run_report(model: str, out: Path, *, suite: str | Suite = "quick", device: s
         hw = None
         if "train" in sections:
             bar.update(task, description="train")
+            energy_before = energy_now(telemetry)
             results["train"], hw = train_section(subject, chosen, dev, clock, threads, hardware, out, peak, say)
+            energy_after = energy_now(telemetry)
+            train_energy = None if energy_before is None or energy_after is None else energy_after - energy_before
             if hw is not None and peak_tflops is None and dev.type == "cpu":
                 peak = peak_flops(dev, hardware=hw)  # the calibration's peak: the planner's own denominator
                 tr = results["train"]
@@ -403,10 +417,15 @@ def run_report(model: str, out: Path, *, suite: str | Suite = "quick", device: s
     tokens_total = None
     if train:
         tokens_total = train["workload"]["tokens_per_step"] * len(train["step_times_s"])
-    energy = {"energy_j": summary["energy_j"], "source": summary["energy_source"],
-              "tokens_per_j": None, "reason": summary["energy_reason"]}
-    if summary["energy_j"]:
-        energy["tokens_per_j_reason"] = "the counter covers the whole run, not the training steps alone"
+    energy = {"energy_j": summary["energy_j"], "source": summary["energy_source"], "reason": summary["energy_reason"],
+              "train_energy_j": None, "train_tokens_per_j": None}
+    if train and "train" in sections and train_energy:
+        w = train["workload"]
+        trained = w["tokens_per_step"] * (train["warmup_steps_excluded"] + len(train["step_times_s"]))
+        energy.update(train_energy_j=train_energy, train_tokens_per_j=trained / train_energy,
+                      train_note="over the training child process, start-up and warm-up steps included")
+    else:
+        energy["train_reason"] = summary["energy_reason"] or "the train section did not run"
     results["energy"] = energy
     load_after = load_average()
     cores = env["cpu"]["usable_cores"] or 1

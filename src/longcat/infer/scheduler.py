@@ -32,7 +32,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -58,8 +58,10 @@ class SchedulerConfig:
     max_queue: requests waiting for a row; submit refuses more (QueueFull).
     max_cache_tokens: cache tokens the running sequences may reserve together (prompt + max_tokens
         each); default: every row's full context.
-    prefill_chunk: prompt tokens prefilled per step at most (default: the engine's prefill_chunk);
-        smaller keeps the running streams' inter-token latency low while a long prompt arrives.
+    prefill_chunk: prompt tokens prefilled per step at most while sequences are decoding (default:
+        the engine's prefill_chunk); smaller keeps the running streams' inter-token latency low while
+        a long prompt arrives. With nothing decoding, each prompt of a group gets that many positions
+        per step.
     """
 
     max_running: int = 16
@@ -124,7 +126,6 @@ class _Stats:
     cached_tokens: int = 0
     capacity_tokens: int = 0
     steps: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def cache_usage(self) -> float:
@@ -357,7 +358,10 @@ class Scheduler:
         engine, model = self.engine, self.engine.model
         G, s = len(self._group), self._group_pos
         longest = max(len(r.seq.prompt) for r in self._group if r is not None)
-        e = min(longest, s + max(1, self.chunk // G))
+        # the budget bounds how long running streams wait for this step; with none running, a
+        # burst of prompts is prefilled in as few forwards as the chunk allows
+        per_row = max(1, self.chunk // G) if self._batch.rows else self.chunk
+        e = min(longest, s + per_row)
         ids = self._stage_tokens[:G, s:e]
         positions = torch.arange(s, e, device=engine.device).expand(G, -1)
         history = None

@@ -184,9 +184,10 @@ class SafetensorsDir:
         self.close()
 
 
-# Reading a page of a mapped file also maps its cached neighbours (the kernel's fault-around, 64 KiB
-# by default), which may belong to tensors read before: drop this much around each tensor as well.
-_DROP_MARGIN = 1 << 20
+# Reading a page of a mapped file also maps cached neighbours (the kernel's fault-around, 64 KiB by
+# default, and whole large folios of the page cache), which may belong to tensors read before: drop
+# this much around each tensor as well (a neighbour not read yet is simply read again).
+_DROP_MARGIN = 4 << 20
 
 
 def _drop_pages(mapped: mmap.mmap, start: int, nbytes: int) -> None:

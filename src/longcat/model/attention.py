@@ -7,7 +7,9 @@ Two execution paths share one set of weights:
   query and its value part into the output, so attention runs directly over the cached
   `[c_kv, k_rope]` (kv_lora + rope values per token) as one shared key/value head. This is the
   decode path, eager and compiled alike: the cache is written in place, the shared key head is
-  never copied per query head, and every weight product goes through `layers.linear`.
+  never copied per query head, and every weight product goes through `layers.linear`. When LSA
+  selects, it runs over the gathered `index_topk` selected latents per query instead of the whole
+  cache, so its cost per query does not grow with the context (`_selected_path`).
 """
 
 from __future__ import annotations

@@ -450,8 +450,14 @@ def _logprobs(server: Server, items: list, chat: bool):
     for t in tokens:
         offsets.append(at)
         at += len(t)
-    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in items],
-            "top_logprobs": [{server.token_text(i): v for i, v in lp.top} for lp in items], "text_offset": offsets}
+    tops = []
+    for lp in items:
+        top: dict[str, float] = {}
+        for i, v in lp.top:  # best first; tokens that decode alike keep the likeliest one's value
+            top.setdefault(server.token_text(i), v)
+        tops.append(top)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in items], "top_logprobs": tops,
+            "text_offset": offsets}
 
 
 __all__ = ["Server", "ServerSettings", "create_app", "read_chat_template"]
