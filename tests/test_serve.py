@@ -461,3 +461,45 @@ def test_an_engine_failure_ends_streams_with_an_error_frame_and_health_turns_503
         asyncio.run(main())
     finally:
         server.stop()
+
+
+def test_the_tokenizer_configs_chat_template_is_used_when_present(model_dir, tmp_path):
+    """A model folder whose tokenizer_config.json has a chat_template: the prompt is that template,
+    rendered (in process: the ASGI app built by the serve command's own builder)."""
+    import shutil
+
+    from longcat.cli import build_parser
+    from longcat.serve.app import create_app
+    from longcat.serve.cli import build_server
+
+    folder = tmp_path / "templated"
+    shutil.copytree(model_dir, folder)
+    template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    args = build_parser().parse_args(["serve", "--model", str(folder), "--dtype", "float32", "--max-model-len", "64"])
+    server = build_server(args)
+    app = create_app(server)
+    server.start()
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat"}]
+    rendered = "<system>be brief\n<user>the cat\n<assistant>"
+    tok = Tokenizer.load(folder)
+    ids = tok.encode(rendered, allow_special=True)
+    model = load_model(folder, dtype=torch.float32).eval()
+    offline = Engine(model, tok, max_seq_len=64).generate([ids], SamplingParams(max_new_tokens=6, temperature=0,
+                                                                                 ignore_eos=True))[0]
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as http:
+            r = await http.post("/tokenize", json={"messages": messages})
+            assert r.json()["tokens"] == ids
+            r = await http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 6,
+                                                               "temperature": 0, "ignore_eos": True})
+            assert r.json()["choices"][0]["message"]["content"] == offline.text
+            assert r.json()["usage"]["prompt_tokens"] == len(ids)
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.stop()
