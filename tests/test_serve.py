@@ -17,11 +17,11 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 import torch
 
-openai = pytest.importorskip("openai")
+openai = pytest.importorskip("openai")  # the dev extra: the official client, and httpx with it
+httpx = pytest.importorskip("httpx")
 
 from longcat.config import preset  # noqa: E402
 from longcat.data import Tokenizer, train_tokenizer  # noqa: E402

@@ -76,7 +76,6 @@ def train_section(subject, suite: Suite, device: torch.device, clock: str, threa
     """Training throughput and memory from plan_bench.train_steps (a child process), with the
     planner's prediction for the same configuration. Returns the section and the hardware entry."""
     from ..model import count_parameters
-    from ..plan.hardware import load_hardware
     from ..train.metrics import flops_per_token
     from .plan_bench import PlanSetup, _train_in_child, calibrate, predict
 

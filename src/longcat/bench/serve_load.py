@@ -234,9 +234,12 @@ def _start_server(args) -> tuple[subprocess.Popen, str, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import httpx
-
     from ..errors import UserError
+
+    try:
+        import httpx
+    except ImportError:
+        raise UserError("bench serve needs the httpx package (an HTTP client): pip install httpx") from None
 
     checks = [
         ("--num-prompts", args.num_prompts >= 1, f"must be >= 1, got {args.num_prompts}"),

@@ -2,9 +2,10 @@
 
 from .engine import Engine, GenerationResult, StreamEvent, TokenLogprob
 from .sampling import BatchSampler, GenerationError, SamplingParams
+from .scheduler import QueueFull, Scheduler, SchedulerConfig
 from .speculative import MTPDrafter, greedy_accept, rejection_accept
 
 __all__ = [
     "Engine", "GenerationResult", "StreamEvent", "TokenLogprob", "SamplingParams", "GenerationError",
-    "BatchSampler", "MTPDrafter", "greedy_accept", "rejection_accept",
+    "BatchSampler", "MTPDrafter", "greedy_accept", "rejection_accept", "Scheduler", "SchedulerConfig", "QueueFull",
 ]

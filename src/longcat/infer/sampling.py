@@ -141,7 +141,7 @@ class BatchSampler:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t[:batch_size])
-        self.all_greedy = all(p.greedy for p in self.params)
+        self._refresh_flags()
 
     def extend(self, other: "BatchSampler") -> None:
         """Append the rows of `other` after this sampler's rows (a continuous batch admitting new
@@ -159,13 +159,19 @@ class BatchSampler:
             setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
         self.params += other.params
         self.generators += other.generators
+        self._refresh_flags()
+
+    def _refresh_flags(self) -> None:
+        """The batch-wide switches, from the rows present now (rows join and leave a continuous
+        batch). Penalty counts, once allocated, stay up to date for rows that join later."""
+        V = self.vocab_size
         sampling = [p for p in self.params if not p.greedy]
         self.all_greedy = not sampling
         self.any_top_k = any(0 < p.top_k < V for p in sampling)
         self.any_top_p = any(p.top_p < 1 for p in sampling)
         self.any_min_p = any(p.min_p > 0 for p in sampling)
         self.any_temperature = any(p.temperature != 1 for p in sampling)
-        self.any_penalty = self.counts is not None
+        self.any_penalty = self.counts is not None and any(p.has_penalties for p in self.params)
         self.max_logprobs = max((p.logprobs for p in self.params if p.logprobs is not None), default=None)
 
     def record(self, tokens: list[list[int]]) -> None:
