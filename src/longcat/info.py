@@ -132,7 +132,7 @@ def _is_checkpoint(spec: str) -> bool:
     from .interop.safetensors_io import CheckpointError
 
     path = Path(spec)
-    if not path.is_dir():
+    if spec in PRESETS or not path.is_dir():
         return False
     try:
         return classify(path) == HF_MODEL

@@ -255,7 +255,8 @@ def run(args: argparse.Namespace) -> int:
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
             if tokenizer_json is not None:
                 (tmp / "tokenizer.json").write_text(tokenizer_json)
-            summary = f"{opened.label}, {len(names)} tensors"
+            summary = f"{len(names)} tensors"
+            what += f" ({opened.label})"
         else:
             dtype = getattr(torch, args.dtype) if args.dtype else None
             model = load(found.weights, dtype=dtype)

@@ -337,9 +337,10 @@ def _block_seed(name: str, seed: int, block: int) -> int:
 
 
 def init_values(name: str, shape, seed: int, std: float, *, offset=None, size=None,
-                device: torch.device | str = "cpu") -> torch.Tensor:
+                device: torch.device | str = "cpu", out: torch.Tensor | None = None) -> torch.Tensor:
     """The initial values of the box `offset`..`offset+size` of the parameter `name` of global
-    `shape` (>= 2 dims), in fp32: Normal(0, std), generated without the rest of the tensor.
+    `shape` (>= 2 dims): Normal(0, std) drawn in fp32, generated without the rest of the tensor,
+    written into `out` (any dtype, the box's shape) or a new fp32 tensor.
 
     The tensor is read as rows of its last dim (prod(shape[:-1]) rows); each block of
     INIT_BLOCK_NUMEL values' worth of rows has its own generator seeded from (name, seed, block
@@ -362,23 +363,26 @@ def init_values(name: str, shape, seed: int, std: float, *, offset=None, size=No
             cached[b] = torch.empty(rows, row_len, device=device).normal_(0.0, std, generator=g)
         return cached[b]
 
-    def rows(start: int, count: int) -> torch.Tensor:  # (count, row_len): global rows start..start+count
-        parts = []
+    def pieces(start: int, count: int):  # global rows start..start+count, block by block
         for b in range(start // rows_per_block, (start + count - 1) // rows_per_block + 1):
             lo = max(start, b * rows_per_block) - b * rows_per_block
             hi = min(start + count, (b + 1) * rows_per_block) - b * rows_per_block
-            parts.append(block(b)[lo:hi])
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+            yield block(b)[lo:hi]
 
-    out = torch.empty(size, device=device)
+    if out is None:
+        out = torch.empty(size, device=device)
     if out.numel() == 0:
         return out
     rows_per_step = [math.prod(shape[k + 1:-1]) for k in range(len(shape) - 1)]  # of each leading dim
     cols = slice(offset[-1], offset[-1] + size[-1])
-    # each index of the leading dims but the last picks one contiguous run of rows
+    # each index of the leading dims but the last picks one contiguous run of rows; it is written
+    # block by block (cast to out's dtype), so nothing the size of the box is made on the way
     for outer in itertools.product(*(range(n) for n in size[:-2])):
         first = sum((offset[k] + i) * rows_per_step[k] for k, i in enumerate(outer)) + offset[-2] * rows_per_step[-1]
-        out[outer] = rows(first, size[-2])[:, cols]
+        target, done = out[outer], 0  # (size[-2], size[-1])
+        for piece in pieces(first, size[-2]):
+            target[done:done + piece.shape[0]] = piece[:, cols]
+            done += piece.shape[0]
     return out
 
 
@@ -390,8 +394,8 @@ def init_parameter_(tensor: torch.Tensor, name: str, seed: int, std: float, *, g
     if tensor.dim() <= 1:
         tensor.fill_(1.0)
         return
-    tensor.copy_(init_values(name, global_shape or tensor.shape, seed, std, offset=offset, size=tensor.shape,
-                             device=tensor.device))
+    init_values(name, global_shape or tensor.shape, seed, std, offset=offset, size=tensor.shape,
+                device=tensor.device, out=tensor)
 
 
 @torch.no_grad()
