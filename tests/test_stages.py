@@ -136,3 +136,16 @@ def test_indexer_warmup_lowers_the_kl_towards_dense_attention():
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_a_stage_starts_from_a_published_checkpoint(tmp_path):
+    """The published Flash config has no MTP count: the keys say it, as `longcat.load` reads them."""
+    from longcat.interop.loader import load_model_config
+    from longcat.testing import write_published
+    from longcat.train.stages import initial_run
+
+    path = write_published(tmp_path / "flash", "flash")
+    model, train, _, _ = initial_run(path)
+    assert train is None
+    assert model == load_model_config(path)
+    assert model.mtp_num_layers == 1

@@ -59,6 +59,21 @@ def load(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = N
     return load_model(found.weights, device=device, dtype=dtype, weights_dtype=weights_dtype)
 
 
+def load_model_config(path: str | os.PathLike):
+    """The ModelConfig of anything `load` accepts, read from its headers and config files only
+    (for published checkpoints, with what the keys say, e.g. the number of MTP layers)."""
+    found = resolve(path)
+    if found.kind == HF_MODEL:
+        from .hf import open_published
+
+        opened = open_published(found.weights)
+        opened.source.close()
+        return opened.config
+    from ..config import load_config
+
+    return load_config(found.weights)
+
+
 class _progress_bar:
     """A rich progress bar in bytes on stderr, or nothing (small loads, no terminal)."""
 
@@ -85,4 +100,4 @@ class _progress_bar:
         return False
 
 
-__all__ = ["load", "PROGRESS_MIN_BYTES"]
+__all__ = ["load", "load_model_config", "PROGRESS_MIN_BYTES"]

@@ -65,10 +65,9 @@ def read_stage_table(config_file: str | Path | None) -> dict[str, Any]:
 def initial_run(init_from: str | Path) -> tuple[ModelConfig, TrainConfig | None, Path | None, Path | None]:
     """(model config, the initial run's train config or None, its tokenizer.json or None, its token
     cache folder or None) of a run, checkpoint or model directory."""
+    from ..interop.loader import load_model_config
     from ..interop.runs import resolve
     from ..interop.safetensors_io import CheckpointError
-
-    from ..config import load_config
 
     try:
         found = resolve(init_from)
@@ -85,7 +84,10 @@ def initial_run(init_from: str | Path) -> tuple[ModelConfig, TrainConfig | None,
         if train.cache_dir:
             cache = Path(train.cache_dir)
     else:
-        model = load_config(found.weights)
+        try:
+            model = load_model_config(found.weights)
+        except CheckpointError as exc:
+            raise ConfigError(f"stage init_from: {exc}") from None
     for folder in (step, found.weights):
         if folder is not None and (folder / "tokenizer.json").is_file():
             tokenizer = folder / "tokenizer.json"
