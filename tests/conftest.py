@@ -25,6 +25,16 @@ def _isolated_user_folders(tmp_path_factory):
             os.environ[key] = value
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    """Training runs set torch's thread count and determinism; every test starts from the same ones."""
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """A small plain-text corpus (400 lines of a 20-word vocabulary) for end-to-end training runs;
@@ -34,3 +44,37 @@ def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(8, 30))) for _ in range(400)))
     return path
+
+
+def arithmetic_sequences(batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    """(batch, length) token ids counting up from a random start by a random step of 1-3."""
+    start = torch.randint(0, 480, (batch, 1), generator=gen)
+    step = torch.randint(1, 4, (batch, 1), generator=gen)
+    return (start + step * torch.arange(length)) % 480 + 10
+
+
+@pytest.fixture(scope="session")
+def arithmetic():
+    """The sequences `trained` was trained on (a function of batch, length and generator)."""
+    return arithmetic_sequences
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny model with two MTP heads, trained for a few seconds on arithmetic sequences, so the
+    drafts are right often but not always."""
+    from longcat.config import preset
+    from longcat.model import build_model, lm_losses
+
+    torch.manual_seed(0)
+    model = build_model(preset("tiny", mtp_num_layers=2), seed=0)
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(60):
+        x = arithmetic_sequences(16, 25, gen)
+        loss = sum(lm_losses(model(x[:, :-1], mtp=True), x[:, 1:]).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()

@@ -17,15 +17,6 @@ from longcat.errors import UserError
 from longcat.model import build_model
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> tuple[Path, Path]:
     rng = random.Random(0)

@@ -12,7 +12,7 @@ from longcat.config import preset
 from longcat.infer import Engine, GenerationError, SamplingParams
 from longcat.infer.sampling import BatchSampler
 from longcat.infer.speculative import greedy_accept, rejection_accept
-from longcat.model import LatentCache, build_model, lm_losses
+from longcat.model import LatentCache, build_model
 
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
 
@@ -38,31 +38,6 @@ def tiny():
     """Every feature on: n-gram embedding, sparse attention (budget 24 tokens), MTP, YaRN."""
     torch.manual_seed(0)
     return _sharpen(build_model(preset("tiny"), seed=0))
-
-
-@pytest.fixture(scope="module")
-def trained():
-    """A tiny model with two MTP heads, trained for a few seconds on arithmetic sequences, so the
-    drafts are right often but not always."""
-    torch.manual_seed(0)
-    model = build_model(preset("tiny", mtp_num_layers=2), seed=0)
-    gen = torch.Generator().manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(60):
-        x = _arithmetic(16, 25, gen)
-        out = model(x[:, :-1], mtp=True)
-        loss = sum(lm_losses(out, x[:, 1:]).values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
-def _arithmetic(batch, length, gen):
-    start = torch.randint(0, 480, (batch, 1), generator=gen)
-    step = torch.randint(1, 4, (batch, 1), generator=gen)
-    return (start + step * torch.arange(length)) % 480 + 10
 
 
 def _prompts(lengths, seed=1, vocab=512):
@@ -364,9 +339,9 @@ def test_prompt_that_does_not_fit_is_refused_or_truncated_on_request(tiny):
 # speculative decoding
 
 
-def test_speculative_greedy_equals_plain_decoding(trained):
+def test_speculative_greedy_equals_plain_decoding(trained, arithmetic):
     gen = torch.Generator().manual_seed(5)
-    prompts = [p[:n] for p, n in zip(_arithmetic(4, 12, gen).tolist(), (11, 5, 8, 3))]
+    prompts = [p[:n] for p, n in zip(arithmetic(4, 12, gen).tolist(), (11, 5, 8, 3))]
     engine = Engine(trained)
     params = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
     plain = engine.generate(prompts, params)
@@ -464,6 +439,7 @@ def test_generate_command_json_stream_and_run_directory(tiny, tmp_path, capsys):
     streamed = capsys.readouterr()
     assert streamed.out == "the cat" + out["text"] + "\n"
     assert "8 tokens" in streamed.err
+    assert "telemetry: peak RSS" in streamed.err  # the sampler ran alongside the generation
 
     assert main(["generate", "--model", str(tmp_path / "run"), "--prompt-ids", "1,2,3", "--max-new-tokens",
                  "5000"]) == 2

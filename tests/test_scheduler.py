@@ -13,7 +13,7 @@ import torch
 from longcat.config import preset
 from longcat.infer import Engine, SamplingParams
 from longcat.infer.scheduler import CANCELLED, QueueFull, Scheduler, SchedulerConfig
-from longcat.model import build_model, lm_losses
+from longcat.model import build_model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,29 +32,6 @@ def tiny():
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
     return model.eval()
-
-
-@pytest.fixture(scope="module")
-def trained():
-    """Two MTP heads trained for a few seconds on arithmetic sequences: drafts right often, not always."""
-    torch.manual_seed(0)
-    model = build_model(preset("tiny", mtp_num_layers=2), seed=0)
-    gen = torch.Generator().manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(60):
-        x = _arithmetic(16, 25, gen)
-        loss = sum(lm_losses(model(x[:, :-1], mtp=True), x[:, 1:]).values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
-def _arithmetic(batch, length, gen):
-    start = torch.randint(0, 480, (batch, 1), generator=gen)
-    step = torch.randint(1, 4, (batch, 1), generator=gen)
-    return (start + step * torch.arange(length)) % 480 + 10
 
 
 def _prompts(lengths, seed=1):
@@ -156,9 +133,9 @@ def test_seeded_sampling_penalties_stops_and_logprobs_equal_offline(tiny):
             assert sum(len(o.logprobs) for o in outs) == len(r.token_ids)
 
 
-def test_speculative_decoding_in_the_scheduler_equals_plain_offline(trained):
+def test_speculative_decoding_in_the_scheduler_equals_plain_offline(trained, arithmetic):
     gen = torch.Generator().manual_seed(5)
-    prompts = [p[:n] for p, n in zip(_arithmetic(5, 14, gen).tolist(), (11, 5, 8, 3, 14))]
+    prompts = [p[:n] for p, n in zip(arithmetic(5, 14, gen).tolist(), (11, 5, 8, 3, 14))]
     params = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
     expected = [Engine(trained).generate([p], params)[0].token_ids for p in prompts]
     for k in (1, 3):  # 3 drafts > 2 heads: the last head runs on
@@ -225,12 +202,12 @@ def test_the_run_loop_serves_other_threads_and_a_failure_fails_every_request(tin
 
 
 @pytest.mark.slow
-def test_compiled_speculative_scheduler_equals_plain_offline(trained):
+def test_compiled_speculative_scheduler_equals_plain_offline(trained, arithmetic):
     """The compiled step inside the scheduler, through the fused greedy speculative step, with
     requests joining a running batch and leaving it. One row (bucket 1) keeps the compilation,
     which is what takes the time here, to a few graphs."""
     gen = torch.Generator().manual_seed(7)
-    prompts = [p[:n] for p, n in zip(_arithmetic(3, 12, gen).tolist(), (11, 5, 8))]
+    prompts = [p[:n] for p, n in zip(arithmetic(3, 12, gen).tolist(), (11, 5, 8))]
     params = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
     expected = [Engine(trained).generate([p], params)[0].token_ids for p in prompts]
     scheduler = Scheduler(Engine(trained, speculative=2, compile=True), SchedulerConfig(max_running=1))

@@ -308,6 +308,8 @@ def test_a_disconnected_stream_is_cancelled_and_frees_its_row(server):
         raise AssertionError("the cancelled stream never left the batch")
     assert _metric(server, "longcat_generation_tokens_total") > 0
     assert _metric(server, "longcat_time_to_first_token_seconds_count") > 0
+    # the telemetry sampler: a live process holds more than the interpreter and torch's bare minimum
+    assert _metric(server, "longcat_process_resident_memory_bytes") > 50 * 2**20
 
 
 # ------------------------------------------------------------------------------------------------

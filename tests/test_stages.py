@@ -18,15 +18,6 @@ COMMON = ["--threads", "1", "--no-progress", "--peak-tflops", "0.1", "--set", "t
           "--set", "train.tensorboard=false", "--set", "train.eval_batches=1", "--set", "train.sample_tokens=4"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     rng = random.Random(0)

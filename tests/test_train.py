@@ -85,15 +85,6 @@ def make_trainer(out, run=None, *, resume=False, on_step=None, **train) -> Train
                    eval_data=eval_data(), resume=resume, on_step=on_step)
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
-
-
 class Crash(Exception):
     pass
 

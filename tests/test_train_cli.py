@@ -26,15 +26,6 @@ TINY = ["--preset", "tiny", "--threads", "1", "--no-progress", "--peak-tflops", 
         "--set", "train.seq_len=32", "--set", "train.micro_batch=4", "--set", "train.tensorboard=false"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """About 60 KB of English-like text in 300 documents (a few are held out)."""

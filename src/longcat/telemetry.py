@@ -349,6 +349,11 @@ class Telemetry:
             self._count += 1
         return record
 
+    def latest(self) -> dict[str, float]:
+        """The newest value of every field read so far (empty before start())."""
+        with self._lock:
+            return {k: s[3] for k, s in self._stats.items()}
+
     def backends(self) -> dict[str, str]:
         """Each backend: "ok" or why it reports nothing here."""
         return {b.name: "ok" if b.reason is None else b.reason for b in self._backends}

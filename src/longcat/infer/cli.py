@@ -115,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import load
     from ..devices import resolve_device
     from ..interop.safetensors_io import CheckpointError
+    from ..telemetry import Telemetry
     from .engine import Engine
     from .sampling import GenerationError, SamplingParams
 
@@ -157,6 +158,36 @@ def run(args: argparse.Namespace) -> int:
     live = args.stream and len(prompts) == 1  # several prompts: each printed when it is done
     if live and not args.json and isinstance(prompts[0], str):
         print(prompts[0], end="", flush=True)
+    with Telemetry(device, interval_s=0.5) as telemetry:
+        _consume(events, args, prompts, tokenizer, live, results)
+    if live and not args.json:
+        print()
+    for i in sorted(results):
+        r = results[i]
+        if args.json:
+            print(json.dumps({"index": i, **r.to_dict()}))
+        else:
+            _print_stats(r, many=len(prompts) > 1)
+    print(_telemetry_line(telemetry.summary()), file=sys.stderr)
+    return 0
+
+
+def _telemetry_line(summary: dict) -> str:
+    """Peak memory, CPU and energy of the generation, from the telemetry sampler."""
+    fields = summary["fields"]
+    parts = []
+    if "rss_bytes" in fields:
+        parts.append(f"peak RSS {fields['rss_bytes']['peak'] / 2**30:.2f} GiB")
+    if "device_memory_bytes" in fields:
+        parts.append(f"peak device memory {fields['device_memory_bytes']['peak'] / 2**30:.2f} GiB")
+    if "cpu_percent" in fields:
+        parts.append(f"CPU {fields['cpu_percent']['mean']:.0f}% on average")
+    if summary.get("energy_j") is not None:
+        parts.append(f"{summary['energy_j']:.1f} J ({summary['energy_source']})")
+    return "telemetry: " + (", ".join(parts) if parts else "no counters readable here")
+
+
+def _consume(events, args, prompts, tokenizer, live: bool, results: dict) -> None:
     for event in events:
         if live:
             if args.json:
@@ -168,15 +199,6 @@ def run(args: argparse.Namespace) -> int:
             results[event.index] = event.result
             if not live and not args.json:
                 _print_result(prompts[event.index], event.result, tokenizer is not None, many=len(prompts) > 1)
-    if live and not args.json:
-        print()
-    for i in sorted(results):
-        r = results[i]
-        if args.json:
-            print(json.dumps({"index": i, **r.to_dict()}))
-        else:
-            _print_stats(r, many=len(prompts) > 1)
-    return 0
 
 
 def _print_result(prompt, result, has_text: bool, many: bool) -> None:

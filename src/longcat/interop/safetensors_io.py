@@ -2,18 +2,18 @@
 
 Reading is lazy: opening a directory parses only the headers (every file's length is checked
 against them, so a truncated shard is found before anything is allocated); tensors are then read
-one at a time from a memory map of their file (`SafetensorsDir.view`), and the pages of a tensor
-already copied are handed back to the OS, so a load never holds more than the model it builds plus
+one at a time with positioned reads straight into their own buffers (`SafetensorsDir.get`), so no
+file page stays mapped into the process and a load never holds more than the model it builds plus
 one tensor, however large the checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
+
 import os
-import warnings
 from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +96,7 @@ class SafetensorsDir:
     until a tensor is asked for."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._files: dict[Path, BinaryIO] = {}
         self.path = Path(path)
         index = self.path / INDEX_NAME
         self.info: dict[str, TensorInfo] = {}
@@ -138,69 +138,44 @@ class SafetensorsDir:
     def nbytes(self) -> int:
         return sum(i.nbytes for i in self.info.values())
 
-    def _map(self, file: Path) -> mmap.mmap:
-        if file not in self._maps:
-            with open(file, "rb") as f:
-                # copy-on-write: torch views of it are writable (no warning), and nothing is ever written
-                self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        return self._maps[file]
+    def _file(self, file: Path) -> BinaryIO:
+        if file not in self._files:
+            self._files[file] = open(file, "rb", buffering=0)  # noqa: SIM115 (closed by close())
+        return self._files[file]
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor `key`, read from its file into memory of its own.
+
+        A positioned read straight into the tensor's buffer: no page of the file stays mapped into
+        this process (a memory map would keep whatever the page cache hands it, up to whole large
+        folios, resident), so a load holds the weights read so far plus one tensor in flight."""
+        info = self.info[key]
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            read = os.preadv(self._file(info.file).fileno(), [buffer.numpy()], info.start)
+            if read != info.nbytes:
+                raise CheckpointError(f"{info.file} ends inside tensor '{key}' (read {read} of {info.nbytes} bytes): "
+                                      "the file is truncated; download it again")
+        return buffer.view(info.dtype).view(info.shape)
 
     @contextmanager
     def view(self, key: str) -> Iterator[torch.Tensor]:
-        """The tensor `key` as a view of the memory-mapped file, valid inside the `with`; afterwards its
-        pages are dropped from this process's memory (they are read again from the file if needed)."""
-        info = self.info[key]
-        mapped = self._map(info.file)
-        if info.nbytes == 0:
-            yield torch.empty(info.shape, dtype=info.dtype)
-            return
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            raw = torch.frombuffer(mapped, dtype=torch.uint8, count=info.nbytes, offset=info.start)
-        try:
-            yield raw.view(info.dtype).view(info.shape)
-        finally:
-            del raw
-            _drop_pages(mapped, info.start, info.nbytes)
-
-    def get(self, key: str) -> torch.Tensor:
-        """The tensor `key`, copied into memory of its own."""
-        with self.view(key) as t:
-            return t.clone()
+        """The tensor `key`, valid inside the `with` (its memory is freed when the caller drops it)."""
+        yield self.get(key)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for key in self.info:
             yield key, self.get(key)
 
     def close(self) -> None:
-        for mapped in self._maps.values():
-            try:
-                mapped.close()
-            except BufferError:  # a caller still holds a view: the map closes when it is released
-                pass
-        self._maps.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
     def __del__(self) -> None:
         self.close()
 
 
-# Reading a page of a mapped file also maps cached neighbours (the kernel's fault-around, 64 KiB by
-# default, and whole large folios of the page cache), which may belong to tensors read before: drop
-# this much around each tensor as well (a neighbour not read yet is simply read again).
-_DROP_MARGIN = 4 << 20
-
-
-def _drop_pages(mapped: mmap.mmap, start: int, nbytes: int) -> None:
-    advice = getattr(mmap, "MADV_DONTNEED", None)
-    if advice is None:
-        return
-    begin = max(0, start - _DROP_MARGIN)
-    begin -= begin % mmap.PAGESIZE
-    end = min(len(mapped), start + nbytes + _DROP_MARGIN)
-    try:
-        mapped.madvise(advice, begin, end - begin)
-    except (OSError, ValueError):  # advice is an optimisation only
-        pass
 
 
 def write_sharded(

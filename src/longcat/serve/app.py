@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..infer.sampling import GenerationError, SamplingParams
 from ..infer.scheduler import QueueFull, RequestOutput, Scheduler
+from ..telemetry import Telemetry
 from .metrics import ServerMetrics
 from .protocol import (APIError, ChatRequest, CompletionRequest, Sampling, context_error, error_body,
                        longcat_chat_prompt, parse_chat, parse_completion)
@@ -88,13 +89,15 @@ class Server:
         self.settings = settings
         self.max_model_len = scheduler.max_model_len
         self.vocab_size = self.engine.config.vocab_size
-        self.metrics = ServerMetrics(scheduler)
+        self.telemetry = Telemetry(self.engine.device, interval_s=1.0)
+        self.metrics = ServerMetrics(scheduler, self.telemetry)
         self.template = ChatTemplate(settings.chat_template, self.tokenizer) \
             if settings.chat_template and self.tokenizer is not None else None
         self.created = int(time.time())
         self.thread: threading.Thread | None = None
 
     def start(self) -> None:
+        self.telemetry.start()
         self.thread = threading.Thread(target=self.scheduler.run, name="longcat-engine", daemon=True)
         self.thread.start()
 
@@ -102,6 +105,7 @@ class Server:
         self.scheduler.stop()
         if self.thread is not None:
             self.thread.join(timeout=10)
+        self.telemetry.stop()
 
     @property
     def healthy(self) -> bool:

@@ -8,19 +8,35 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..infer.scheduler import CANCELLED, RequestOutput, Scheduler
+from ..telemetry import Telemetry
 
 # seconds: from a few ms (a compiled step of a small model) to minutes (a long prompt in a queue)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
+# telemetry field -> (Prometheus name, help); NaN where this machine has no such counter
+TELEMETRY_GAUGES = (
+    ("rss_bytes", "longcat_process_resident_memory_bytes", "Resident memory of the server process"),
+    ("cpu_percent", "longcat_process_cpu_percent", "CPU use of the server process (100 = one core)"),
+    ("device_memory_bytes", "longcat_device_memory_bytes", "Memory allocated on the accelerator"),
+    ("power_w", "longcat_device_power_watts", "Accelerator power draw (NVML / npu-smi)"),
+)
+
+
 class ServerMetrics:
     """TTFT, inter-token and end-to-end latency histograms; running/waiting/cache gauges (read from
-    the scheduler at scrape time); prompt and generation token counters."""
+    the scheduler at scrape time); prompt and generation token counters; the process's and the
+    device's telemetry (RSS, CPU, device memory, power and energy where a counter exists)."""
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: Scheduler, telemetry: Telemetry | None = None) -> None:
         self.registry = r = CollectorRegistry()
+        self.telemetry = telemetry
+        if telemetry is not None:
+            for key, name, text in TELEMETRY_GAUGES:
+                Gauge(name, text, registry=r).set_function(
+                    lambda key=key: telemetry.latest().get(key, float("nan")))
         self.ttft = Histogram("longcat_time_to_first_token_seconds", "Request arrival to its first token",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("longcat_inter_token_latency_seconds", "Time between consecutive tokens of a request",
