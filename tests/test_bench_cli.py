@@ -75,6 +75,7 @@ def test_bench_infer_compares_batch_decode_with_transformers_on_the_same_batch(t
     assert report["cache"]["ours_bytes_per_token"] == report["cache"]["latent_bytes_per_token"]
 
 
+@pytest.mark.slow
 def test_bench_plan_prints_prediction_against_measurement(tmp_path, capsys):
     hardware = tmp_path / "hw.toml"
     rc = main(["bench", "plan", "--preset", "tiny", "--seq-len", "32", "--micro-batch", "2", "--steps", "1",

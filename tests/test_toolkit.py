@@ -45,6 +45,7 @@ def report_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_report_schema_and_plausible_numbers(report_dir):
     report = json.loads((report_dir / "report.json").read_text())
     check_report(report)  # schema, finite numbers, a reason for every null section

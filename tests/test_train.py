@@ -104,6 +104,7 @@ def train_losses(out) -> list[tuple[int, float]]:
 # ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_resume_is_bit_identical(tmp_path, optimizer):
     # uninterrupted 40 steps

@@ -129,6 +129,7 @@ def test_resume_with_different_architecture(tmp_path, corpus, capsys):
     assert [r["step"] for r in train_records(out)] == list(range(1, 7))
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, corpus):
     """A real process killed by SIGKILL right after its step-20 checkpoint, resumed to step 40,
     logs exactly the losses of an uninterrupted 40-step run."""
