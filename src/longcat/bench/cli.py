@@ -30,6 +30,7 @@ def _device(args: argparse.Namespace):
 
 def run_profile(args: argparse.Namespace) -> int:
     """`bench model --profile`: the demo's training step split by part."""
+    from ..errors import UserError
     from ..train.cli import demo_run_config
     from .step_profile import format_profile, profile_train_step
 
@@ -40,7 +41,7 @@ def run_profile(args: argparse.Namespace) -> int:
         overrides.append(f"train.seq_len={args.seq_len}")
     if args.precision is not None:
         if len(args.precision) != 1:
-            raise _user_error_type()(f"--precision: --profile measures one precision, got {' '.join(args.precision)}")
+            raise UserError(f"--precision: --profile measures one precision, got {' '.join(args.precision)}")
         overrides.append("train.precision=" + {"fp32": "fp32", "bf16-autocast": "bf16"}[args.precision[0]])
     values = {"device": args.device, "optimizer": args.optimizer}
     if args.threads:
@@ -50,12 +51,6 @@ def run_profile(args: argparse.Namespace) -> int:
                                  log=(lambda *_: None) if args.json else print)
     print(json.dumps(profile.to_dict(), indent=2) if args.json else format_profile(profile))
     return 0
-
-
-def _user_error_type():
-    from ..errors import UserError
-
-    return UserError
 
 
 def run_model(args: argparse.Namespace) -> int:
