@@ -32,8 +32,21 @@ def is_meta_model(model: nn.Module) -> bool:
     return flags == {True}
 
 
+def mark_shard(p: torch.Tensor, global_shape: tuple[int, ...], offset: tuple[int, ...]) -> torch.Tensor:
+    """Record that plain tensor `p` is the box at `offset` of a global tensor of `global_shape`
+    (layouts that shard without DTensor, e.g. inference tensor parallelism), for `shard_box`."""
+    if len(global_shape) != p.dim() or len(offset) != p.dim():
+        raise ValueError(f"shard of rank {p.dim()} marked with global shape {global_shape} and offset {offset}")
+    p._longcat_shard = (tuple(global_shape), tuple(offset))
+    return p
+
+
 def shard_box(p: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...], torch.Tensor]:
-    """(global shape, offset of the local box, local tensor) of a parameter (DTensor or plain)."""
+    """(global shape, offset of the local box, local tensor) of a parameter: a DTensor, a plain
+    tensor marked by `mark_shard`, or a plain unsharded tensor."""
+    marked = getattr(p, "_longcat_shard", None)
+    if marked is not None:
+        return marked[0], marked[1], p
     if isinstance(p, DTensor):
         local = p.to_local()
         shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
@@ -64,4 +77,4 @@ def materialize_shards(parts: list[nn.Module], device: torch.device, seed: int, 
     return allocated
 
 
-__all__ = ["materialize_shards", "is_meta_model", "shard_box"]
+__all__ = ["materialize_shards", "is_meta_model", "mark_shard", "shard_box"]
