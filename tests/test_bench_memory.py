@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -23,6 +24,7 @@ def test_bench_memory_rows_for_one_and_two_ranks(capsys):
         assert len(r["rank_peaks_gib"]) == r["ranks"] and max(r["rank_peaks_gib"]) == r["max_rank_peak_gib"]
         # the runtime alone (torch, the process group) is most of a tiny model's peak, but not all of it
         assert 0 < r["baseline_gib"] < r["max_rank_peak_gib"]
+        assert r["peak_source"] == ("VmHWM" if os.path.exists("/proc/self/status") else "ru_maxrss")
         assert r["share_of_single"] == pytest.approx(r["max_rank_peak_gib"] / r["single_process_peak_gib"], abs=2e-3)
     two_train = rows[1]
     assert two_train["layout"] == "dp_shard=2,ep=2" and math.isfinite(two_train["loss"])
@@ -34,3 +36,36 @@ def test_bench_memory_rows_for_one_and_two_ranks(capsys):
 def test_bench_memory_checks_its_arguments(capsys):
     assert main(["bench", "memory", "--preset", "tiny", "--ranks", "0"]) == 2
     assert "--ranks must be >= 1" in capsys.readouterr().err
+
+
+_CHILD_PEAKS = ("import json, resource; from longcat.telemetry import peak_rss; "
+                "print(json.dumps([*peak_rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="VmHWM is a Linux counter")
+def test_peak_rss_is_the_childs_own_high_water_mark():
+    """A child started by a parent holding 512 MiB more than the child ever does: the child's
+    ru_maxrss carries the parent's resident set, its VmHWM (what the benches report) does not."""
+    import subprocess
+    import sys
+
+    import torch
+
+    ballast = torch.ones(512 * 2**20 // 4)  # 512 MiB, every page touched
+    out = subprocess.run([sys.executable, "-c", _CHILD_PEAKS], capture_output=True, text=True, timeout=120, check=True)
+    own, counter, ru_maxrss = json.loads(out.stdout)
+    del ballast
+    assert counter == "VmHWM"
+    assert 0 < own < ru_maxrss - 400 * 2**20, (own, ru_maxrss)
+
+
+def test_peak_rss_falls_back_to_ru_maxrss_without_procfs(monkeypatch, tmp_path):
+    import resource
+
+    from longcat import telemetry
+
+    monkeypatch.setattr(telemetry, "PROC_STATUS", str(tmp_path / "no-such-status"))
+    peak, counter = telemetry.peak_rss()
+    assert counter == "ru_maxrss"
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert peak in (kib, kib * 1024) and peak > 2**20  # bytes on macOS, KiB elsewhere

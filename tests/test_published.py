@@ -187,7 +187,9 @@ baseline = psutil.Process().memory_info().rss
 model = load(sys.argv[1], weights_dtype=weights_dtype)
 final = sum(t.numel() * t.element_size() for t in model.state_dict().values())
 # this process's own high-water mark (ru_maxrss would also count the RSS of the forking parent)
-peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+from longcat.telemetry import peak_rss
+peak, counter = peak_rss()
+assert counter == "VmHWM", counter
 info = psutil.Process().memory_full_info()
 print(json.dumps({"baseline": baseline, "final": final, "peak": peak, "after": info.rss, "after_shared": info.shared}))
 """

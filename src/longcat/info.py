@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 from pathlib import Path
 
 from .config import PRESETS, ConfigError, ModelConfig, load_config, preset
@@ -56,11 +58,41 @@ def component_of(name: str) -> str:
     return "norm"
 
 
+def fp8_scale_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The fp32 block-scale tensor of an FP8-resident weight of `shape` (a stacked gate/up
+    projection has one grid per half)."""
+    from .model.fp8 import BLOCK
+
+    *lead, rows, cols = shape
+    parts = 2 if name.endswith("gate_up_proj") else 1
+    return (*lead, parts * math.ceil(rows / parts / BLOCK), math.ceil(cols / BLOCK))
+
+
+def resident_bytes(name: str, shape: tuple[int, ...], weights_dtype: str, fp8_resident: bool, stored=None) -> int:
+    """Bytes `longcat.load(..., weights_dtype=...)` allocates for parameter `name` of `shape`:
+    FP8-resident weights as e4m3 plus their fp32 block scales (weights_dtype "fp8"), the router in
+    fp32, everything else in the weights dtype ("fp8": as `stored`, FP8 upcast to bf16; bf16 when
+    the checkpoint does not say)."""
+    import torch
+
+    from .interop.materialize import WEIGHTS_DTYPES
+    from .model.fp8 import is_fp8
+
+    numel = math.prod(shape)
+    if fp8_resident and weights_dtype == "fp8":
+        return numel + 4 * math.prod(fp8_scale_shape(name, shape))
+    if ".router." in name:
+        return 4 * numel  # the router stays fp32
+    dtype = WEIGHTS_DTYPES[weights_dtype]
+    if dtype is None:
+        stored = stored or torch.bfloat16
+        return (2 if is_fp8(stored) else stored.itemsize) * numel
+    return dtype.itemsize * numel
+
+
 def checkpoint_info(path: str | Path) -> dict:
     """What a published checkpoint directory holds, from its config.json and safetensors headers only:
     family, dtypes, FP8 block grid, and bytes per component on disk and in memory per weights_dtype."""
-    import math
-
     import torch
 
     from .interop.hf import open_published, published_target
@@ -89,24 +121,12 @@ def checkpoint_info(path: str | Path) -> dict:
         with torch.device("meta"):
             meta = LongCatForCausalLM(opened.config)
         resident = fp8_parameter_names(meta)
+        stored = {name: plan.stored_dtype() for name, plan in opened.plans.items()}
         memory: dict[str, dict[str, int]] = {}
-        for weights_dtype, dtype in WEIGHTS_DTYPES.items():
+        for weights_dtype in WEIGHTS_DTYPES:
             per: dict[str, int] = {}
             for name, t in meta.state_dict().items():
-                if name in resident and weights_dtype == "fp8":
-                    *lead, rows, cols = t.shape
-                    parts = 2 if name.endswith("gate_up_proj") else 1
-                    grid = math.prod(lead) * parts * math.ceil(rows / parts / BLOCK) * math.ceil(cols / BLOCK)
-                    n = t.numel() + 4 * grid
-                elif ".router." in name:
-                    n = 4 * t.numel()  # the router stays fp32
-                else:
-                    stored = opened.plans[name].stored_dtype() if name in opened.plans else torch.bfloat16
-                    if dtype is None:
-                        dtype_bytes = 2 if is_fp8(stored) else stored.itemsize
-                    else:
-                        dtype_bytes = dtype.itemsize
-                    n = dtype_bytes * t.numel()
+                n = resident_bytes(name, tuple(t.shape), weights_dtype, name in resident, stored.get(name))
                 per[component_of(name)] = per.get(component_of(name), 0) + n
             memory[weights_dtype] = per
     finally:
@@ -124,6 +144,149 @@ def checkpoint_info(path: str | Path) -> dict:
                 "kept_unquantized": sorted(set(q.get("ignored_layers") or []) | set(q.get("modules_to_not_convert") or []))},
         "disk_bytes": {"total": sum(disk.values()), **disk},
         "memory_bytes": {k: {"total": sum(v.values()), **v} for k, v in memory.items()},
+    }
+
+
+# --- per-rank bytes of a parallel layout ----------------------------------------------------------
+# The sharding rules of longcat.parallel, as arithmetic on the parameter shapes of a meta-device
+# model: tensor parallelism (parallel/tensor.py) splits q_b_proj, kv_b_proj and the dense FFNs'
+# gate/up along their rows (column-wise: heads and FFN width) and o_proj and down_proj along their
+# columns (row-wise), in the decoder layers and the MTP heads; expert parallelism (parallel/expert.py)
+# splits the stacked experts along the expert dimension; the pipeline (parallel/pipeline.py) gives
+# each rank the layers of its stages, the embeddings to the first stage and the final norm and
+# output head to the last (the MTP heads are not trained under pp > 1); FSDP (parallel/fsdp.py)
+# shards what is left along its first dimension over dp_shard*cp ranks (experts under expert
+# parallelism over dp_shard/ep*cp, along the hidden dimension when there are fewer local experts
+# than ranks), rounded up as FSDP pads it. The block scales of an FP8 weight go with their blocks.
+_TP_ROWS = re.compile(r"^(layers\.\d+\.self_attn\.\d+|mtp\.\d+\.self_attn)\.(q_b_proj|kv_b_proj)\.weight$"
+                      r"|^(layers\.\d+\.mlps\.\d+|mtp\.\d+\.mlp)\.(gate_proj|up_proj)\.weight$")
+_TP_COLUMNS = re.compile(r"^(layers\.\d+\.self_attn\.\d+|mtp\.\d+\.self_attn)\.o_proj\.weight$"
+                         r"|^(layers\.\d+\.mlps\.\d+|mtp\.\d+\.mlp)\.down_proj\.weight$")
+_EXPERTS = re.compile(r"^layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)$")
+
+
+def _split(shape: tuple[int, ...], dim: int, ways: int) -> tuple[int, ...]:
+    """The largest part of `shape` cut `ways` ways along `dim` (FSDP rounds up and pads)."""
+    if ways == 1 or not shape:
+        return shape
+    return (*shape[:dim], -(-shape[dim] // ways), *shape[dim + 1:])
+
+
+def _pp_ranks_holding(name: str, config: ModelConfig, layout) -> list[int]:
+    """The pipeline ranks that hold parameter `name` (every rank without a pipeline)."""
+    from .parallel.pipeline import stage_layer_ranges, stages_of_rank
+
+    ranks = list(range(layout.pp))
+    if layout.pp == 1:
+        return ranks
+    stages = layout.num_stages
+    root = name.split(".", 1)[0]
+    if root == "layers":
+        layer = int(name.split(".")[1])
+        stage = next(s for s, r in enumerate(stage_layer_ranges(config.num_layers, stages)) if layer in r)
+    elif root in ("embed_tokens", "ngram"):
+        stage = 0
+    elif root in ("norm", "lm_head"):
+        stage = stages - 1
+    elif root == "mtp":
+        return []
+    else:
+        return ranks
+    return [r for r in ranks if stage in stages_of_rank(r, layout.pp, layout.pp_stages_per_rank)]
+
+
+def rank_parameters(config: ModelConfig, layout, weights_dtype: str, stored: dict | None = None) -> list[dict]:
+    """What each pipeline rank of `layout` holds (every rank of one pipeline stage holds the same,
+    up to FSDP's padding, which this counts): one dict per pp rank with its `ranks` (how many ranks
+    hold such a share), `parameters`, `bytes` and `bytes_by_component` (in `weights_dtype`, as
+    `resident_bytes` counts them; `stored`: the checkpoint's dtype per parameter)."""
+    import torch
+
+    from .model import LongCatForCausalLM
+    from .model.fp8 import fp8_parameter_names
+
+    with torch.device("meta"):
+        meta = LongCatForCausalLM(config)
+    resident = fp8_parameter_names(meta)
+    dense_shards = layout.dp_shard * layout.cp
+    expert_shards = layout.dp_shard // layout.ep * layout.cp
+    out = [{"pp_rank": r, "ranks": layout.world_size // layout.pp, "parameters": 0, "bytes": 0,
+            "bytes_by_component": {}} for r in range(layout.pp)]
+    for name, p in meta.named_parameters():
+        holders = _pp_ranks_holding(name, config, layout)
+        if not holders:
+            continue
+        shape, fsdp_dim, fsdp_ways = tuple(p.shape), 0, dense_shards
+        if _TP_ROWS.match(name):
+            shape = _split(shape, 0, layout.tp)
+        elif _TP_COLUMNS.match(name):
+            shape = _split(shape, 1, layout.tp)
+        elif _EXPERTS.match(name) and layout.ep > 1:
+            shape = _split(shape, 0, layout.ep)
+            fsdp_ways = expert_shards
+            fsdp_dim = 1 if expert_shards > shape[0] else 0
+        fp8 = name in resident and weights_dtype == "fp8"
+        local = _split(shape, fsdp_dim, fsdp_ways)
+        n = resident_bytes(name, local, weights_dtype, False, (stored or {}).get(name))
+        if fp8:  # e4m3 weight and its fp32 block scales, each sharded like the weight
+            n = math.prod(local) + 4 * math.prod(_split(fp8_scale_shape(name, shape), fsdp_dim, fsdp_ways))
+        for r in holders:
+            row = out[r]
+            row["parameters"] += math.prod(local)
+            row["bytes"] += n
+            component = component_of(name)
+            row["bytes_by_component"][component] = row["bytes_by_component"].get(component, 0) + n
+    return out
+
+
+def planner_rank_memory(config: ModelConfig, layout) -> dict:
+    """The training planner's per-device memory for the same layout (zero=3: FSDP, as the runtime
+    shards), its fullest pipeline stage: weights (bf16), gradients and optimizer state, in bytes,
+    and the parameters its weights stand for. None values with `problems` when the planner rejects
+    the layout."""
+    from .plan.arch import from_longcat
+    from .plan.hardware import load_hardware, load_stack
+    from .plan.layout import Layout
+    from .plan.train import Planner, TrainSetup
+
+    seq_len = 4096  # the weights and their state do not depend on the batch
+    planned = Layout(parallel=layout, zero=3)
+    sequences = layout.dp * (layout.microbatches if layout.pp > 1 else 1)
+    planner = Planner(TrainSetup(from_longcat(config), load_hardware(PLANNER_HARDWARE), load_stack("modern"),
+                                 chips=layout.world_size, seq_len=seq_len, global_batch_tokens=seq_len * sequences))
+    plan = planner.evaluate(planned, detail=False, even_stages=True)
+    if plan is None:
+        return {"weights": None, "gradients": None, "optimizer": None, "parameters": None,
+                "problems": planner.check(planned)}
+    return {"weights": plan.memory["weights"], "gradients": plan.memory["gradients"],
+            "optimizer": plan.memory["optimizer"], "parameters": plan.memory["weights"] / PLANNER_WEIGHT_BYTES,
+            "stage": plan.memory_stage, "problems": []}
+
+
+# The planner's memory of weights and optimizer state does not depend on the chip; any entry serves.
+PLANNER_HARDWARE = "h100"
+PLANNER_WEIGHT_BYTES = 2  # TrainSetup's default precision "bf16": bf16 weights (the fp32 master is optimizer state)
+
+
+def parallel_info(config: ModelConfig, layout_text: str, *, weights_dtype: str, nproc: int | None = None,
+                  stored: dict | None = None) -> dict:
+    """Per-rank parameters and bytes of `layout_text` (a --parallel string) next to the planner's
+    per-device memory for it; ConfigError naming the degree to change for a layout that cannot run."""
+    from .model.fp8 import BLOCK
+    from .parallel.layout import ParallelLayout
+
+    layout = ParallelLayout.parse(layout_text)
+    layout.validate(config, nproc or layout.world_size, fp8_block=BLOCK if weights_dtype == "fp8" else None)
+    ranks = rank_parameters(config, layout, weights_dtype, stored)
+    planner = planner_rank_memory(config, layout)
+    fullest = max(ranks, key=lambda r: r["bytes"])
+    params = fullest["parameters"]
+    return {
+        "layout": str(layout), "world_size": layout.world_size, "weights_dtype": weights_dtype,
+        "per_pp_rank": ranks,
+        "max_rank_bytes": fullest["bytes"], "max_rank_parameters": params,
+        "planner": planner,
+        "planner_parameters_difference": None if planner["parameters"] is None else planner["parameters"] / params - 1,
     }
 
 
@@ -161,9 +324,22 @@ def run(args: argparse.Namespace) -> int:
             checkpoint = checkpoint_info(args.model)
         except CheckpointError as exc:
             raise UserError(str(exc)) from None
-    info = model_info(resolve_config(args.model))
+    config = resolve_config(args.model)
+    info = model_info(config)
     if checkpoint is not None:
         info["checkpoint"] = checkpoint
+    if args.parallel is not None:
+        weights_dtype = args.weights_dtype
+        if weights_dtype is None:  # as stored: an FP8 checkpoint stays FP8
+            weights_dtype = "fp8" if checkpoint is not None and checkpoint["fp8"]["tensors"] else "bf16"
+        stored = _stored_dtypes(args.model) if checkpoint is not None else None
+        info["parallel"] = parallel_info(config, args.parallel, weights_dtype=weights_dtype, nproc=args.nproc,
+                                         stored=stored)
+    elif args.weights_dtype is not None or args.nproc is not None:
+        from .errors import UserError
+
+        raise UserError("--weights-dtype and --nproc describe a --parallel layout; add --parallel LAYOUT, "
+                        "e.g. --parallel dp_shard=2,ep=2")
     if args.json:
         if not args.with_config:
             info.pop("config")
@@ -193,7 +369,20 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"Weights: {_gib(w['bf16'])} in bf16, {_gib(w['fp8'])} in fp8")
     if checkpoint is not None:
         _print_checkpoint(console, checkpoint)
+    if "parallel" in info:
+        _print_parallel(console, info["parallel"])
     return 0
+
+
+def _stored_dtypes(path: str) -> dict:
+    """The dtype each of our parameters is stored in, in a published checkpoint (headers only)."""
+    from .interop.hf import open_published
+
+    opened = open_published(path)
+    try:
+        return {name: plan.stored_dtype() for name, plan in opened.plans.items()}
+    finally:
+        opened.source.close()
 
 
 def _bytes(n: int) -> str:
@@ -225,6 +414,29 @@ def _print_checkpoint(console, ck: dict) -> None:
     console.print(table)
 
 
+def _print_parallel(console, par: dict) -> None:
+    from rich.table import Table
+
+    planner = par["planner"]
+    table = Table(title=f"per rank: --parallel {par['layout']} ({par['world_size']} ranks), weights "
+                        f"{par['weights_dtype']}", show_header=True)
+    table.add_column("pipeline rank")
+    table.add_column("ranks like it", justify="right")
+    table.add_column("parameters", justify="right")
+    table.add_column(f"bytes ({par['weights_dtype']})", justify="right")
+    for r in par["per_pp_rank"]:
+        table.add_row(str(r["pp_rank"]), str(r["ranks"]), _fmt(r["parameters"]), _bytes(r["bytes"]))
+    console.print(table)
+    if planner["parameters"] is None:
+        console.print(f"planner: no plan for this layout ({'; '.join(planner['problems'])})")
+        return
+    console.print(
+        f"planner (`longcat plan train`, zero=3 as FSDP runs, its fullest stage): {_fmt(planner['parameters'])} "
+        f"parameters per device ({100 * par['planner_parameters_difference']:+.1f}% against the fullest rank "
+        f"here, {_fmt(par['max_rank_parameters'])}); weights {_bytes(planner['weights'])} (bf16), gradients "
+        f"{_bytes(planner['gradients'])}, optimizer state {_bytes(planner['optimizer'])}")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "info",
@@ -239,4 +451,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                                  "checkpoint directory")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--with-config", action="store_true", help="include the full config in --json output")
+    p.add_argument("--parallel", default=None, metavar="LAYOUT",
+                   help="a layout as `longcat train --parallel` takes it (e.g. dp_shard=4,ep=4 or tp=2,pp=2): print "
+                        "the parameters and bytes each rank holds under it, and the planner's per-device memory for "
+                        "the same layout next to them")
+    p.add_argument("--weights-dtype", choices=["fp8", "bf16", "fp32"], default=None,
+                   help="with --parallel: the dtype the weights are held in (fp8: expert and projection weights as "
+                        "e4m3 with 128x128 block scales, the rest as stored). Default: as stored (an FP8 checkpoint "
+                        "stays FP8; presets and BF16 checkpoints bf16)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="with --parallel: the world size to check the layout against (default: the product of its "
+                        "degrees)")
     p.set_defaults(func=run)

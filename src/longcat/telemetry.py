@@ -37,8 +37,30 @@ import torch
 
 GiB = 2**30
 RAPL_ROOT = Path("/sys/class/powercap")
+PROC_STATUS = "/proc/self/status"  # Linux: this process's memory counters, VmHWM among them
 # counters of joules since some origin: a run's energy is their increase (GPU board + CPU packages)
 ENERGY_COUNTERS = {"gpu_energy_j": "NVML total energy (GPU board)", "cpu_energy_j": "RAPL (CPU packages, all processes)"}
+
+
+def peak_rss() -> tuple[int, str]:
+    """(bytes, counter): this process's own peak resident set, and which counter gave it.
+
+    On Linux that is `VmHWM` of /proc/self/status ("VmHWM"): the high-water mark of this process
+    alone. Elsewhere it falls back to `getrusage(RUSAGE_SELF).ru_maxrss` ("ru_maxrss"), which on
+    Linux would also carry the RSS of the process that forked this one (a fork starts with its
+    parent's resident pages counted), so a small child of a large parent would read large."""
+    try:
+        with open(PROC_STATUS) as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024, "VmHWM"  # "VmHWM:   123456 kB"
+    except OSError:  # not Linux (or no procfs mounted)
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (peak if sys.platform == "darwin" else peak * 1024), "ru_maxrss"  # bytes on macOS, KiB elsewhere
 
 
 # --- backends: each reads a few fields; `reason` is None when it works -----------------------------------
@@ -403,4 +425,4 @@ class Telemetry:
         }
 
 
-__all__ = ["ENERGY_COUNTERS", "GiB", "Telemetry", "parse_npu_smi", "rapl_domains"]
+__all__ = ["ENERGY_COUNTERS", "GiB", "Telemetry", "parse_npu_smi", "peak_rss", "rapl_domains"]

@@ -21,7 +21,6 @@ they are shorter (YaRN factor scaled to match when the preset uses YaRN).
 
 from __future__ import annotations
 
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -62,8 +61,12 @@ def planner_cache_bytes(config, tokens: int, with_mtp: bool, dtype: torch.dtype)
     return kv_layout(from_longcat(config), load_engine("longcat"), kv, mtp=with_mtp)["total"] * tokens
 
 
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
+def peak_rss_gib() -> tuple[float, str]:
+    """This process's own peak resident set in GiB and the counter it came from (VmHWM or ru_maxrss)."""
+    from ..telemetry import peak_rss
+
+    peak, source = peak_rss()
+    return peak / GiB, source
 
 
 def _generate(engine, context: int, new_tokens: int, seed: int) -> dict:
@@ -211,7 +214,7 @@ def run_longctx_bench(*, preset_name: str, context: int, new_tokens: int = 64, c
         log(f"  decode at {length:>9,}: LSA {lsa} ms, dense {point['dense_decode_ms']:.2f} ms"
             + (f", LSA keeps {fid:.1%} of the dense attention mass" if fid is not None else ""))
     result["curve"] = curve_points
-    result["peak_rss_gib"] = peak_rss_gib()
+    result["peak_rss_gib"], result["peak_rss_source"] = peak_rss_gib()
     result["wall_s"] = time.perf_counter() - t_wall
     return result
 
@@ -245,7 +248,7 @@ def format_report(r: dict) -> str:
         fid = p.get("lsa_fidelity")
         lines.append(f"  {p['context']:>9,} tokens: decode LSA {lsa} ms  dense {p['dense_decode_ms']:8.2f} ms  cache "
                      f"{p['cache_bytes'] / 2**20:8.1f} MiB" + (f"  fidelity {fid:.1%}" if fid is not None else ""))
-    lines.append(f"  peak RSS {r['peak_rss_gib']:.2f} GiB, wall {r['wall_s']:.0f} s")
+    lines.append(f"  peak RSS {r['peak_rss_gib']:.2f} GiB ({r['peak_rss_source']}), wall {r['wall_s']:.0f} s")
     return "\n".join(lines)
 
 
@@ -318,5 +321,5 @@ def register(bench) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (context_tokens, prefill_tokens_per_s, decode_ms_per_token_16k, "
-                        "decode_ms_per_token_at_context, cache_bytes, planner_cache_bytes, peak_rss_gib, wall_s, curve)")
+                        "decode_ms_per_token_at_context, cache_bytes, planner_cache_bytes, peak_rss_gib, peak_rss_source, wall_s, curve)")
     p.set_defaults(func=_run_cli)

@@ -12,7 +12,8 @@ distributed checkpoint loaded into the shards, then
   (FSDP gathers each layer's shards for its forward, experts stay on their expert-parallel rank).
   Distributed decoding over a KV cache is not part of `longcat.parallel` yet.
 
-The peak is the process's peak resident set (`ru_maxrss`), which includes the Python and torch
+The peak is each rank process's own peak resident set (`VmHWM` on Linux, `ru_maxrss` elsewhere:
+`longcat.telemetry.peak_rss`; the rows say which in `peak_source`), which includes the Python and torch
 runtime (`baseline_gib`: the peak before the model is built). The default model has the `flash`
 preset's structure (MLA shapes, top-12 routing over N FFN and N/2 zero experts, expert width 2048)
 at hidden 2048 with 2 layers of 40 experts and a 16K vocabulary: 2.3 GB of BF16 weights, of which
@@ -22,7 +23,6 @@ the experts are 87%.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -54,7 +54,9 @@ def layout_for(ranks: int, kind: str) -> str:
 
 
 def _peak_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB  # Linux reports KiB
+    from ..telemetry import peak_rss
+
+    return peak_rss()[0] / GiB
 
 
 # ------------------------------------------------------------------------------------------------
@@ -112,7 +114,10 @@ def run_worker(spec: dict) -> None:
                     unit.reshard()  # no backward follows
                 ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         tokens = ids[0, seq_len:].tolist()
-    mine = {"peak_gib": _peak_gib(), "baseline_gib": baseline, "built_gib": built, "held_gib": held / GiB}
+    from ..telemetry import peak_rss
+
+    peak, source = peak_rss()
+    mine = {"peak_gib": peak / GiB, "peak_source": source, "baseline_gib": baseline, "built_gib": built, "held_gib": held / GiB}
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     if dist.get_rank() == 0:
@@ -167,6 +172,7 @@ def measure(config, *, ranks: list[int], phases: list[str], kind: str = "ep", ba
                 "baseline_gib": round(max(x["baseline_gib"] for x in r["ranks"]), 3),
                 "max_rank_weights_gib": round(max(x["held_gib"] for x in r["ranks"]), 3),
                 "model_bf16_gib": round(full_bytes / GiB, 3),
+                "peak_source": r["ranks"][0]["peak_source"],
             }
             if phase == "train":
                 row["loss"] = r["loss"]
@@ -188,6 +194,8 @@ def format_rows(rows: list[dict]) -> str:
         single = "-" if r["single_process_peak_gib"] is None else f"{r['single_process_peak_gib']:.2f} GiB"
         lines.append(f"{r['phase']:<6} {r['ranks']:>5}  {r['layout']:<18} {r['max_rank_peak_gib']:>9.2f} GiB "
                      f"{single:>11} {share:>6} {r['max_rank_weights_gib']:>8.2f} GiB {r['model_bf16_gib']:>6.2f} GiB")
+    sources = sorted({r["peak_source"] for r in rows})
+    lines.append(f"peak: each rank process's own high-water mark ({', '.join(sources)})")
     return "\n".join(lines)
 
 

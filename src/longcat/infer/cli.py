@@ -61,6 +61,12 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="cpu",
                    help="torch device: cpu, cuda, cuda:N, mps, xpu, ..., or auto for the best one present (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this node: N > 1 runs the generation on N ranks under torchrun, each holding "
+                        "only its shard of the weights (docs/INFERENCE.md, \"Generating on several processes\")")
+    p.add_argument("--parallel", default=None, metavar="LAYOUT",
+                   help="how the ranks split the model: tp=T (attention heads and dense FFNs) and ep=E (experts), "
+                        "on max(T, E) ranks, e.g. tp=2,ep=2 (default with --nproc N: tp=N,ep=N)")
     p.set_defaults(func=run)
 
 
@@ -110,6 +116,32 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.nproc != 1 or args.parallel:
+        return _run_entry_point()
+    return generate(args)
+
+
+def _run_entry_point() -> int:
+    """Several processes: `python -m longcat.infer` (infer/__main__.py) checks the layout, starts
+    torchrun and runs the ranks; it is the entry point because the sharded model comes from
+    longcat.parallel, which infer/ does not import."""
+    import os
+    import subprocess
+
+    if "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        raise _user_error("under torchrun, run `torchrun ... -m longcat.infer ARGS` (without --nproc), "
+                          "not `longcat generate`")
+    argv = sys.argv[1:]
+    if "generate" not in argv:
+        raise _user_error("--nproc/--parallel need the command line `longcat generate ...` "
+                          "(or run `python -m longcat.infer ...`)")
+    argv = argv[argv.index("generate") + 1:]
+    return subprocess.call([sys.executable, "-m", "longcat.infer", *argv])
+
+
+def generate(args: argparse.Namespace, *, load_model=None) -> int:
+    """`longcat generate` in this process; `load_model(path, device=, dtype=, weights_dtype=)`
+    replaces `longcat.load` (a rank of a parallel generation passes its sharded loader)."""
     import torch
 
     from .. import load
@@ -136,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     device = resolve_device(args.device, setting="--device")
     try:
-        model = load(model_dir, device=device, dtype=dtype, weights_dtype=args.weights_dtype)
+        model = (load_model or load)(model_dir, device=device, dtype=dtype, weights_dtype=args.weights_dtype)
     except CheckpointError as exc:
         raise _user_error(str(exc)) from exc
     model.eval()

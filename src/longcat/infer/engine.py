@@ -479,9 +479,11 @@ class _Generation:
     def _step(self):
         batch, sampler, k = self.batch, self.sampler, self.k
         if k and self.fast_greedy:
-            fused = self.drafter.greedy_step(batch)
-            if fused is not None:
-                return self._accept_greedy(*fused)
+            # each row's newest position, from the host's own count (no device read to decide)
+            rows = self.drafter.greedy_step(batch, [len(s.prompt) + len(s.token_ids) - 1 for s in self.rows])
+            if rows is not None:  # per row: k+1 emitted tokens, then the accepted draft count a
+                return self._finish_step(None, [r[-1] + 1 for r in rows], None, [r[-1] for r in rows],
+                                         ids=[r[:-1] for r in rows])
         drafts = q = None
         if k:
             drafts, q = self.drafter.draft(batch, sampler)
@@ -520,21 +522,7 @@ class _Generation:
         s = self.sampler
         return s.all_greedy and not s.any_penalty and s.max_logprobs is None
 
-    def _accept_greedy(self, drafts: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor):
-        """Greedy acceptance of a fused speculative step (`MTPDrafter.greedy_step`), with one
-        device-to-host transfer for the whole batch."""
-        batch = self.batch
-        accepted = greedy_accept(targets, drafts)
-        following = targets.gather(1, accepted.unsqueeze(1))
-        # emitted tokens: drafts[:a] then `following`; the slots after it are rewritten before use
-        emitted = torch.cat([drafts, following], 1).scatter_(1, accepted.unsqueeze(1), following)
-        batch.tokens.scatter_(1, positions + 1, emitted)
-        batch.n += accepted + 1
-        rows = torch.cat([emitted, accepted.unsqueeze(1)], 1).tolist()
-        return self._finish_step(emitted, [r[-1] + 1 for r in rows], None, [r[-1] for r in rows],
-                                 ids=[r[:-1] for r in rows])
-
-    def _finish_step(self, emitted: torch.Tensor, counts, raw: torch.Tensor | None, accepted, ids=None):
+    def _finish_step(self, emitted: torch.Tensor | None, counts, raw: torch.Tensor | None, accepted, ids=None):
         """Host side: commit tokens to each sequence, check stops; returns (sequence, tokens, text).
         ids: emitted as lists, where the caller has them already."""
         now = time.perf_counter()

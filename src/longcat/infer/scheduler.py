@@ -171,6 +171,7 @@ class _ContinuousBatch(_Generation):
         if self.drafter is not None:
             self.full_hidden[0, row, :L] = hidden[:L]
             self.full_frontier[:, row] = 0
+            self.drafter.steady = False  # the next step drafts over the new row's prompt
             self.drafter.hidden, self.drafter.frontier = self.full_hidden[:, :size], self.full_frontier[:, :size]
         if row == 0:  # a fresh batch: the old sampler's rows are all gone
             self.sampler = sampler

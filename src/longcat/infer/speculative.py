@@ -98,6 +98,12 @@ class MTPDrafter:
         # frontier[d-1][i]: depth d's cache holds true entries for positions < frontier
         self.frontier = torch.zeros(self.depths, batch_size, dtype=torch.long, device=p.device)
         self.history = model.config.oe_neighbor_num - 1 if model.config.ngram_enabled else 0
+        # whether every row's frontiers trail its n by at most k + D (true after any draft; a row
+        # that joins a batch with frontier 0 makes it false until the next `draft`)
+        self.steady = False
+        W = self.k + self.depths
+        self._step_offsets = torch.arange(-W, self.k + 1, device=p.device)  # a fused step's positions - n
+        self._depth_offsets = torch.arange(self.depths, device=p.device).unsqueeze(1)  # (D, 1): depth d - 1
 
     # batch bookkeeping (DecodeBatch.extra)
     def move_rows(self, src: list[int], dst: list[int]) -> None:
@@ -171,34 +177,47 @@ class MTPDrafter:
             batch.tokens.scatter_(1, (n + j).unsqueeze(1), token.unsqueeze(1))
             drafts.append(token)
             probs.append(q)
+        self.steady = True
         q_all = None if probs[0] is None else torch.stack(probs, 1)
         return torch.stack(drafts, 1), q_all
 
-    def greedy_step(self, batch: DecodeBatch):
-        """Draft and verify in one compiled graph, for a batch of greedy rows in the steady state
-        (every depth's frontier within the window W = k + D, and n >= W); None where that does not
-        apply (the caller runs `draft` and the verify separately). Stores the hidden states and
-        advances the frontiers as `draft` and the engine do; writes no tokens.
+    def greedy_step(self, batch: DecodeBatch, newest: list[int]) -> list[list[int]] | None:
+        """A whole greedy speculative step (draft chain, verify, acceptance) as one compiled graph,
+        for a batch of greedy rows in the steady state; None where that does not apply (the caller
+        then runs `draft` and the verify separately). newest: each row's n (the position of its
+        newest committed token) as the host knows it, so that deciding costs no device read.
 
-        Returns (drafts (B, k), argmax targets of the verify (B, k+1), verify positions (B, k+1)).
+        Commits the emitted tokens into batch.tokens, advances batch.n, stores the hidden states
+        and advances the frontiers, as `draft` and the engine's step do. Returns per row the
+        emitted tokens (k+1, of which the first a+1 count) followed by a, the accepted draft count:
+        the step's only device-to-host transfer.
         """
-        n = batch.n
         W = self.k + self.depths
-        width, shortest, top = torch.stack([(n - self.frontier).max(), n.min(), n.max()]).tolist()
-        if not (width <= W <= shortest) or not self.runner.fuses_speculation(batch.size, self.k, W, top + self.k + 1):
+        top = max(newest)
+        # steady: every depth's frontier within the window (any draft leaves it so), which starts at 0 or later
+        if not self.steady or min(newest) < W or not self.runner.fuses_speculation(batch.size, self.k, W,
+                                                                                      top + self.k + 1):
             return None
+        n = batch.n
         H = self.hidden.shape[-1]
-        positions = (n - W).unsqueeze(1) + torch.arange(W + self.k + 1, device=n.device)  # n-W .. n+k
+        positions = n.unsqueeze(1) + self._step_offsets  # (B, W+k+1): n-W .. n+k
         gather = positions[:, :W].unsqueeze(-1).expand(-1, -1, H)
-        seq = token_history(batch.tokens, n + 1, W + 1 + self.history)  # n-W-history .. n
-        drafts, targets, hidden, deeper = self.runner.speculate_greedy(
-            seq, self.hidden[0].gather(1, gather), positions, batch.cache, self.depths, self.k, self.history)
+        if self.history:
+            seq = token_history(batch.tokens, n + 1, W + 1 + self.history)  # n-W-history .. n
+        else:
+            seq = batch.tokens.gather(1, positions[:, : W + 1])  # n-W .. n
+        emitted, hidden, deeper = self.runner.speculate_greedy(
+            seq, self.hidden[0].gather(1, gather), positions, batch.cache, self.depths, self.k, self.history,
+            span=top + self.k + 1)
         for d in range(1, self.depths):
             self.hidden[d].scatter_(1, gather, deeper[d - 1])
         verify = positions[:, W:]
-        self.store_main_hidden(verify, hidden)
-        self.frontier.copy_((n - torch.arange(self.depths, device=n.device).unsqueeze(1)).clamp_min(0))
-        return drafts, targets, verify
+        self.hidden[0].scatter_(1, verify.unsqueeze(-1).expand(-1, -1, H), hidden)
+        # depth d's cache is true up to n-d (it read x[t+d] for t <= n-d); n >= W >= d here
+        torch.sub(n, self._depth_offsets, out=self.frontier)
+        batch.tokens.scatter_(1, verify + 1, emitted[:, :-1])
+        n += emitted[:, -1] + 1
+        return emitted.tolist()
 
     def _draft_window(self, d: int, batch: DecodeBatch, width: int):
         """Depth d over a window of `width` positions per row ending at n-1 (the first draft after a

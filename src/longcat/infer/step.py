@@ -32,6 +32,7 @@ import torch
 
 from ..model import LatentCache, LongCatForCausalLM
 from .sampling import GenerationError
+from .speculative import greedy_accept
 
 # Tokens per step up to which a step runs compiled (the MoE's pair-by-pair path, moe.GATHER_TOKENS).
 MAX_ROWS = 64
@@ -76,11 +77,14 @@ def _draft(model, depth: int, ids, prev, positions, history, storage, span, num_
 def _speculate_greedy(model, seq, prev, positions, storage, span, num_sublayers: int, depths: int, k: int,
                       history: int):
     """A whole greedy speculative step in one graph: the draft chain (MTPDrafter.draft's steady
-    state, argmax between drafts) and the verify forward over [x[n], drafts], -> (drafts (B, k),
-    argmax targets (B, k+1), verify pre-norm hidden (B, k+1, H), hidden of depths 1..depths-1
-    over the window (depths-1, B, W, H)). seq (B, history+W+1): the committed tokens at positions
-    n-W-history..n; prev (B, W, H): the main model's hidden at n-W..n-1; positions (B, W+k+1):
-    n-W..n+k. The drafts extend seq, so a head's ids and n-gram history index one row."""
+    state, argmax between drafts), the verify forward over [x[n], drafts] and the acceptance, so
+    that the host reads one small tensor per step. seq (B, history+W+1): the committed tokens at
+    positions n-W-history..n; prev (B, W, H): the main model's hidden at n-W..n-1; positions
+    (B, W+k+1): n-W..n+k. The drafts extend seq, so a head's ids and n-gram history index one row.
+
+    -> (emitted (B, k+2): the accepted drafts, the token after them and, last, the accepted count
+    a; columns a+1..k are leftovers, overwritten before use), verify pre-norm hidden (B, k+1, H),
+    hidden of depths 1..depths-1 over the window (depths-1, B, W, H))."""
     B, W = prev.shape[0], prev.shape[1]
     cache = LatentCache.over(model.config, storage, B, span.shape[0], num_sublayers)
     window = positions[:, :W]
@@ -101,8 +105,12 @@ def _speculate_greedy(model, seq, prev, positions, storage, span, num_sublayers:
     at = W + history  # the column of x[n]
     grams = e[:, W:at] if history else None
     logits, hidden = model.decode(e[:, at : at + k + 1], positions[:, W:], cache, grams, last_only=False)
+    drafts, targets = e[:, at + 1 :], logits.argmax(-1)  # (B, k), (B, k+1)
+    accepted = greedy_accept(targets, drafts).unsqueeze(1)  # (B, 1)
+    following = targets.gather(1, accepted)
+    emitted = torch.cat([drafts, following, accepted], 1).scatter(1, accepted, following)
     deeper = torch.stack(kept[:-1]) if depths > 1 else h.new_zeros(0, *h.shape)
-    return e[:, at + 1 :], logits.argmax(-1), hidden, deeper
+    return emitted, hidden, deeper
 
 
 class DecodeStep:
@@ -151,7 +159,9 @@ class DecodeStep:
         # LSA selection is data-dependent: once a context outgrows index_topk, decode eagerly
         return not (c.lsa_enabled and self.model.lsa_mode == "sparse" and span > c.index_topk)
 
-    def _graph_inputs(self, cache: LatentCache, rows: int, *tensors):
+    def _graph_inputs(self, cache: LatentCache, rows: int, *tensors, span: int | None = None):
+        """The padded, static-marked tensors, the cache allocations, the span marker (the cache's
+        span, or `span`) and the sublayer count of a graph call."""
         padded = []
         for t in tensors:
             if t is not None:
@@ -164,7 +174,7 @@ class DecodeStep:
             if t is not None:  # (sublayers * allocated rows, max_len, d): any allocation, one graph
                 torch._dynamo.maybe_mark_dynamic(t, 0)
                 torch._dynamo.maybe_mark_dynamic(t, 1)
-        return padded, storage, _length_marker(cache.span), cache.num_sublayers
+        return padded, storage, _length_marker(cache.span if span is None else span), cache.num_sublayers
 
     def forward(self, ids, positions, cache: LatentCache, history=None, *, last_only: bool = True):
         """ids, positions (B, T) -> (logits (B, 1 or T, V), pre-norm hidden (B, T, H))."""
@@ -196,18 +206,21 @@ class DecodeStep:
         `window` positions and a verify span of `span` positions."""
         return window <= MTP_WINDOW and self._applies(rows * max(window, k + 1), span)
 
-    def speculate_greedy(self, seq, prev, positions, cache: LatentCache, depths: int, k: int, history: int):
+    def speculate_greedy(self, seq, prev, positions, cache: LatentCache, depths: int, k: int, history: int,
+                         span: int):
         """A greedy speculative step as one compiled graph (`_speculate_greedy`: one dispatch
-        instead of one per draft plus the verify, and argmax on the graph's side); the caller checks
-        `fuses_speculation` first. -> (drafts (B, k), targets (B, k+1), verify hidden (B, k+1, H),
-        hidden of the lower MTP depths (depths-1, B, W, H))."""
-        cache.begin(positions)
+        instead of one per draft plus the verify, argmax and acceptance on the graph's side); the
+        caller checks `fuses_speculation` first. span: max(positions) + 1, known to the caller (no
+        device-to-host read for it). -> (emitted (B, k+2) with the accepted count last, verify
+        hidden (B, k+1, H), hidden of the lower MTP depths (depths-1, B, W, H))."""
+        if span > cache.max_len:
+            raise GenerationError(f"position {span - 1} does not fit the cache of {cache.max_len} tokens")
         B = seq.shape[0]
-        (seq, prev, positions), storage, span, n = self._graph_inputs(cache, self.rows_for(B, cache), seq, prev,
-                                                                      positions)
-        drafts, targets, hidden, deeper = self._speculate(self.model, seq, prev, positions, storage, span, n,
-                                                          depths, k, history)
-        return drafts[:B], targets[:B], hidden[:B], deeper[:, :B]
+        (seq, prev, positions), storage, marker, n = self._graph_inputs(cache, self.rows_for(B, cache), seq, prev,
+                                                                        positions, span=span)
+        emitted, hidden, deeper = self._speculate(self.model, seq, prev, positions, storage, marker, n, depths, k,
+                                                  history)
+        return emitted[:B], hidden[:B], deeper[:, :B]
 
     def mtp(self, depth: int, ids, prev, positions, cache: LatentCache, history=None):
         """MTP head `depth` over any window (the first draft after a prefill), eagerly -> (hidden,

@@ -22,7 +22,7 @@ import torch
 
 from ..config import ModelConfig
 from ..model import LongCatForCausalLM
-from ..model.fp8 import (dequantize_blockwise, fp8_parameter_names, fp8_stacked_parts, is_fp8, quantize_blockwise,
+from ..model.fp8 import (BLOCK, dequantize_blockwise, fp8_parameter_names, fp8_stacked_parts, is_fp8,
                          quantize_stacked, scale_name, to_fp8_)
 from ..model.layers import RotaryEmbedding
 from .safetensors_io import CheckpointError, SafetensorsDir
@@ -62,17 +62,114 @@ class Planned:
                     t = dequantize_blockwise(t, self.source.get(p.scale_key), dtype=dequantized)
                 out[p.index].copy_(t)
 
-    def fill_fp8(self, q: torch.Tensor, scale: torch.Tensor) -> None:
-        """Fill an FP8-resident weight: FP8 parts as stored, others quantized part by part."""
+    def fill_fp8(self, q: torch.Tensor, scale: torch.Tensor, stacked: int = 1) -> None:
+        """Fill an FP8-resident weight: FP8 parts as stored, others quantized part by part
+        (`stacked`: weights stacked along the rows of one part, each on its own block grid)."""
         for p in self.parts:
             with self.source.view(p.key) as t:
                 if p.scale_key is not None:
                     q[p.index].copy_(t)
                     scale[p.scale_index].copy_(self.source.get(p.scale_key))
                 else:
-                    tq, ts = quantize_blockwise(t)
+                    tq, ts = quantize_stacked(t, stacked if t.dim() == q.dim() else 1)
                     q[p.index].copy_(tq)
                     scale[p.scale_index].copy_(ts)
+
+    def fill_box(self, out: torch.Tensor, shape: tuple[int, ...], offset: tuple[int, ...],
+                 dequantized: torch.dtype) -> None:
+        """Fill `out`, the box at `offset` of our tensor of global `shape`, reading only the bytes
+        of each part that fall in the box (FP8 parts: their whole 128x128 blocks, dequantized)."""
+        for p in self.parts:
+            overlap = _overlap(p.index, shape, offset, tuple(out.shape))
+            if overlap is None:
+                continue
+            src_offset, src_size, dest = overlap
+            if p.scale_key is None:
+                out[dest].copy_(self.source.get_box(p.key, src_offset, src_size))
+                continue
+            # an FP8 part: read the blocks the box touches, dequantize them, cut the box out
+            stored = self.source.info[p.key].shape
+            lo, hi = list(src_offset), [o + n for o, n in zip(src_offset, src_size)]
+            for d in (-2, -1):
+                lo[d] = lo[d] // BLOCK * BLOCK
+                hi[d] = min(stored[d], -(-hi[d] // BLOCK) * BLOCK)
+            blocks = self.source.get_box(p.key, tuple(lo), tuple(h - a for a, h in zip(lo, hi)))
+            scale = self.source.get_box(p.scale_key, *_block_box(lo, hi, self.source.info[p.scale_key].shape))
+            dense = dequantize_blockwise(blocks, scale, dtype=dequantized)
+            cut = tuple(slice(o - a, o - a + n) for o, a, n in zip(src_offset, lo, src_size))
+            out[dest].copy_(dense[cut])
+
+    def fill_fp8_box(self, q: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...], offset: tuple[int, ...],
+                     scale_offset: tuple[int, ...], stacked: int = 1) -> None:
+        """`fill_fp8` for the box at `offset` of an FP8-resident weight of global `shape` whose block
+        scales are the box at `scale_offset` of the global grid. The box must lie on the 128x128
+        grid and, for a stacked weight, keep its rows whole (the caller checks both first)."""
+        for p in self.parts:
+            overlap = _overlap(p.index, shape, offset, tuple(q.shape))
+            if overlap is None:
+                continue
+            src_offset, src_size, dest = overlap
+            t = self.source.get_box(p.key, src_offset, src_size)
+            if p.scale_key is not None:
+                hi = [o + n for o, n in zip(src_offset, src_size)]
+                ts = self.source.get_box(p.scale_key, *_block_box(src_offset, hi, self.source.info[p.scale_key].shape))
+            else:
+                t, ts = quantize_stacked(t, stacked if t.dim() == q.dim() else 1)
+            q[dest].copy_(t)
+            # the part's scales land in its scale_index region of our grid, moved by the blocks the box skips
+            skipped = iter(_block_offset(src_offset))
+            target, kept = [], 0
+            for d, o in enumerate(scale_offset):
+                start, dropped = _start(p.scale_index, d)
+                if dropped:
+                    target.append(start - o)
+                else:
+                    first = start + next(skipped) - o
+                    target.append(slice(first, first + ts.shape[kept]))
+                    kept += 1
+            scale[tuple(target)].copy_(ts)
+
+
+def _start(index: tuple, d: int) -> tuple[int, bool]:
+    """(first position, whether the dimension is dropped) of dimension `d` of an index into our tensor."""
+    if d >= len(index):
+        return 0, False
+    i = index[d]
+    if isinstance(i, int):
+        return i, True
+    return i.start or 0, False
+
+
+def _overlap(index: tuple, shape: tuple[int, ...], offset: tuple[int, ...], size: tuple[int, ...]):
+    """Where a part that fills `index` of our tensor of `shape` meets the box [offset, offset + size):
+    (offset and size of the overlap in the stored tensor's coordinates, the index of the overlap in
+    the box), or None when they do not meet."""
+    src_offset, src_size, dest = [], [], []
+    for d, (extent, o, n) in enumerate(zip(shape, offset, size)):
+        i = index[d] if d < len(index) else slice(None)
+        start, stop = (i, i + 1) if isinstance(i, int) else i.indices(extent)[:2]
+        lo, hi = max(start, o), min(stop, o + n)
+        if lo >= hi:
+            return None
+        if isinstance(i, int):
+            dest.append(lo - o)
+        else:
+            src_offset.append(lo - start)
+            src_size.append(hi - lo)
+            dest.append(slice(lo - o, hi - o))
+    return tuple(src_offset), tuple(src_size), tuple(dest)
+
+
+def _block_offset(offset) -> list[int]:
+    """An element offset in block units on the last two dimensions (leading dimensions unchanged)."""
+    return [*offset[:-2], *(o // BLOCK for o in offset[-2:])]
+
+
+def _block_box(lo, hi, grid: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(offset, size) in a block-scale grid of the blocks that the element box [lo, hi) touches."""
+    first = _block_offset(lo)
+    last = [*hi[:-2], *(min(g, -(-h // BLOCK)) for h, g in zip(hi[-2:], grid[-2:]))]
+    return tuple(first), tuple(b - a for a, b in zip(first, last))
 
 
 def _check_names(expected: dict[str, torch.Tensor], state: dict, origin: str) -> None:
@@ -126,7 +223,7 @@ def materialize(config: ModelConfig, state: dict[str, torch.Tensor | Planned], *
             scale_key = scale_name(name)
             scale = torch.empty(full[scale_key].shape, dtype=torch.float32, device=device)
             if isinstance(value, Planned):
-                value.fill_fp8(q, scale)
+                value.fill_fp8(q, scale, fp8_stacked_parts(name))
             elif is_fp8(value):
                 raise CheckpointError(f"{origin}: '{name}' is FP8 without its block scales")
             else:

@@ -9,8 +9,9 @@ one tensor, however large the checkpoint.
 
 from __future__ import annotations
 
+import itertools
 import json
-
+import math
 import os
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
@@ -23,6 +24,9 @@ from safetensors.torch import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# Box reads (`SafetensorsDir.get_box`) read runs of contiguous bytes at least this long one by one;
+# shorter runs are read as whole rows and cut in memory.
+MIN_RUN_BYTES = 16 * 1024
 # A header larger than this is not a safetensors header (the format caps it at 100 MB).
 MAX_HEADER_BYTES = 100_000_000
 
@@ -98,6 +102,7 @@ class SafetensorsDir:
     def __init__(self, path: str | os.PathLike) -> None:
         self._files: dict[Path, BinaryIO] = {}
         self.path = Path(path)
+        self.bytes_read = 0  # bytes read from disk so far (`get`, `get_box`)
         index = self.path / INDEX_NAME
         self.info: dict[str, TensorInfo] = {}
         if index.exists():
@@ -151,12 +156,58 @@ class SafetensorsDir:
         folios, resident), so a load holds the weights read so far plus one tensor in flight."""
         info = self.info[key]
         buffer = torch.empty(info.nbytes, dtype=torch.uint8)
-        if info.nbytes:
-            read = os.preadv(self._file(info.file).fileno(), [buffer.numpy()], info.start)
-            if read != info.nbytes:
-                raise CheckpointError(f"{info.file} ends inside tensor '{key}' (read {read} of {info.nbytes} bytes): "
-                                      "the file is truncated; download it again")
+        self._read_into(key, buffer, info.start)
         return buffer.view(info.dtype).view(info.shape)
+
+    def _read_into(self, key: str, buffer: torch.Tensor, start: int) -> None:
+        """Fill uint8 `buffer` from byte `start` of the file holding `key` (one positioned read)."""
+        n = buffer.numel()
+        if not n:
+            return
+        info = self.info[key]
+        read = os.preadv(self._file(info.file).fileno(), [buffer.numpy()], start)
+        self.bytes_read += read
+        if read != n:
+            raise CheckpointError(f"{info.file} ends inside tensor '{key}' (read {read} of {n} bytes): "
+                                  "the file is truncated; download it again")
+
+    def get_box(self, key: str, offset: tuple[int, ...], size: tuple[int, ...], *,
+                min_run_bytes: int | None = None) -> torch.Tensor:
+        """The box `[offset, offset + size)` of tensor `key`, reading only the bytes it spans.
+
+        A box that is whole in every dimension after its first is one contiguous byte range (one
+        read). Otherwise each run of contiguous elements is read on its own when a run is at
+        least `min_run_bytes` (default MIN_RUN_BYTES), so a rank reading half of every row reads
+        half the bytes; shorter runs are read as the whole rows of the first dimension and cut in
+        memory, since many tiny reads cost more than the bytes they skip."""
+        info = self.info[key]
+        shape = info.shape
+        if len(offset) != len(shape) or len(size) != len(shape) or any(
+                o < 0 or n < 0 or o + n > d for o, n, d in zip(offset, size, shape)):
+            raise ValueError(f"box at {tuple(offset)} of size {tuple(size)} is outside '{key}' of shape {shape}")
+        if tuple(size) == shape:
+            return self.get(key)
+        item = info.dtype.itemsize
+        out = torch.empty(math.prod(size) * item, dtype=torch.uint8)
+        if out.numel() == 0:
+            return out.view(info.dtype).view(tuple(size))
+        strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]  # elements per step of each dim
+        # k: the last dimension the box cuts; every dimension after it is whole, so runs are contiguous
+        k = max(d for d in range(len(shape)) if size[d] != shape[d])
+        run = size[k] * strides[k] * item
+        runs = math.prod(size[:k])
+        threshold = MIN_RUN_BYTES if min_run_bytes is None else min_run_bytes
+        if runs == 1 or run >= threshold:
+            for i, index in enumerate(itertools.product(*(range(o, o + n) for o, n in zip(offset[:k], size[:k])))):
+                first = sum(j * s for j, s in zip(index, strides)) + offset[k] * strides[k]
+                self._read_into(key, out[i * run:(i + 1) * run], info.start + first * item)
+            return out.view(info.dtype).view(tuple(size))
+        # short runs: read the rows [offset[0], offset[0] + size[0]) whole, cut the box in memory
+        rows = torch.empty(size[0] * strides[0] * item, dtype=torch.uint8)
+        self._read_into(key, rows, info.start + offset[0] * strides[0] * item)
+        whole = rows.view(info.dtype).view((size[0], *shape[1:]))
+        box = whole[(slice(None), *(slice(o, o + n) for o, n in zip(offset[1:], size[1:])))]
+        return box.contiguous()
 
     @contextmanager
     def view(self, key: str) -> Iterator[torch.Tensor]:

@@ -16,6 +16,7 @@ _EXPORTS = {
     "StepResult": "engine",
     "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
     "launch": "launch", "run_under_torchrun": "launch", "is_torchrun_worker": "launch",
+    "setup_inference": "inference", "load_for_inference": "inference", "shard_for_inference": "inference",
 }
 __all__ = list(_EXPORTS)
 

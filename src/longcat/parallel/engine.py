@@ -333,14 +333,17 @@ def parallelize(
     precision: str = "auto",
     autocast_dtype: torch.dtype | None = None,
     seed: int = 0,
+    load_from: str | os.PathLike | None = None,
 ) -> ParallelModel:
     """Apply the layout to a model, in TorchTitan's order: pipeline split, tensor parallel,
     expert parallel, context parallel, then FSDP.
 
     A model built on the meta device (`build_model(config, device="meta")`) is laid out first and
     then only this rank's shard of each parameter is allocated and initialised, with the values a
-    one-process `build_model(config, seed=seed)` has (`sharded_init.materialize_shards`). A model
-    with real weights (the same on every rank, e.g. loaded) is sharded as it is and `seed` unused.
+    one-process `build_model(config, seed=seed)` has (`sharded_init.materialize_shards`), or with
+    `load_from` (any checkpoint `longcat.load` reads) read from disk box by box
+    (`sharded_load.load_shards`: each rank reads only what it holds). A model with real weights
+    (the same on every rank, e.g. loaded) is sharded as it is and `seed` unused.
 
     `precision` sets FSDP's MixedPrecisionPolicy ("auto": bf16 params with fp32 reduction on
     accelerators, fp32 on CPU); `autocast_dtype` wraps the forward in torch.autocast.
@@ -353,6 +356,9 @@ def parallelize(
 
     layout = dims.layout
     on_meta = is_meta_model(model)
+    if load_from is not None and not on_meta:
+        raise ValueError("parallelize(load_from=...) fills a model built on the meta device; build it with "
+                         "build_model(config, device='meta')")
     if layout.cp > 1 and seq_len is None:
         raise ValueError("context parallelism needs seq_len")
     stages, schedule = [], None
@@ -375,7 +381,11 @@ def parallelize(
             policy = mixed_precision_policy(precision, dims.device.type)
             # Under PP every micro-batch would re-gather: keep the parameters between them.
             apply_fsdp(part, dims, policy, reshard_after_forward=layout.pp == 1)
-    if on_meta:
+    if on_meta and load_from is not None:
+        from .sharded_load import load_shards
+
+        load_shards(parts, load_from, device=dims.device)
+    elif on_meta:
         materialize_shards(parts, dims.device, seed, model.config)
     if layout.pp > 1:
         pm = ParallelModel(dims, PipelineRankModel(model, stages), seq_len=seq_len, stages=stages,

@@ -238,6 +238,51 @@ class ParallelLayout:
                 )
 
 
+    # --------------------------------------------------------------------------------------------
+    @property
+    def inference_world_size(self) -> int:
+        """Ranks an inference layout runs on: in inference ep borrows its ranks from tp (every rank
+        computes every token), so tp=2,ep=2 runs on 2 ranks and tp=2,ep=4 on 4."""
+        return max(self.tp, self.ep)
+
+    def validate_inference(self, config: ModelConfig, world_size: int, *, fp8_block: int | None = None) -> None:
+        """Raise ConfigError for a layout generation cannot run (longcat.parallel.inference):
+        only tp and ep apply, on max(tp, ep) ranks, each dividing what it splits. `fp8_block`
+        (FP8-resident weights) checks that tensor parallelism cuts no weight block."""
+        self._check_values()
+        other = [f"{name}={getattr(self, name)}" for name in ("pp", "cp", "dp_shard", "dp_replicate")
+                 if getattr(self, name) > 1]
+        if other:
+            raise ConfigError(
+                f"--parallel {', '.join(other)}: not supported for inference, which splits a model with tp "
+                "(attention heads and dense FFNs) and ep (experts) only; e.g. --parallel tp=2,ep=2"
+            )
+        big, small = max(self.tp, self.ep), min(self.tp, self.ep)
+        if big % small:
+            raise ConfigError(
+                f"--parallel tp={self.tp},ep={self.ep}: for inference the smaller degree must divide the larger "
+                f"(ep borrows the tp ranks); e.g. tp={self.tp},ep={self.tp} or tp={self.ep},ep={self.ep}"
+            )
+        if world_size != big:
+            raise ConfigError(
+                f"--parallel tp={self.tp},ep={self.ep} runs inference on max(tp, ep) = {big} ranks but the world "
+                f"size (--nproc * nodes) is {world_size}: set --nproc {big}, or degrees whose larger is {world_size}"
+            )
+        if config.n_routed_experts % self.ep:
+            good = [d for d in _divisors(world_size) if config.n_routed_experts % d == 0]
+            raise ConfigError(
+                f"--parallel ep={self.ep} must divide the {config.n_routed_experts} routed experts "
+                f"(n_routed_experts); valid ep: {good}"
+            )
+        for field_name in ("num_attention_heads", "ffn_hidden_size"):
+            value = getattr(config, field_name)
+            if value % self.tp:
+                good = [d for d in _divisors(world_size) if config.num_attention_heads % d == 0
+                        and config.ffn_hidden_size % d == 0]
+                raise ConfigError(f"--parallel tp={self.tp} must divide {field_name}={value}; valid tp: {good}")
+        if fp8_block and self.tp > 1:
+            self._check_fp8_blocks(config, fp8_block, world_size)
+
     def _check_fp8_blocks(self, config: ModelConfig, block: int, world_size: int) -> None:
         """Every dimension tensor parallelism splits must split on FP8 block boundaries: a rank's
         part of a block-scaled weight has to own whole blocks with their scales."""
@@ -250,6 +295,8 @@ class ParallelLayout:
         }
 
         def cuts(tp: int) -> str | None:
+            if tp == 1:  # an unsplit weight keeps its partial last block
+                return None
             return next((what for what, size in split.items() if size % tp or (size // tp) % block), None)
 
         cut = cuts(self.tp)

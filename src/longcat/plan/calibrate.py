@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -48,9 +47,10 @@ def _best_time(fn, repeats: int) -> float:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if os.uname().sysname == "Darwin" else rss * 1024
+    """Peak resident memory of this process alone (`longcat.telemetry.peak_rss`: VmHWM on Linux)."""
+    from ..telemetry import peak_rss
+
+    return peak_rss()[0]
 
 
 def current_rss_bytes() -> int:

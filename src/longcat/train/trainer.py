@@ -194,20 +194,26 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         # On a layout each rank builds the model on the meta device and `parallelize` allocates and
-        # initialises only its shard (the one-process values); a stage that starts from another
-        # run's weights still loads them whole on every rank.
-        sharded_build = dims is not None and not (cfg.init_from and not (resume or resume_from is not None))
-        model = build_model(run.model, device="meta" if sharded_build else self.device, seed=cfg.seed)
+        # fills only its shard: the one-process initial values, or a stage's initial weights read
+        # box by box from --init-from (each rank reads only what it holds).
+        resuming = resume or resume_from is not None
+        model = build_model(run.model, device="meta" if dims is not None else self.device, seed=cfg.seed)
         model.train()
         # a long-context stage: the initial run's weights (a new run, not a resume), frozen parts
-        prepare_model(model, cfg, initialise=not (resume or resume_from is not None))
+        prepare_model(model, cfg, initialise=not resuming and dims is None)
         if dims is None:
             self.engine: StepEngine = LocalEngine(model, self.device, self.autocast_dtype)
         else:
+            from ..interop.safetensors_io import CheckpointError
             from ..parallel.engine import parallelize
 
-            self.engine = parallelize(model, dims, seq_len=cfg.seq_len, precision=param_precision,
-                                      autocast_dtype=self.autocast_dtype, seed=cfg.seed)
+            load_from = cfg.init_from if cfg.init_from and not resuming else None
+            try:
+                self.engine = parallelize(model, dims, seq_len=cfg.seq_len, precision=param_precision,
+                                          autocast_dtype=self.autocast_dtype, seed=cfg.seed, load_from=load_from)
+            except CheckpointError as exc:
+                raise ConfigError(f"train.init_from {cfg.init_from} does not fit this model ({exc}); "
+                                  "a stage keeps the architecture of the run it starts from") from None
         self.model = self.engine.module
         self.is_main = self.engine.rank == 0
         self.weights = LossWeights.from_train(cfg)
