@@ -5,10 +5,16 @@ import random
 
 import pytest
 import torch
+import torch._inductor.config as inductor_config
 
 # CI has 2 cores and several tests start subprocesses; one intra-op thread per process avoids
 # oversubscription (a fixture took 36 s instead of 3 s with torch's default on a busy machine).
 torch.set_num_threads(1)
+
+# torch.compile on CPU (inductor) builds each graph's C++ wrapper apart from its kernels, at a low
+# optimisation level: the same generated code, built faster on CI's cold compile cache. One setting
+# for every test: it is part of inductor's cache key, so graphs one test compiles serve the others.
+inductor_config.cpp_wrapper_build_separate = True
 
 
 @pytest.fixture(autouse=True, scope="session")

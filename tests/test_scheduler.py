@@ -201,16 +201,46 @@ def test_the_run_loop_serves_other_threads_and_a_failure_fails_every_request(tin
         scheduler.submit([5, 6], GREEDY, lambda o: None)
 
 
+@pytest.fixture(scope="module")
+def trained_one_layer(arithmetic):
+    """As conftest's `trained` (two MTP heads, a few seconds on arithmetic sequences), with one decoder
+    layer: the config of tests/test_infer_compiled.py, whose compiled graphs are then inductor cache
+    hits here, and a graph half the size to compile when they are not."""
+    from longcat.model import lm_losses
+
+    torch.manual_seed(0)
+    model = build_model(preset("tiny", num_layers=1, mtp_num_layers=2), seed=0)
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(60):
+        x = arithmetic(16, 25, gen)
+        loss = sum(lm_losses(model(x[:, :-1], mtp=True), x[:, 1:]).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
 @pytest.mark.slow
-def test_compiled_speculative_scheduler_equals_plain_offline(trained, arithmetic):
+def test_compiled_speculative_scheduler_equals_plain_offline(trained_one_layer, arithmetic):
     """The compiled step inside the scheduler, through the fused greedy speculative step, with
-    requests joining a running batch and leaving it. One row (bucket 1) keeps the compilation,
-    which is what takes the time here, to a few graphs."""
+    requests joining a running batch and leaving it. One row (bucket 1) and 3 drafts, the shapes of
+    tests/test_infer_compiled.py's fused test, keep the compilation, which is what takes the time
+    here, to a few graphs."""
+    trained = trained_one_layer
     gen = torch.Generator().manual_seed(7)
     prompts = [p[:n] for p, n in zip(arithmetic(3, 12, gen).tolist(), (11, 5, 8))]
     params = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
     expected = [Engine(trained).generate([p], params)[0].token_ids for p in prompts]
-    scheduler = Scheduler(Engine(trained, speculative=2, compile=True), SchedulerConfig(max_running=1))
+    scheduler = Scheduler(Engine(trained, speculative=3, compile=True), SchedulerConfig(max_running=1))
+    drafter, windows = scheduler._batch.drafter, []
+    whole_prompt = drafter._draft_window
+    drafter._draft_window = lambda depth, batch, width: (windows.append(depth), whole_prompt(depth, batch, width))[1]
     results, _ = _drive(scheduler, prompts, params, arrivals=[0, 3, 3])
     assert [r.token_ids for r in results] == expected
     assert sum(r.num_accepted_tokens for r in results) > 0
+    # every request, also one joining after another left, first drafts over its whole prompt at
+    # each MTP depth (its frontier starts at 0), not through the fused steady-state step; a prompt
+    # of k + D = 5 tokens is one steady window already
+    assert windows == [1, 2] * sum(len(p) > 5 for p in prompts)

@@ -268,25 +268,86 @@ PLANNER_HARDWARE = "h100"
 PLANNER_WEIGHT_BYTES = 2  # TrainSetup's default precision "bf16": bf16 weights (the fp32 master is optimizer state)
 
 
+def inference_rank_bytes(config: ModelConfig, layout, weights_dtype: str) -> dict:
+    """What one rank of a `longcat generate --parallel tp=..,ep=..` layout holds, from the runtime's
+    own cut (`parallel.inference.shard_for_inference` on a meta-device model with the dtypes a load
+    gives it): parameters, and bytes of parameters and buffers (`local_bytes`; every rank holds as
+    much, the splits being even)."""
+    import torch
+
+    from .interop.materialize import WEIGHTS_DTYPES
+    from .model import LongCatForCausalLM
+    from .parallel.inference import InferenceRanks, local_bytes, shard_for_inference
+    from .parallel.sharded_load import prepare_meta_model
+
+    with torch.device("meta"):
+        model = LongCatForCausalLM(config)
+    prepare_meta_model(model, dtype=WEIGHTS_DTYPES[weights_dtype] or torch.bfloat16, weights_dtype=weights_dtype)
+    world = max(layout.tp, layout.ep)
+    # rank 0 of the world; no process group is needed to cut a meta model
+    shard_for_inference(model, InferenceRanks(layout, 0, world, 0, 0, None, None))
+    by_component: dict[str, int] = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        component = component_of(name)
+        by_component[component] = by_component.get(component, 0) + t.numel() * t.element_size()
+    return {"pp_rank": 0, "ranks": world, "parameters": sum(p.numel() for p in model.parameters()),
+            "bytes": local_bytes(model), "bytes_by_component": by_component}
+
+
+def planner_serve_memory(config: ModelConfig, layout, weights_dtype: str) -> dict:
+    """The serving planner's weights per device (`longcat plan serve --tp T --ep E --weights-dtype`)."""
+    from .plan.arch import from_longcat
+    from .plan.hardware import load_hardware
+    from .plan.serve import DTYPE_BYTES, ServeSetup, serve_plan
+
+    if weights_dtype not in DTYPE_BYTES:
+        return {"weights": None, "problems": [f"the planner has no --weights-dtype {weights_dtype}"]}
+    plan = serve_plan(ServeSetup(from_longcat(config), load_hardware(PLANNER_HARDWARE), chips=max(layout.tp, layout.ep),
+                                 tp=layout.tp, ep=layout.ep, weights_dtype=weights_dtype, engine="longcat"))
+    return {"weights": plan["weights_gib_per_device"] * 2**30,
+            "weights_breakdown": {k: v * 2**30 for k, v in plan["weights_breakdown_gib"].items()}, "problems": []}
+
+
+def layout_purpose(layout) -> str:
+    """"train" for a layout only training runs (data, pipeline or context parallel), else "generate"."""
+    return "train" if max(layout.dp_shard, layout.dp_replicate, layout.pp, layout.cp) > 1 else "generate"
+
+
 def parallel_info(config: ModelConfig, layout_text: str, *, weights_dtype: str, nproc: int | None = None,
-                  stored: dict | None = None) -> dict:
-    """Per-rank parameters and bytes of `layout_text` (a --parallel string) next to the planner's
-    per-device memory for it; ConfigError naming the degree to change for a layout that cannot run."""
+                  stored: dict | None = None, purpose: str | None = None) -> dict:
+    """Per-rank parameters and bytes of `layout_text` (a --parallel string) for `purpose` ("train":
+    `longcat train`'s sharding, "generate": `longcat generate`'s; default from the layout) next to
+    the planner's per-device memory for it; ConfigError naming the degree to change for a layout
+    that cannot run."""
     from .model.fp8 import BLOCK
     from .parallel.layout import ParallelLayout
 
     layout = ParallelLayout.parse(layout_text)
-    layout.validate(config, nproc or layout.world_size, fp8_block=BLOCK if weights_dtype == "fp8" else None)
-    ranks = rank_parameters(config, layout, weights_dtype, stored)
-    planner = planner_rank_memory(config, layout)
+    purpose = purpose or layout_purpose(layout)
+    block = BLOCK if weights_dtype == "fp8" else None
+    if purpose == "generate":
+        world = max(layout.tp, layout.ep)
+        layout.validate_inference(config, nproc or world, fp8_block=block)
+        ranks = [inference_rank_bytes(config, layout, weights_dtype)]
+        planner = planner_serve_memory(config, layout, weights_dtype)
+        difference = None if planner["weights"] is None else planner["weights"] / ranks[0]["bytes"] - 1
+    else:
+        world = layout.world_size
+        layout.validate(config, nproc or world, fp8_block=block)
+        ranks = rank_parameters(config, layout, weights_dtype, stored)
+        planner = planner_rank_memory(config, layout)
+        most = max(r["parameters"] for r in ranks)
+        difference = None if planner["parameters"] is None else planner["parameters"] / most - 1
     fullest = max(ranks, key=lambda r: r["bytes"])
-    params = fullest["parameters"]
+    named = ("dp_replicate", "dp_shard", "ep", "tp", "cp", "pp", "pp_stages_per_rank")
+    degrees = [f"{d}={getattr(layout, d)}" for d in named if getattr(layout, d) > 1]
     return {
-        "layout": str(layout), "world_size": layout.world_size, "weights_dtype": weights_dtype,
-        "per_pp_rank": ranks,
-        "max_rank_bytes": fullest["bytes"], "max_rank_parameters": params,
+        "layout": ",".join(degrees) or "one rank", "purpose": purpose, "world_size": world,
+        "weights_dtype": weights_dtype,
+        "per_pp_rank": ranks, "max_rank_bytes": fullest["bytes"], "max_rank_parameters": fullest["parameters"],
         "planner": planner,
-        "planner_parameters_difference": None if planner["parameters"] is None else planner["parameters"] / params - 1,
+        # train: the planner's parameters per device against these; generate: its weight bytes against these bytes
+        "planner_difference": difference,
     }
 
 
@@ -332,13 +393,13 @@ def run(args: argparse.Namespace) -> int:
         weights_dtype = args.weights_dtype
         if weights_dtype is None:  # as stored: an FP8 checkpoint stays FP8
             weights_dtype = "fp8" if checkpoint is not None and checkpoint["fp8"]["tensors"] else "bf16"
-        stored = _stored_dtypes(args.model) if checkpoint is not None else None
-        info["parallel"] = parallel_info(config, args.parallel, weights_dtype=weights_dtype, nproc=args.nproc,
-                                         stored=stored)
-    elif args.weights_dtype is not None or args.nproc is not None:
+        held, stored = (config, None) if checkpoint is None else _as_loaded(args.model)
+        info["parallel"] = parallel_info(held, args.parallel, weights_dtype=weights_dtype, nproc=args.nproc,
+                                         stored=stored, purpose=args.purpose)
+    elif args.weights_dtype is not None or args.nproc is not None or args.purpose is not None:
         from .errors import UserError
 
-        raise UserError("--weights-dtype and --nproc describe a --parallel layout; add --parallel LAYOUT, "
+        raise UserError("--weights-dtype, --nproc and --for describe a --parallel layout; add --parallel LAYOUT, "
                         "e.g. --parallel dp_shard=2,ep=2")
     if args.json:
         if not args.with_config:
@@ -374,13 +435,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stored_dtypes(path: str) -> dict:
-    """The dtype each of our parameters is stored in, in a published checkpoint (headers only)."""
+def _as_loaded(path: str) -> tuple[ModelConfig, dict]:
+    """The config `longcat.load` builds for a published checkpoint (with its MTP heads) and the dtype
+    each of our parameters is stored in (headers only)."""
     from .interop.hf import open_published
 
     opened = open_published(path)
     try:
-        return {name: plan.stored_dtype() for name, plan in opened.plans.items()}
+        return opened.config, {name: plan.stored_dtype() for name, plan in opened.plans.items()}
     finally:
         opened.source.close()
 
@@ -418,8 +480,9 @@ def _print_parallel(console, par: dict) -> None:
     from rich.table import Table
 
     planner = par["planner"]
-    table = Table(title=f"per rank: --parallel {par['layout']} ({par['world_size']} ranks), weights "
-                        f"{par['weights_dtype']}", show_header=True)
+    console.print(f"Per rank for `longcat {par['purpose']}` on {par['layout']} ({par['world_size']} ranks), weights "
+                  f"{par['weights_dtype']}:")
+    table = Table(show_header=True)
     table.add_column("pipeline rank")
     table.add_column("ranks like it", justify="right")
     table.add_column("parameters", justify="right")
@@ -427,14 +490,17 @@ def _print_parallel(console, par: dict) -> None:
     for r in par["per_pp_rank"]:
         table.add_row(str(r["pp_rank"]), str(r["ranks"]), _fmt(r["parameters"]), _bytes(r["bytes"]))
     console.print(table)
-    if planner["parameters"] is None:
-        console.print(f"planner: no plan for this layout ({'; '.join(planner['problems'])})")
-        return
-    console.print(
-        f"planner (`longcat plan train`, zero=3 as FSDP runs, its fullest stage): {_fmt(planner['parameters'])} "
-        f"parameters per device ({100 * par['planner_parameters_difference']:+.1f}% against the fullest rank "
-        f"here, {_fmt(par['max_rank_parameters'])}); weights {_bytes(planner['weights'])} (bf16), gradients "
-        f"{_bytes(planner['gradients'])}, optimizer state {_bytes(planner['optimizer'])}")
+    if planner["weights"] is None:
+        console.print(f"planner: no figure for this layout ({'; '.join(planner['problems'])})")
+    elif par["purpose"] == "generate":
+        console.print(f"planner (`longcat plan serve --tp/--ep`): weights {_bytes(planner['weights'])} per device "
+                      f"({100 * par['planner_difference']:+.1f}% against {_bytes(par['max_rank_bytes'])} here)")
+    else:
+        console.print(
+            f"planner (`longcat plan train`, zero=3 as FSDP runs, its fullest stage): {_fmt(planner['parameters'])} "
+            f"parameters per device ({100 * par['planner_difference']:+.1f}% against the fullest rank here, "
+            f"{_fmt(par['max_rank_parameters'])}); weights {_bytes(planner['weights'])} (bf16), gradients "
+            f"{_bytes(planner['gradients'])}, optimizer state {_bytes(planner['optimizer'])}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -452,9 +518,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--with-config", action="store_true", help="include the full config in --json output")
     p.add_argument("--parallel", default=None, metavar="LAYOUT",
-                   help="a layout as `longcat train --parallel` takes it (e.g. dp_shard=4,ep=4 or tp=2,pp=2): print "
-                        "the parameters and bytes each rank holds under it, and the planner's per-device memory for "
-                        "the same layout next to them")
+                   help="a layout as `longcat generate --parallel` (tp=2,ep=2) or `longcat train --parallel` "
+                        "(dp_shard=4,ep=4, tp=2,pp=2) takes it: print the parameters and bytes each rank holds under "
+                        "it, and the planner's per-device memory for the same layout next to them")
+    p.add_argument("--for", dest="purpose", choices=["generate", "train"], default=None,
+                   help="with --parallel: which command's sharding to count (generate: tp and ep only, experts over "
+                        "the tp ranks; train: FSDP, EP from the data ranks, TP, PP). Default: train when the layout "
+                        "has dp_shard, dp_replicate, pp or cp above 1, else generate")
     p.add_argument("--weights-dtype", choices=["fp8", "bf16", "fp32"], default=None,
                    help="with --parallel: the dtype the weights are held in (fp8: expert and projection weights as "
                         "e4m3 with 128x128 block scales, the rest as stored). Default: as stored (an FP8 checkpoint "

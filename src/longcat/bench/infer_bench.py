@@ -280,6 +280,47 @@ def run_infer_bench(
     return report
 
 
+def speculative_step_costs(engine: Engine, k: int, position: int, timer: Timer, reps: int = 50) -> dict | None:
+    """CPU or device seconds (medians of `reps` calls) of the compiled graphs behind a greedy
+    speculative step at batch 1, the newest token at `position`: a plain decode step (one token),
+    the verify forward over k+1 tokens, and the fused step (MTP draft chain + that verify +
+    acceptance, `DecodeStep.speculate_greedy`); the draft chain costs fused - verify. The inputs are
+    arbitrary tokens: the costs do not depend on the values, and the cache the engine keeps for its
+    next generation is rewritten by that generation's prefill. None where such a step does not run
+    as one graph (the eager engine, sparse attention past index_topk, a long draft window)."""
+    from ..infer.speculative import MTPDrafter
+
+    runner, model = engine.runner, engine.model
+    drafter = MTPDrafter(model, runner, k, 1, position + k + 2, engine.prefill_chunk)
+    W, H = k + drafter.depths, model.config.hidden_size
+    if position < W or not runner.fuses_speculation(1, k, W, position + k + 1):
+        return None
+    cache = engine.cache_for(1, position + k + 2)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (1, W + 1 + drafter.history), generator=g).to(engine.device)
+    prev = torch.randn(1, W, H, generator=g).to(engine.device, engine.dtype)
+    positions = torch.arange(position - W, position + k + 1, device=engine.device).unsqueeze(0)  # n-W .. n+k
+    history = torch.full((1, drafter.history), 5, device=engine.device) if drafter.history else None
+    calls = {
+        "plain": lambda: runner.forward(ids[:, -1:], positions[:, W : W + 1], cache, history),
+        "verify": lambda: runner.forward(ids[:, -k - 1 :], positions[:, W:], cache, history, last_only=False),
+        "fused": lambda: runner.speculate_greedy(ids, prev, positions, cache, drafter.depths, k, drafter.history,
+                                                 span=position + k + 1),
+    }
+    seconds = {}
+    with torch.inference_mode():
+        for name, call in calls.items():
+            times = []
+            for i in range(reps + 3):  # the first calls compile (where the engine has not) and warm up
+                t0 = timer()
+                call()
+                if i >= 3:
+                    times.append(timer() - t0)
+            seconds[name] = statistics.median(times)
+    seconds["draft"] = seconds["fused"] - seconds["verify"]
+    return seconds
+
+
 def run_speculative_bench(model_dir: str, *, new_tokens: int = 128, rounds: int = 3, drafts=(1, 2, 3),
                           timer: Timer | None = None, modes: tuple[str, ...] = MODES, log=print) -> dict:
     """Plain greedy decoding vs MTP speculative decoding on a trained model (batch 1, same output),
@@ -333,7 +374,18 @@ def run_speculative_bench(model_dir: str, *, new_tokens: int = 128, rounds: int 
             log(f"  {mode}: {k} draft token(s): acceptance {row['acceptance_rate']:.0%}, {row['tokens_per_step']:.2f} "
                 f"tokens per verify step, {tps:7.1f} tok/s, speed-up {row['speedup']:.2f}x, "
                 f"same tokens: {'yes' if same else 'NO'}")
+            position = max(len(x.prompt_token_ids) for x in plain) + new_tokens // 2  # mid-generation
+            costs = speculative_step_costs(engine, k, position, timer) if mode == "compiled" else None
+            if costs is not None:
+                # where a step's time goes, and the speed-up the graphs alone would allow at this acceptance
+                cost = {name: costs[name] / costs["plain"] for name in ("verify", "draft", "fused")}
+                row["step_cost_vs_plain"] = cost
+                row["graph_bound_speedup"] = row["tokens_per_step"] / cost["fused"]
+                log(f"    graph costs in plain steps: verify of {k + 1} tokens {cost['verify']:.2f}, draft chain "
+                    f"{cost['draft']:.2f}, fused step {cost['fused']:.2f} (plain step {costs['plain'] * 1e3:.2f} ms); "
+                    f"at {row['tokens_per_step']:.2f} tokens per step the graphs alone allow "
+                    f"{row['graph_bound_speedup']:.2f}x")
     return out
 
 
-__all__ = ["MODES", "gemm_ceiling", "run_infer_bench", "run_speculative_bench"]
+__all__ = ["MODES", "gemm_ceiling", "run_infer_bench", "run_speculative_bench", "speculative_step_costs"]

@@ -117,7 +117,8 @@ def run_worker(spec: dict) -> None:
     from ..telemetry import peak_rss
 
     peak, source = peak_rss()
-    mine = {"peak_gib": peak / GiB, "peak_source": source, "baseline_gib": baseline, "built_gib": built, "held_gib": held / GiB}
+    mine = {"peak_gib": peak / GiB, "peak_source": source, "baseline_gib": baseline, "built_gib": built,
+            "held_gib": held / GiB}
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     if dist.get_rank() == 0:

@@ -212,7 +212,7 @@ class MTPDrafter:
         for d in range(1, self.depths):
             self.hidden[d].scatter_(1, gather, deeper[d - 1])
         verify = positions[:, W:]
-        self.hidden[0].scatter_(1, verify.unsqueeze(-1).expand(-1, -1, H), hidden)
+        self.store_main_hidden(verify, hidden)
         # depth d's cache is true up to n-d (it read x[t+d] for t <= n-d); n >= W >= d here
         torch.sub(n, self._depth_offsets, out=self.frontier)
         batch.tokens.scatter_(1, verify + 1, emitted[:, :-1])

@@ -214,7 +214,8 @@ class DecodeStep:
         device-to-host read for it). -> (emitted (B, k+2) with the accepted count last, verify
         hidden (B, k+1, H), hidden of the lower MTP depths (depths-1, B, W, H))."""
         if span > cache.max_len:
-            raise GenerationError(f"position {span - 1} does not fit the cache of {cache.max_len} tokens")
+            raise GenerationError(f"position {span - 1} does not fit the cache of {cache.max_len} tokens: the "
+                                  "caller sizes the cache for the prompt, the new tokens and k drafts")
         B = seq.shape[0]
         (seq, prev, positions), storage, marker, n = self._graph_inputs(cache, self.rows_for(B, cache), seq, prev,
                                                                         positions, span=span)
