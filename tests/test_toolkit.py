@@ -1,6 +1,8 @@
 """The validation toolkit: a shrunk `bench run` report (schema, finite and plausible numbers, nulls
-with reasons, plots), `bench compare` refusing mismatched cells, the OOM search (a fake trial
-function and real capped child processes), numerics statistics, and `plan calibrate --from`."""
+with reasons, plots, the serve section against our real server), the same on 2 gloo ranks
+(`--nproc 2`, with `--serve-url`), `bench compare` refusing mismatched cells (different layouts
+too), the OOM search (a fake trial function and real capped child processes), numerics
+statistics, and `plan calibrate --from`."""
 
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from longcat.errors import UserError
 TEST_SUITE = Suite("test", train_seq_len=32, train_micro_batch=2, train_warmup=1, train_steps=2,
                    decode_batches=(1, 2), decode_prompts=(8,), decode_outputs=(4,), decode_repeats=1,
                    decode_modes=("eager",), oom_seq_lens=(32,), oom_skews=("uniform",), oom_memory_gib=1.0,
-                   oom_max_batch=2, numerics_tokens=32, numerics_train_steps=3, calibrate_quick=True)
+                   oom_max_batch=2, numerics_tokens=32, numerics_train_steps=3, calibrate_quick=True,
+                   serve_prompts=4, serve_input_len=8, serve_output_len=4, serve_concurrency=2, serve_warmup=1)
 
 
 @pytest.fixture(autouse=True)
@@ -34,12 +37,13 @@ def _restore_threads():
 
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory):
-    """One shrunk report on the tiny preset (the OOM section has tests of its own below)."""
+    """One shrunk report on the tiny preset, with `--serve` (a real server on 127.0.0.1); the OOM
+    section has tests of its own below."""
     out = tmp_path_factory.mktemp("report")
     threads = torch.get_num_threads()
     try:
-        run_report("tiny", out, suite=TEST_SUITE, threads=1, skip=("oom_frontier",), progress=False,
-                   argv=["bench", "run", "--model", "tiny"], log=lambda *_: None)
+        run_report("tiny", out, suite=TEST_SUITE, threads=1, skip=("oom_frontier",), serve=True, progress=False,
+                   argv=["bench", "run", "--model", "tiny", "--serve"], log=lambda *_: None)
     finally:
         torch.set_num_threads(threads)
     return out
@@ -72,8 +76,12 @@ def test_report_schema_and_plausible_numbers(report_dir):
         assert c["decode_tok_per_s"] is None and c["decode_reason"] or c["decode_tok_per_s"] > 0
     assert res["decode"]["cache_bytes_per_token"] >= res["decode"]["cache_bytes_per_token_latent"] > 0
     assert res["decode"]["mtp"] is None and "untrained" in res["decode"]["mtp_reason"]  # fresh weights
+    assert train["layout"] == res["decode"]["layout"] == "single process" == env["layout"]
+    assert res["memory"]["train_peak_rank_memory_gib"] is None and res["memory"]["train_peak_rank_memory_reason"]
+    _check_serve(res["serve"], TEST_SUITE)
+    assert res["serve"]["target"]["kind"] == "started by bench run"
+    assert res["serve"]["target"]["url"].startswith("http://127.0.0.1:")
     # sections not measured are null with the reason, never 0
-    assert res["serve"] is None and report["reasons"]["serve"]
     assert res["oom_frontier"] is None and "skipped" in report["reasons"]["oom_frontier"]
     assert res["energy"]["energy_j"] is None and res["energy"]["reason"]
     num = res["numerics"]["inference"]
@@ -89,6 +97,7 @@ def test_report_schema_and_plausible_numbers(report_dir):
     for heading in ("## Environment", "## Train", "## Decode", "## Serve", "## Memory", "## OOM frontier",
                     "## Numerics", "## Telemetry", "## Validity"):
         assert heading in md
+    assert "| TTFT |" in md and "| TPOT |" in md
     for name in ("train.png", "decode.png", "telemetry.png", "numerics.png"):
         assert (report_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"({name})" in md
@@ -102,8 +111,12 @@ def test_check_report_refuses_nonfinite_and_unexplained_nulls(report_dir):
     with pytest.raises(ValueError, match="results.train.tokens_per_s"):
         check_report(bad)
     bad = copy.deepcopy(report)
-    bad["reasons"].pop("serve")
-    with pytest.raises(ValueError, match="results.serve is null"):
+    bad["reasons"].pop("oom_frontier")
+    with pytest.raises(ValueError, match="results.oom_frontier is null"):
+        check_report(bad)
+    bad = copy.deepcopy(report)
+    bad["results"]["serve"]["ttft_ms"]["p99"] = float("inf")
+    with pytest.raises(ValueError, match="results.serve.ttft_ms.p99"):
         check_report(bad)
 
 
@@ -118,6 +131,13 @@ def test_compare_same_and_refused_cells(report_dir, tmp_path, capsys):
     first = [r for r in rows if r["cell"] == "decode eager b1-p8-o4"]
     assert first and all(r["ratios"] == [None] and "precision" in r["refused"][0] for r in first)
     assert all(r["ratios"] == [1.0] for r in rows if r["cell"] == "decode eager b2-p8-o4" and r["values"][0])
+    # the same cells measured on another parallel layout are refused, never divided
+    d = copy.deepcopy(a)
+    d["results"]["train"]["layout"] = "dp_replicate=1,dp_shard=2,ep=1,tp=1,cp=1,pp=1"
+    rows = compare_reports([a, d], ["a", "d"])
+    refused = [r for r in rows if r["cell"] == "train"]
+    assert refused and all(r["ratios"] == [None] and "layout" in r["refused"][0] for r in refused)
+    assert any(r["ratios"] == [1.0] for r in rows if r["cell"].startswith("serve"))
     c = copy.deepcopy(a)
     c["model"]["config_hash"] = "0" * 16
     rows = compare_reports([a, c], ["a", "c"])
@@ -133,6 +153,54 @@ def test_compare_same_and_refused_cells(report_dir, tmp_path, capsys):
         load_report(tmp_path / "bad.json")
     with pytest.raises(UserError, match="at least two"):
         compare_reports([a], ["a"])
+
+
+def _check_serve(serve, suite):
+    """The serve section's numbers: every request completed, latencies ordered and finite."""
+    assert serve["requests"] == serve["completed"] == suite.serve_prompts and serve["failed"] == 0
+    assert serve["output_tokens"] > 0 and serve["output_tok_per_s"] > 0 and serve["requests_per_s"] > 0
+    for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+        row = serve[key]
+        assert 0 < row["p50"] <= row["p90"] <= row["p99"] and math.isfinite(row["mean"]), (key, row)
+    assert serve["ttft_ms"]["p50"] < serve["e2el_ms"]["p99"]
+    assert serve["workload"]["seed"] == 0 and serve["workload"]["concurrency"] == suite.serve_concurrency
+
+
+@pytest.mark.slow
+def test_report_on_two_ranks_and_another_server(report_dir, tmp_path):
+    """`bench run --nproc 2 --parallel dp_shard=2 --serve-url URL`: train through `longcat train
+    --nproc 2`, decode on 2 ranks (tp=2,ep=2), the serve load against a server the test started;
+    compare refuses every timed cell of the one-process report (other layout)."""
+    from longcat.bench.serve_load import start_server, stop_server
+
+    proc, url, _ = start_server(str(report_dir / "serve-model"), max_running=2, threads=1)
+    try:
+        report = run_report("tiny", tmp_path, suite=TEST_SUITE, threads=2, nproc=2, parallel="dp_shard=2",
+                            serve_url=url + "/v1", skip=("oom_frontier", "numerics"), progress=False,
+                            log=lambda *_: None)
+    finally:
+        stop_server(proc)
+    check_report(report)
+    assert report == json.loads((tmp_path / "report.json").read_text())
+    res, layout = report["results"], "dp_replicate=1,dp_shard=2,ep=1,tp=1,cp=1,pp=1"
+    assert report["environment"]["layout"] == report["validity"]["layout"] == layout
+    assert report["parallelism"]["processes"] == 2
+    train = res["train"]
+    assert train["layout"] == layout and train["processes"] == 2 and train["step_time_s"]["repeats"] == 2
+    assert train["tokens_per_s"] > 0 and 0 < train["mfu"] <= 1
+    assert 0.05 < train["peak_rank_memory_gib"] < 64 and res["memory"]["train_peak_rank_memory_gib"] > 0
+    assert train["predicted"] is None and "share this CPU" in train["predicted_reason"]
+    decode = res["decode"]
+    assert decode["layout"] == report["parallelism"]["decode_layout"] == "dp_replicate=1,dp_shard=1,ep=2,tp=2,cp=1,pp=1"
+    assert [c["workload"] for c in decode["cells"]] == ["b1-p8-o4", "b2-p8-o4"]
+    assert all(c["all_tokens_produced"] and c["prefill_tok_per_s"] > 0 for c in decode["cells"])
+    assert decode["peak_rank_rss_gib"] > 0 and len(decode["rank_weight_bytes"]) == 2
+    _check_serve(res["serve"], TEST_SUITE)
+    assert res["serve"]["target"]["kind"].startswith("external") and res["serve"]["target"]["layout"] is None
+    assert "## Serve" in (tmp_path / "report.md").read_text()
+    rows = compare_reports([load_report(report_dir), report], ["one", "two"])
+    timed = [r for r in rows if r["cell"] == "train" or r["cell"].startswith("decode")]
+    assert timed and all(r["ratios"] == [None] and "layout" in r["refused"][0] for r in timed)
 
 
 def test_plan_calibrate_from_report(report_dir, tmp_path):
@@ -214,6 +282,15 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "--memory-gib must be > 0" in capsys.readouterr().err
     assert main(["bench", "run", "--model", "tiny", "--out", str(tmp_path / "r"), "--device", "cuda"]) == 2
     assert "no cuda device" in capsys.readouterr().err
+    for extra, message in ((["--nproc", "2", "--parallel", "dp_shard=3"], "set dp_shard=2"),
+                           (["--parallel", "dp_shard=2"], "--parallel needs --nproc"),
+                           (["--nproc", "2", "--clock", "cpu", "--threads", "1"], "use --clock wall with --nproc"),
+                           (["--serve", "--serve-url", "http://127.0.0.1:9"], "give one"),
+                           (["--serve-url", "http://127.0.0.1:9"], "cannot list the models")):
+        assert main(["bench", "run", "--model", "tiny", "--out", str(tmp_path / "r"), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "r").exists()
     shutil.rmtree(tmp_path / "r", ignore_errors=True)
 
 

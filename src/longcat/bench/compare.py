@@ -1,10 +1,11 @@
 """`longcat bench compare A/report.json B/report.json ...`: reports side by side, with ratios to the first.
 
-A report is cut into cells (the train run, each decode cell, each numerics precision, each point
-of the OOM frontier). Every cell carries what must be equal for its numbers to mean the same thing:
-the model (its config hash), the workload and the precision, and for timed cells the clock. A cell
-whose identity differs from the first report's is refused with the fields that differ, never
-divided.
+A report is cut into cells (the train run, each decode cell, the serve load, each numerics
+precision, each point of the OOM frontier). Every cell carries what must be equal for its numbers to
+mean the same thing: the model (its config hash), the workload and the precision, and for timed
+cells the clock and the parallel layout they ran on (one process, or N ranks of `--nproc N
+--parallel LAYOUT`). A cell whose identity differs from the first report's is refused with the
+fields that differ, never divided.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ METRICS = {
     "train": [("tokens_per_s", "tokens/s", True), ("step_time_s", "step time s", False), ("mfu", "MFU", True),
               ("peak_rss_gib", "peak RSS GiB", False)],
     "decode": [("prefill_tok_per_s", "prefill tok/s", True), ("decode_tok_per_s", "decode tok/s", True)],
+    "serve": [("output_tok_per_s", "output tok/s", True), ("ttft_p50_ms", "TTFT p50 ms", False),
+              ("tpot_p50_ms", "TPOT p50 ms", False), ("e2el_p99_ms", "E2EL p99 ms", False)],
     "numerics": [("kl_mean", "KL mean", False), ("top1_agreement", "top-1 agreement", True)],
     "oom": [("max_batch", "largest batch", True)],
 }
@@ -43,6 +46,9 @@ def load_report(path: str | Path) -> dict:
     return data
 
 
+SINGLE_PROCESS = "single process"  # the layout of a cell measured in one process (reports before --nproc too)
+
+
 def cells(report: dict) -> dict[tuple, dict[str, Any]]:
     """{cell key: {"identity": {...}, "values": {...}}} of one report."""
     model = report["model"]["config_hash"]
@@ -52,15 +58,25 @@ def cells(report: dict) -> dict[tuple, dict[str, Any]]:
     train = res.get("train")
     if train:
         out[("train",)] = {"identity": {"model": model, "workload": train["workload"], "precision": train["precision"],
-                                        "clock": clock},
+                                        "clock": clock, "layout": train.get("layout", SINGLE_PROCESS)},
                            "values": {"tokens_per_s": train["tokens_per_s"],
                                       "step_time_s": train["step_time_s"]["median"], "mfu": train["mfu"],
                                       "peak_rss_gib": train["peak_rss_gib"]}}
     decode = res.get("decode")
     for c in (decode or {}).get("cells", []):
         out[("decode", c["mode"], c["workload"])] = {
-            "identity": {"model": model, "workload": c["workload"], "precision": c["precision"], "clock": clock},
+            "identity": {"model": model, "workload": c["workload"], "precision": c["precision"], "clock": clock,
+                         "layout": c.get("layout", SINGLE_PROCESS)},
             "values": {"prefill_tok_per_s": c["prefill_tok_per_s"], "decode_tok_per_s": c["decode_tok_per_s"]}}
+    serve = res.get("serve")
+    if serve:
+        target = serve["target"]
+        out[("serve", serve["workload"]["name"])] = {
+            # ours serves the report's model; another server is known only by what it says it serves
+            "identity": {"model": model if target["config_hash"] else f"{target['served_model']} at {target['url']}",
+                         "workload": serve["workload"], "layout": target["layout"]},
+            "values": {"output_tok_per_s": serve["output_tok_per_s"], "ttft_p50_ms": serve["ttft_ms"]["p50"],
+                       "tpot_p50_ms": serve["tpot_ms"]["p50"], "e2el_p99_ms": serve["e2el_ms"]["p99"]}}
     numerics = res.get("numerics")
     for name, row in ((numerics or {}).get("inference") or {}).items():
         out[("numerics", name)] = {
@@ -120,7 +136,8 @@ def environment_line(report: dict) -> str:
     env = report["environment"]
     acc = ", ".join(a["name"] for a in env.get("accelerators", [])) or "no accelerator"
     return (f"{env['cpu']['model']} ({env['cpu']['usable_cores']} cores), {acc}; {env['device']}, {env['threads']} "
-            f"thread(s), {env['clock']} clock; torch {env['versions'].get('torch')}; shared="
+            f"thread(s), {env['clock']} clock, {env.get('layout', SINGLE_PROCESS)}; torch "
+            f"{env['versions'].get('torch')}; shared="
             f"{report['validity'].get('machine_shared')}")
 
 

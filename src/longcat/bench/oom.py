@@ -193,9 +193,11 @@ def _child(trial: Trial) -> None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
         for _ in range(2):  # the second step holds the optimizer state and the activations at once
             tokens = torch.randint(3, vocab, (trial.batch, trial.seq_len + 1), generator=gen).to(device)
+            labels = tokens[:, 1:]
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                out = model(tokens[:, :-1])
-            losses = lm_losses(out, tokens[:, 1:])
+                # as the Trainer runs it: the fused loss, no (tokens, vocab) logits held
+                out = model(tokens[:, :-1], labels=labels)
+            losses = lm_losses(out, labels)
             sum(losses.values()).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

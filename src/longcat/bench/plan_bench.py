@@ -59,6 +59,9 @@ def train_steps(setup: PlanSetup, steps: int, warmup: int) -> dict:
     from .common import Timer
 
     torch.set_num_threads(setup.threads)
+    # the Trainer's default (train.deterministic): deterministic kernels, new tensors not NaN-filled
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
     device = torch.device(setup.device)
     timer, wall = Timer(setup.clock, device), Timer("wall", device)
     baseline = current_rss_bytes()
@@ -78,7 +81,9 @@ def train_steps(setup: PlanSetup, steps: int, warmup: int) -> dict:
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         start, wall_start = timer(), wall()
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            out = model(inputs)
+            # as the Trainer runs it: given the labels, the forward computes the losses block by
+            # block (fused linear cross-entropy) and never holds the (tokens, vocab) logits
+            out = model(inputs, labels=labels)
         losses = lm_losses(out, labels)
         loss = losses["lm"] + 0.3 * sum(v for k, v in losses.items() if k != "lm")
         loss.backward()

@@ -5,8 +5,11 @@ OUT/telemetry.jsonl (every telemetry sample). Each section reuses the benchmark 
 measurement: `train` is `plan_bench.train_steps` in a child process next to `plan_bench.predict`
 (the planner on the same configuration), `decode` runs the inference `Engine` and, for a trained
 model with MTP heads, `infer_bench.run_speculative_bench`; `oom_frontier` is bench/oom.py and
-`numerics` bench/numerics.py. A value that could not be measured is null, with a `*_reason` (or
-`reason`) next to it, never 0.
+`numerics` bench/numerics.py. With `nproc` > 1, `train` is `longcat train --nproc N --parallel
+LAYOUT` (the Trainer) read back from its metrics.jsonl, and every rank runs `decode_section` on its
+shard (`longcat.parallel.inference`, what `longcat generate --nproc` uses) under torchrun. `serve`
+is `serve_load.load_test` (the `longcat bench serve` generator) against our server or another's.
+A value that could not be measured is null, with a `*_reason` (or `reason`) next to it, never 0.
 """
 
 from __future__ import annotations
@@ -47,14 +50,28 @@ class Suite:
     numerics_tokens: int
     numerics_train_steps: int
     calibrate_quick: bool
+    # the serve section's seeded load (`longcat bench serve` settings): requests, prompt words,
+    # output tokens, requests in flight, unmeasured warm-up requests
+    serve_prompts: int = 16
+    serve_input_len: int = 32
+    serve_output_len: int = 16
+    serve_concurrency: int = 4
+    serve_warmup: int = 2
 
 
 SUITES = {
     "quick": Suite("quick", 128, 4, 1, 3, (1, 4), (32, 128), (16,), 3, ("eager",), (128,), ("uniform",), 1.5, 16,
                    256, 6, True),
     "full": Suite("full", 256, 16, 2, 10, (1, 8), (128, 1024), (64,), 3, ("eager", "compiled"), (64, 256),
-                  ("uniform", "concentrated"), 1.5, 32, 1024, 30, False),
+                  ("uniform", "concentrated"), 1.5, 32, 1024, 30, False, serve_prompts=64, serve_input_len=64,
+                  serve_output_len=32, serve_concurrency=8, serve_warmup=4),
 }
+
+# text the N-rank training run tokenizes (the embedded corpus), and a BPE tokenizer is trained on
+# when the model has none: enough windows for every suite, a few seconds to prepare
+TRAIN_CORPUS_BYTES = 1 << 20
+SERVE_TOKENIZER_BYTES = 1 << 20
+SINGLE_PROCESS = "single process"
 
 
 def spread(values: list[float]) -> dict[str, Any]:
@@ -122,6 +139,7 @@ def train_section(subject, suite: Suite, device: torch.device, clock: str, threa
            {"peak_device_memory_reason": "the CPU has no device allocator: peak_rss_gib is the memory"}),
         "runtime_rss_gib": real["baseline_rss_gib"],
         "step_times_s": step_times,
+        "layout": SINGLE_PROCESS, "processes": 1,
     }
     hw = None
     if hardware is not None:
@@ -143,15 +161,20 @@ def train_section(subject, suite: Suite, device: torch.device, clock: str, threa
     return section, hw
 
 
-def decode_section(subject, suite: Suite, device: torch.device, clock: str, log, tick) -> dict:
-    """Prefill and decode latency and throughput per (batch, prompt, output) cell on the Engine."""
+def decode_section(subject, suite: Suite, device: torch.device, clock: str, log, tick, *, model=None,
+                   layout: str = SINGLE_PROCESS) -> dict:
+    """Prefill and decode latency and throughput per (batch, prompt, output) cell on the Engine.
+    `model`: an already built one (a rank's shard of a distributed generation, `layout`); default
+    the subject in fp32 on `device`."""
     from ..infer import SamplingParams
     from ..model import LatentCache
     from .common import Timer, random_prompts
     from .infer_bench import _engines
 
     timer = Timer(clock, device)
-    model = subject.build(device).float().eval()
+    if model is None:
+        model = subject.build(device).float()
+    model = model.eval()
     engines = _engines(model, suite.decode_modes)
     cells = []
     for mode, engine in engines.items():
@@ -174,7 +197,7 @@ def decode_section(subject, suite: Suite, device: torch.device, clock: str, log,
                             produced.append(sum(len(x.token_ids) for x in results))
                     pre, dec = statistics.median(prefill_s), statistics.median(decode_s)
                     cell = {"mode": mode, "batch": batch, "prompt_tokens": prompt_len, "output_tokens": new,
-                            "workload": f"b{batch}-p{prompt_len}-o{new}", "precision": "fp32",
+                            "workload": f"b{batch}-p{prompt_len}-o{new}", "precision": "fp32", "layout": layout,
                             "prefill_latency_s": spread(prefill_s),
                             "prefill_tok_per_s": batch * prompt_len / pre,
                             "decode_latency_per_token_s": dec / (new - 1) if dec > 0 else None,
@@ -190,7 +213,7 @@ def decode_section(subject, suite: Suite, device: torch.device, clock: str, log,
     engine = next(iter(engines.values()))
     cache = engine.cache_for(1, 1)
     section: dict[str, Any] = {
-        "clock": clock, "threads": torch.get_num_threads(), "warmup_rounds_excluded": 1,
+        "clock": clock, "threads": torch.get_num_threads(), "warmup_rounds_excluded": 1, "layout": layout,
         "method": "prefill = a 1-token generation; decode = a full generation minus that; medians over repeats",
         "prompts": "random token ids, seed = prompt length + batch", "cells": cells,
         "cache_bytes_per_token": cache.nbytes() / (cache.allocated_rows * cache.max_len),
@@ -199,6 +222,10 @@ def decode_section(subject, suite: Suite, device: torch.device, clock: str, log,
     if subject.config.mtp_num_layers == 0:
         section["mtp"] = None
         section["mtp_reason"] = "the model has no MTP heads"
+    elif layout != SINGLE_PROCESS:
+        section["mtp"] = None
+        section["mtp_reason"] = (f"measured in one process only; this decode ran on {layout} (drop --nproc for MTP "
+                                 "acceptance)")
     elif not subject.trained:
         section["mtp"] = None
         section["mtp_reason"] = ("fresh preset weights: MTP acceptance would measure an untrained head; give a trained "
@@ -209,6 +236,347 @@ def decode_section(subject, suite: Suite, device: torch.device, clock: str, log,
         spec = run_speculative_bench(str(subject.path), new_tokens=max(suite.decode_outputs), rounds=2, drafts=(1, 2),
                                      timer=timer, modes=suite.decode_modes[:1], log=log)
         section["mtp"] = spec
+    return section
+
+
+# --- N ranks ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RankPlan:
+    """How `--nproc N --parallel LAYOUT` runs: the training layout, and the inference layout the
+    decode cells run on (None with the reason when generation cannot run on these ranks)."""
+
+    processes: int
+    train_layout: Any  # ParallelLayout
+    train_overrides: list[str]
+    decode_layout: Any | None
+    decode_reason: str | None
+
+    def describe(self) -> dict:
+        return {"processes": self.processes, "train_layout": str(self.train_layout),
+                "decode_layout": str(self.decode_layout) if self.decode_layout is not None else None,
+                **({"decode_layout_reason": self.decode_reason} if self.decode_reason else {}),
+                "launcher": "torchrun (longcat.parallel.launch), one node"}
+
+
+def train_overrides(suite: Suite, device: torch.device) -> list[str]:
+    """The `longcat train --set` items that give the Trainer the suite's training workload."""
+    return [f"train.seq_len={suite.train_seq_len}", f"train.micro_batch={suite.train_micro_batch}",
+            "train.grad_accum=1", "train.precision=bf16", "train.optimizer=adamw", f"train.device={device.type}",
+            "train.eval_every=0", "train.eval_batches=1", "train.sample_tokens=0", "train.tensorboard=false",
+            "train.log_every=0", "train.checkpoint_every=0", "train.keep_checkpoints=1"]
+
+
+def plan_ranks(subject, suite: Suite, device: torch.device, nproc: int, parallel: str | None) -> RankPlan:
+    """Check `--nproc N --parallel LAYOUT` against the model before anything runs. Training uses the
+    layout (default dp_shard=N, as `longcat train`); decoding uses it too when it is an inference
+    layout (tp and ep only), else what `longcat generate --nproc N` uses (tp=N,ep=N)."""
+    from ..config import ConfigError
+    from ..errors import UserError
+    from ..parallel.layout import ParallelLayout
+    from ..train.config import RunConfig, build_run_config
+    from ..train.distributed import check_parallel_run
+
+    overrides = train_overrides(suite, device)
+    run = RunConfig(model=subject.config, train=build_run_config(overrides=overrides).train)
+    try:
+        layout = check_parallel_run(run, parallel, nproc)
+    except ConfigError as exc:
+        raise UserError(f"{exc} (bench run trains {suite.train_micro_batch} x {suite.train_seq_len} tokens per step "
+                        f"of {subject.name} with every loss of its recipe: choose a layout that allows that)") from None
+    given = ParallelLayout.parse(parallel) if parallel else None
+    inference_only = given is not None and all(getattr(given, d) == 1 for d in ("pp", "dp_replicate", "dp_shard", "cp"))
+    decode = given if inference_only else ParallelLayout(tp=nproc, ep=nproc)
+    reason = None
+    try:
+        decode.validate_inference(subject.config, nproc)
+    except ConfigError as exc:
+        decode, reason = None, f"no inference layout of {nproc} ranks fits this model: {exc}"
+    if decode is not None and "compiled" in suite.decode_modes:
+        reason = "compiled decoding runs in one process only; the decode cells on ranks are eager"
+    return RankPlan(nproc, layout, overrides, decode, reason)
+
+
+def _per_rank_threads(threads: int, nproc: int, device: torch.device) -> int:
+    """The ranks share the CPU's cores: each gets its share of --threads (at least one)."""
+    return max(1, threads // nproc) if device.type == "cpu" else threads
+
+
+def train_section_ranks(subject, suite: Suite, device: torch.device, threads: int, plan: RankPlan,
+                        hardware: str | None, out: Path, peak: dict, log) -> dict:
+    """Training on N ranks through `longcat train --nproc N --parallel LAYOUT` (the one Trainer),
+    read back from its metrics.jsonl: step times after warm-up, tokens/s, model FLOP/s, MFU and each
+    rank's peak memory (the Trainer records the maximum over ranks)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from ..errors import UserError
+    from ..infer.cli import find_tokenizer
+
+    run_dir = out / "train-ranks"
+    marker = run_dir / ".longcat-bench-run"
+    if run_dir.exists():
+        if not marker.exists():
+            raise UserError(f"{run_dir} exists and was not written by `longcat bench run`; move it away or choose "
+                            "another --out")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    marker.write_text("written by longcat bench run; replaced by the next run into this folder\n")
+    config_file = run_dir / "model.toml"
+    subject.config.save(config_file)
+    per_rank = _per_rank_threads(threads, plan.processes, device)
+    steps = suite.train_warmup + suite.train_steps
+    cmd = [sys.executable, "-m", "longcat.cli", "train", "--config", str(config_file), "--out", str(run_dir / "run"),
+           "--steps", str(steps), "--nproc", str(plan.processes), "--parallel", str(plan.train_layout),
+           "--threads", str(per_rank), "--seed", "0", "--no-progress", "--max-bytes", str(TRAIN_CORPUS_BYTES),
+           "--peak-tflops", f"{peak['peak_flops'] / 1e12:.6g}"]
+    tokenizer = find_tokenizer(subject.path, Path(subject.spec)) if subject.path is not None else None
+    if tokenizer is not None:
+        cmd += ["--tokenizer", str(tokenizer)]
+    for item in plan.train_overrides:
+        cmd += ["--set", item]
+    log(f"train: {steps} steps on {plan.processes} ranks ({plan.train_layout}), {per_rank} thread(s) each: "
+        "longcat train --nproc ...")
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": str(per_rank)})
+    (run_dir / "train.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+        raise UserError(f"the training on {plan.processes} ranks failed (exit {proc.returncode}): "
+                        f"{' | '.join(tail)} (full output: {run_dir / 'train.log'})")
+    records = [json.loads(line) for line in (run_dir / "run" / "metrics.jsonl").read_text().splitlines()]
+    for bulky in ("checkpoints", "cache"):  # the report keeps the metrics, the tokenizer and the log
+        shutil.rmtree(run_dir / "run" / bulky, ignore_errors=True)
+    train = [r for r in records if r.get("kind") == "train"]
+    measured = train[suite.train_warmup:]
+    if len(train) != steps or not measured:
+        raise UserError(f"the training on {plan.processes} ranks recorded {len(train)} of {steps} steps; see "
+                        f"{run_dir / 'train.log'}")
+    tokens = suite.train_seq_len * suite.train_micro_batch
+    step_times = [tokens / r["tokens_per_s"] for r in measured]
+    flops_tok = statistics.median(r["model_flops_per_token"] for r in measured)
+    tok_s = tokens / statistics.median(step_times)
+    model_flops = tok_s * flops_tok
+    # the ranks share one CPU (its peak is the machine's); on accelerators each rank has its own
+    shared = device.type == "cpu"
+    denominator = peak["peak_flops"] * (1 if shared else plan.processes)
+    source = peak["source"] + (f" (the {plan.processes} ranks share this CPU)" if shared
+                               else f" x {plan.processes} ranks")
+    rank_peak = max(r["mem_peak_gib"] for r in train)
+    section: dict[str, Any] = {
+        "workload": {"seq_len": suite.train_seq_len, "micro_batch": suite.train_micro_batch, "tokens_per_step": tokens,
+                     "data": f"the embedded corpus (first {TRAIN_CORPUS_BYTES >> 20} MiB), tokenized",
+                     "optimizer": "AdamW (the Trainer)", "grad_accum": 1},
+        "precision": "bf16 autocast, fp32 master weights",
+        "layout": str(plan.train_layout), "processes": plan.processes, "threads_per_rank": per_rank,
+        "entry_point": "longcat train --nproc N --parallel LAYOUT (the Trainer)",
+        "command": " ".join(["longcat", *cmd[3:]]),
+        "warmup_steps_excluded": suite.train_warmup,
+        "step_time_s": spread(step_times),
+        "tokens_per_s": tok_s,
+        "model_flops_per_token": flops_tok,
+        "model_flops_per_s": model_flops,
+        "hardware_flops_per_s": model_flops,
+        "hardware_flops_note": "no activation recomputation in this run, so hardware FLOPs equal model FLOPs",
+        "mfu": model_flops / denominator, "hfu": model_flops / denominator,
+        "mfu_denominator_flops_per_s": denominator, "mfu_denominator_source": source,
+        "clock": "wall", "threads": per_rank * plan.processes,
+        "peak_rank_memory_gib": rank_peak,
+        "peak_rank_memory_kind": ("peak RSS (ru_maxrss) of each rank, the largest over ranks" if device.type != "cuda"
+                                  else "torch.cuda.max_memory_allocated of each rank, the largest over ranks"),
+        "peak_rss_gib": rank_peak if device.type != "cuda" else None,
+        "peak_device_memory_gib": rank_peak if device.type == "cuda" else None,
+        "step_times_s": step_times,
+        "zero_expert_share": statistics.median(r["zero_expert_share"] for r in measured),
+    }
+    if device.type == "cuda":
+        section["peak_rss_reason"] = "the Trainer records device memory on CUDA: see peak_device_memory_gib"
+    else:
+        section["peak_device_memory_reason"] = ("the CPU has no device allocator: peak_rss_gib is the memory"
+                                                if device.type == "cpu" else
+                                                f"the Trainer records each rank's RSS on {device.type}")
+    section["predicted"], reason = predict_ranks(subject, suite, device, plan, hardware, step_times, rank_peak)
+    if reason:
+        section["predicted_reason"] = reason
+    return section
+
+
+def predict_ranks(subject, suite: Suite, device: torch.device, plan: RankPlan, hardware: str | None,
+                  step_times: list[float], peak_gib: float) -> tuple[dict | None, str | None]:
+    """The planner on the same layout and chip count, or None and why."""
+    if hardware is None and device.type == "cpu":
+        return None, (f"the {plan.processes} ranks share this CPU's cores while the planner models one chip per "
+                      "rank; give --hardware NAME|FILE for a per-rank entry, or drop --nproc for the calibrated "
+                      "one-process prediction")
+    if hardware is None:
+        from .environment import catalog_entry_for
+
+        hardware = catalog_entry_for(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        if hardware is None:
+            return None, f"no hardware entry names this {device.type} device: pass --hardware NAME|FILE.toml"
+    from ..plan.arch import from_longcat
+    from ..plan.hardware import load_hardware, load_stack
+    from ..plan.layout import Layout
+    from ..plan.train import Planner, TrainSetup
+
+    tokens = suite.train_seq_len * suite.train_micro_batch
+    hw = load_hardware(hardware)
+    setup = TrainSetup(from_longcat(subject.config, name=subject.name), hw, load_stack("pytorch-eager"),
+                       chips=plan.processes, seq_len=suite.train_seq_len, global_batch_tokens=tokens,
+                       optimizer="adamw", precision="autocast")
+    pl = plan.train_layout
+    layout = Layout(pl, zero=3 if pl.fsdp else 0, recompute="none",
+                    microbatch=max(1, suite.train_micro_batch // pl.dp))
+    planner = Planner(setup)
+    rejected = planner.check(layout)
+    result = None if rejected else planner.evaluate(layout)
+    if result is None:
+        return None, f"the planner finds no plan for {layout} on {hw.name}" + (f": {'; '.join(rejected)}"
+                                                                               if rejected else "")
+    total = result.memory_gib["total"]
+    return {"hardware": hw.name, "layout": str(layout), "step_time_s": result.step_time_s,
+            "tokens_per_s": tokens / result.step_time_s, "memory_gib": total, "memory_per": "rank",
+            "mfu": result.mfu, "step_time_error": result.step_time_s / statistics.median(step_times) - 1,
+            "memory_error": total / peak_gib - 1 if peak_gib else None}, None
+
+
+def decode_section_ranks(subject, suite: Suite, device: torch.device, threads: int, plan: RankPlan, out: Path,
+                         log) -> dict:
+    """The decode cells on N ranks: every rank runs `decode_section` on its shard of the model
+    (`longcat.parallel.inference`, the path `longcat generate --nproc` takes), in lockstep: each
+    generation is collective. Rank 0's timings are the cells; each rank's peak memory is kept."""
+    import tempfile
+    from dataclasses import asdict
+
+    from ..errors import UserError
+    from ..parallel.launch import launch
+
+    per_rank = _per_rank_threads(threads, plan.processes, device)
+    with tempfile.TemporaryDirectory(prefix="longcat-decode-ranks-") as tmp:
+        job = {"model": str(subject.path) if subject.path is not None else subject.spec, "device": str(device),
+               "layout": str(plan.decode_layout), "threads": per_rank, "out": tmp,
+               "suite": {**asdict(suite), "decode_modes": ["eager"]}}
+        log(f"decode: {plan.processes} ranks ({plan.decode_layout}), {per_rank} thread(s) each ...")
+        proc = launch(["-m", "longcat.bench.report", json.dumps(job)], nproc=plan.processes,
+                      threads_per_rank=per_rank, capture=True)
+        (out / "decode-ranks.log").write_text(proc.stdout or "")
+        if proc.returncode:
+            tail = (proc.stdout or "").strip().splitlines()[-3:]
+            raise UserError(f"the decode on {plan.processes} ranks failed (exit {proc.returncode}): "
+                            f"{' | '.join(tail)} (full output: {out / 'decode-ranks.log'})")
+        ranks = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(plan.processes)]
+    section = ranks[0]["section"]
+    section["processes"] = plan.processes
+    section["threads_per_rank"] = per_rank
+    section["peak_rank_rss_gib"] = max(r["peak_rss_gib"] for r in ranks)
+    section["rank_weight_bytes"] = [r["weight_bytes"] for r in ranks]
+    section["method"] += "; timed on rank 0, every rank generating the same tokens in lockstep"
+    return section
+
+
+def _decode_rank(job: dict) -> None:
+    """One rank of `decode_section_ranks` (under torchrun)."""
+    from ..devices import resolve_device
+    from ..model import build_model
+    from ..parallel.inference import load_for_inference, local_bytes, setup_inference, shard_for_inference
+    from ..parallel.layout import device_type_for, shutdown_distributed
+    from ..plan.calibrate import peak_rss_bytes
+    from .subject import resolve_subject
+
+    torch.set_num_threads(job["threads"])
+    subject = resolve_subject(job["model"])
+    device = resolve_device(job["device"], setting="--device")
+    if device.type != "cpu" and device.index is None:  # one accelerator per rank of this node
+        device = torch.device(device.type, int(os.environ.get("LOCAL_RANK", "0")))
+    ranks = setup_inference(job["layout"], subject.config, device_type=device_type_for(device))
+    if subject.path is None:
+        model = shard_for_inference(build_model(subject.config, seed=0), ranks).to(device)
+    else:
+        model = load_for_inference(subject.path, ranks, device=device, dtype=torch.float32)
+    suite = Suite(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["suite"].items()})
+    quiet = (lambda line: None) if ranks.rank else (lambda line: print(line, flush=True))
+    section = decode_section(subject, suite, device, "wall", quiet, lambda: None, model=model, layout=job["layout"])
+    result = {"rank": ranks.rank, "section": section, "peak_rss_gib": peak_rss_bytes() / GiB,
+              "weight_bytes": local_bytes(model)}
+    (Path(job["out"]) / f"rank{ranks.rank}.json").write_text(json.dumps(result, default=_json_default))
+    shutdown_distributed()
+
+
+# --- serve --------------------------------------------------------------------------------------------
+
+
+def serve_model_dir(subject, out: Path, log) -> Path:
+    """A folder `longcat serve` can serve the report's model from, with a tokenizer (the load is
+    text): the model's own folder when it has tokenizer.json; otherwise its weights (a preset: seed
+    0, as measured everywhere else in the report) saved with a BPE tokenizer of the model's
+    vocabulary trained on the embedded corpus."""
+    from ..data import iter_documents, train_tokenizer
+    from ..infer.cli import find_tokenizer
+    from ..interop.native import save_model
+
+    if subject.path is not None and find_tokenizer(subject.path, Path(subject.spec)) is not None:
+        return Path(subject.spec)
+    folder = out / "serve-model"
+    log(f"serve: saving {subject.name} with a {subject.config.vocab_size}-token tokenizer to {folder} ...")
+    docs = iter_documents(None, split="train", max_bytes=SERVE_TOKENIZER_BYTES)
+    tokenizer = train_tokenizer(docs, vocab_size=subject.config.vocab_size, show_progress=False)
+    return save_model(subject.build("cpu").float(), folder, tokenizer_json=tokenizer.to_json())
+
+
+def serve_section(subject, suite: Suite, out: Path, *, start: bool, url: str | None, device: torch.device,
+                  threads: int, log) -> dict:
+    """A short seeded load through `longcat bench serve`'s generator: against our own server started
+    on 127.0.0.1 with the report's model (`start`), or against `url` (anyone's OpenAI-compatible
+    server). Latencies in ms (mean, p50, p90, p99) and throughputs."""
+    from .serve_load import load_test, start_server, stop_server
+
+    proc = None
+    if start:
+        model_dir = serve_model_dir(subject, out, log)
+        log(f"serve: starting longcat serve --model {model_dir} on 127.0.0.1 ...")
+        proc, url, _ = start_server(str(model_dir), max_running=suite.serve_concurrency, threads=threads,
+                                    device=str(device))
+        target = {"kind": "started by bench run", "model": subject.name, "config_hash": subject.config_hash,
+                  "command": f"longcat serve --model {model_dir} --host 127.0.0.1 --port 0 --max-running "
+                             f"{suite.serve_concurrency} --threads {threads} --device {device}",
+                  "layout": SINGLE_PROCESS}
+    else:
+        target = {"kind": "external server (--serve-url)", "model": None, "config_hash": None, "command": None,
+                  "layout": None, "layout_reason": "another server: its layout is not known here"}
+    try:
+        result = load_test(url, num_prompts=suite.serve_prompts, input_len=suite.serve_input_len,
+                           output_len=suite.serve_output_len, concurrency=suite.serve_concurrency, seed=0,
+                           warmup=suite.serve_warmup, log=log)
+    finally:
+        if proc is not None:
+            stop_server(proc)
+    load = result["load"]
+    target.update(url=result["url"], served_model=result["model"])
+    section: dict[str, Any] = {
+        "target": target,
+        "workload": {"generator": "longcat bench serve (seeded words, streaming /v1/completions, temperature 0, "
+                                  "ignore_eos)", "seed": 0, "num_prompts": suite.serve_prompts,
+                     "input_words_mean": suite.serve_input_len, "output_tokens_mean": suite.serve_output_len,
+                     "range_ratio": result["range_ratio"], "concurrency": suite.serve_concurrency,
+                     "arrival": "all at once, at most `concurrency` in flight", "warmup_requests": suite.serve_warmup,
+                     "name": f"n{suite.serve_prompts}-i{suite.serve_input_len}-o{suite.serve_output_len}-"
+                             f"c{suite.serve_concurrency}"},
+        "requests": load["requests"], "completed": load["completed"], "failed": load["failed"],
+        "errors": load["errors"], "duration_s": load["duration_s"],
+        "prompt_tokens": load["prompt_tokens"], "output_tokens": load["output_tokens"],
+        "requests_per_s": load["request_throughput"], "output_tok_per_s": load["output_throughput"],
+        "total_tok_per_s": (load["prompt_tokens"] + load["output_tokens"]) / load["duration_s"],
+        "ttft_ms": load["ttft_ms"], "tpot_ms": load["tpot_ms"], "itl_ms": load["itl_ms"], "e2el_ms": load["e2el_ms"],
+        "definitions": "TTFT: send to first streamed text; TPOT: (e2e - TTFT) / (output tokens - 1); ITL: between "
+                       "streamed chunks; E2EL: send to last chunk (as vLLM's and SGLang's serving benchmarks)",
+    }
+    if load["completed"] < load["requests"]:
+        section["failed_reason"] = f"{load['failed']} of {load['requests']} requests failed: {load['errors'][:2]}"
+    for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+        if section[key]["p50"] is None:
+            section[key]["reason"] = "no completed request streamed enough tokens to measure it"
     return section
 
 
@@ -301,8 +669,11 @@ def write_plots(report: dict, out: Path, samples: list[dict]) -> dict:
 
 def run_report(model: str, out: Path, *, suite: str | Suite = "quick", device: str = "cpu", threads: int | None = None,
                clock: str = "wall", hardware: str | None = None, peak_tflops: float | None = None,
-               serve_url: str | None = None, skip: tuple[str, ...] = (), argv: list[str] | None = None,
-               progress: bool = True, log=print) -> dict:
+               nproc: int = 1, parallel: str | None = None, serve: bool = False, serve_url: str | None = None,
+               skip: tuple[str, ...] = (), argv: list[str] | None = None, progress: bool = True, log=print) -> dict:
+    """Measure `model` into `out` (report.json, report.md, plots, telemetry.jsonl); the report.
+    `nproc` > 1: train (and decode, where generation supports the layout) on that many ranks;
+    `serve`: start our server with the model for the serve section; `serve_url`: load another's."""
     from ..devices import resolve_device
     from ..telemetry import Telemetry
     from .environment import describe_environment, load_average, peak_flops
@@ -322,6 +693,7 @@ def run_report(model: str, out: Path, *, suite: str | Suite = "quick", device: s
     reasons: dict[str, str] = {}
     notes: list[str] = []
     sections = [s for s in ("train", "decode", "oom_frontier", "numerics") if s not in skip]
+    ranks = plan_ranks(subject, chosen, dev, nproc, parallel) if nproc > 1 else None
     decode_cells = len(chosen.decode_modes) * len(chosen.decode_batches) * len(chosen.decode_prompts) * \
         len(chosen.decode_outputs)
 
@@ -331,7 +703,7 @@ def run_report(model: str, out: Path, *, suite: str | Suite = "quick", device: s
                    TextColumn("{task.description}"), TimeElapsedColumn(), disable=not progress, transient=False)
     telemetry = Telemetry(dev, interval_s=0.5, children=True)  # training and OOM trials run in children
     with bar, telemetry:
-        task = bar.add_task("environment", total=len(sections) + decode_cells)
+        task = bar.add_task("environment", total=len(sections) + decode_cells + bool(serve or serve_url))
 
         def say(line: str) -> None:
             bar.console.print(line, highlight=False, markup=False) if progress else log(line)
@@ -341,7 +713,10 @@ def run_report(model: str, out: Path, *, suite: str | Suite = "quick", device: s
         if "train" in sections:
             bar.update(task, description="train")
             energy_before = energy_now(telemetry)
-            results["train"], hw = train_section(subject, chosen, dev, clock, threads, hardware, out, peak, say)
+            if ranks is None:
+                results["train"], hw = train_section(subject, chosen, dev, clock, threads, hardware, out, peak, say)
+            else:
+                results["train"] = train_section_ranks(subject, chosen, dev, threads, ranks, hardware, out, peak, say)
             energy_after = energy_now(telemetry)
             train_energy = None if energy_before is None or energy_after is None else energy_after - energy_before
             if hw is not None and peak_tflops is None and dev.type == "cpu":
@@ -355,21 +730,31 @@ def run_report(model: str, out: Path, *, suite: str | Suite = "quick", device: s
         if "decode" in sections:
             bar.update(task, description="decode")
             telemetry.record_fields()  # starts a new peak window
-            results["decode"] = decode_section(subject, chosen, dev, clock, say, lambda: bar.advance(task))
+            if ranks is None:
+                results["decode"] = decode_section(subject, chosen, dev, clock, say, lambda: bar.advance(task))
+            elif ranks.decode_layout is not None:
+                results["decode"] = decode_section_ranks(subject, chosen, dev, threads, ranks, out, say)
+                bar.advance(task, decode_cells)
+            else:
+                reasons["decode"] = ranks.decode_reason
+                bar.advance(task, decode_cells)
             window = telemetry.record_fields()
-            results["decode"]["process_peak_rss_gib"] = window["rss_gib"]
-            results["decode"]["process_peak_device_memory_gib"] = window["device_mem_gib"]
-            if window["device_mem_gib"] is None:
-                results["decode"]["process_peak_device_memory_reason"] = telemetry.backends()["device_memory"]
+            if results["decode"] is not None:
+                results["decode"]["process_peak_rss_gib"] = window["rss_gib"]
+                results["decode"]["process_peak_device_memory_gib"] = window["device_mem_gib"]
+                if window["device_mem_gib"] is None:
+                    results["decode"]["process_peak_device_memory_reason"] = telemetry.backends()["device_memory"]
             bar.advance(task)
         else:
             reasons["decode"] = "skipped (--skip decode)"
-        if serve_url is None:
-            reasons["serve"] = ("not asked: start `longcat serve` and give --serve-url URL, or run `longcat bench serve`"
-                                " against it")
+        if serve or serve_url:
+            bar.update(task, description="serve")
+            results["serve"] = serve_section(subject, chosen, out, start=serve, url=serve_url, device=dev,
+                                             threads=threads, log=say)
+            bar.advance(task)
         else:
-            reasons["serve"] = (f"--serve-url {serve_url}: the serve load generator (`longcat bench serve`) is not "
-                                "callable from the report yet; run it separately")
+            reasons["serve"] = ("not asked: --serve starts our server with this model for a short seeded load; "
+                                "--serve-url URL measures a running OpenAI-compatible server")
         if "oom_frontier" in sections:
             bar.update(task, description="oom frontier")
             from .oom import run_frontier
@@ -405,14 +790,20 @@ def run_report(model: str, out: Path, *, suite: str | Suite = "quick", device: s
         "train_peak_rss_gib": train["peak_rss_gib"] if train else None,
         "train_predicted_gib": train["predicted"]["memory_gib"] if train and train.get("predicted") else None,
         "train_peak_device_memory_gib": train["peak_device_memory_gib"] if train else None,
+        "train_peak_rank_memory_gib": train.get("peak_rank_memory_gib") if train else None,
+        "decode_peak_rank_rss_gib": (results["decode"] or {}).get("peak_rank_rss_gib"),
         "decode_cache_bytes_per_token": results["decode"]["cache_bytes_per_token"] if results["decode"] else None,
         "process_peak_rss_gib": summary["fields"].get("rss_bytes", {}).get("peak", 0) / GiB or None,
         "oom_budget_gib": results["oom_frontier"]["memory_budget_gib"] if results["oom_frontier"] else None,
     }
     for key, value in list(results["memory"].items()):
         if value is None:
-            results["memory"][key.removesuffix("_gib") + "_reason"] = "not measured in this run (section skipped, or " \
-                "the device has no allocator of its own)"
+            own = {"train_predicted_gib": (train or {}).get("predicted_reason"),
+                   "train_peak_device_memory_gib": (train or {}).get("peak_device_memory_reason"),
+                   "train_peak_rss_gib": (train or {}).get("peak_rss_reason")}.get(key)
+            results["memory"][key.removesuffix("_gib") + "_reason"] = own or (
+                "measured on N ranks only (--nproc)" if "_rank_" in key and ranks is None else
+                "not measured in this run (section skipped, or the device has no allocator of its own)")
     tokens_total = None
     if train:
         tokens_total = train["workload"]["tokens_per_step"] * len(train["step_times_s"])
@@ -434,6 +825,16 @@ def run_report(model: str, out: Path, *, suite: str | Suite = "quick", device: s
                      "cores): other work competed for the cores, so times are pessimistic and noisier")
     if clock == "cpu":
         notes.append("times are process CPU seconds (--clock cpu), not wall time: compare only with --clock cpu reports")
+    if ranks is not None:
+        notes.append(f"train ran on {nproc} ranks ({ranks.train_layout}) through `longcat train --nproc`, decode on "
+                     + (f"{nproc} ranks ({ranks.decode_layout})" if ranks.decode_layout is not None else
+                        "none (see reasons.decode)")
+                     + ": compare only with reports of the same layout (`bench compare` refuses the others)")
+        if dev.type == "cpu":
+            notes.append(f"the {nproc} ranks share this CPU's {env['cpu']['usable_cores']} cores: the N-rank numbers "
+                         "show the parallel code's overheads, not a speed-up")
+    if ranks is not None and ranks.decode_reason and ranks.decode_layout is not None:
+        notes.append(ranks.decode_reason)
     if not subject.trained:
         notes.append("a preset with fresh weights: speeds are representative, numerics and MTP acceptance are not")
     report = {
@@ -442,15 +843,19 @@ def run_report(model: str, out: Path, *, suite: str | Suite = "quick", device: s
                 "command": env["command"], "git_commit": env["git"].get("commit"), "seeds": {"workload": 0, "model": 0},
                 "duration_s": time.time() - started},
         "environment": {**env, "device": str(dev), "threads": threads, "clock": clock,
+                        "processes": nproc, "layout": str(ranks.train_layout) if ranks else SINGLE_PROCESS,
                         "peak_flops_per_s": peak["peak_flops"], "peak_flops_source": peak["source"]},
         "model": subject.describe(),
-        "parallelism": {"processes": 1, "layout": "single process", "reason": "--nproc is not supported by bench run yet"},
+        "parallelism": ranks.describe() if ranks else {"processes": 1, "train_layout": SINGLE_PROCESS,
+                                                       "decode_layout": SINGLE_PROCESS},
         "workload": {"generator": "random token ids (torch.Generator, fixed seeds)", "seed": 0,
                      "train": {"seq_len": chosen.train_seq_len, "micro_batch": chosen.train_micro_batch},
                      "decode": {"batches": list(chosen.decode_batches), "prompt_tokens": list(chosen.decode_prompts),
                                 "output_tokens": list(chosen.decode_outputs)},
-                     "routing_skew": list(chosen.oom_skews), "arrival": None,
-                     "arrival_reason": "offline batches only; arrivals belong to `longcat bench serve`"},
+                     "routing_skew": list(chosen.oom_skews),
+                     "serve": {"prompts": chosen.serve_prompts, "input_words": chosen.serve_input_len,
+                               "output_tokens": chosen.serve_output_len, "concurrency": chosen.serve_concurrency,
+                               "arrival": "all at once, at most `concurrency` in flight (seeded)"}},
         "results": results,
         "reasons": reasons,
         "telemetry": {**summary, "samples_file": "telemetry.jsonl"},
@@ -460,6 +865,7 @@ def run_report(model: str, out: Path, *, suite: str | Suite = "quick", device: s
             "train_step_relative_spread": train["step_time_s"]["relative_spread"] if train else None,
             "load_average_before": load_before, "load_average_after": load_after, "usable_cores": cores,
             "machine_shared": shared,
+            "processes": nproc, "layout": str(ranks.train_layout) if ranks else SINGLE_PROCESS,
             "machine_shared_rule": "load average (1 min) above 0.5 before the run started",
             "notes": notes,
         },
@@ -534,6 +940,8 @@ def render_markdown(report: dict) -> str:
         f"- CPU {env['cpu']['model']}, {env['cpu']['usable_cores']} usable cores ({env['cpu']['logical_cores']} logical), "
         f"{_fmt(env['memory_gib'])} GiB memory; features {', '.join(env['cpu']['features']) or '–'}",
         f"- accelerators: {acc}; measured on `{env['device']}`, {env['threads']} thread(s), {env['clock']} clock",
+        f"- processes: {env.get('processes', 1)}; train layout `{report['parallelism']['train_layout']}`, decode layout "
+        f"`{report['parallelism']['decode_layout'] or 'none'}`",
         f"- MFU denominator {env['peak_flops_per_s'] / 1e9:,.1f} GFLOP/s: {env['peak_flops_source']}",
         f"- torch {env['versions'].get('torch')}, transformers {env['versions'].get('transformers')}, "
         f"longcat {env['versions'].get('longcat')}",
@@ -548,7 +956,8 @@ def render_markdown(report: dict) -> str:
         lines += [
             f"{tr['workload']['micro_batch']} x {tr['workload']['seq_len']} tokens per step, {tr['precision']}, "
             f"{tr['workload']['optimizer']}; {tr['step_time_s']['repeats']} steps after {tr['warmup_steps_excluded']} "
-            "warm-up.",
+            f"warm-up; layout `{tr.get('layout', SINGLE_PROCESS)}`"
+            + (f" on {tr['processes']} ranks (`{tr['command']}`)" if tr.get("processes", 1) > 1 else "") + ".",
             "",
             "| | measured | planner | error |",
             "|---|---:|---:|---:|",
@@ -556,9 +965,11 @@ def render_markdown(report: dict) -> str:
             f"| {_fmt(pred.get('step_time_s'))} | {_pct(pred.get('step_time_error'))} |",
             f"| tokens/s | {_fmt(tr['tokens_per_s'])} | {_fmt(pred.get('tokens_per_s'))} | |",
             f"| MFU | {tr['mfu']:.1%} | {_pct(pred.get('mfu'))} | |",
-            f"| peak memory (GiB) | {_fmt(tr['peak_rss_gib'])} RSS | {_fmt(pred.get('memory_gib'))} "
+            f"| peak memory (GiB) | {_fmt(tr['peak_rss_gib'] or tr['peak_device_memory_gib'])}"
+            f"{' per rank (max over ranks)' if tr.get('processes', 1) > 1 else ' RSS'} | {_fmt(pred.get('memory_gib'))} "
             f"| {_pct(pred.get('memory_error'))} |",
             "",
+            *([f"Planner: {tr['predicted_reason']}.", ""] if tr.get("predicted_reason") else []),
             f"Model FLOP/s {tr['model_flops_per_s'] / 1e9:,.2f} G; HFU {tr['hfu']:.1%} ({tr['hardware_flops_note']}).",
             "",
         ]
@@ -584,8 +995,24 @@ def render_markdown(report: dict) -> str:
             lines += ["![decode throughput](decode.png)", ""]
     else:
         lines += [f"not measured: {report['reasons'].get('decode')}", ""]
-    lines += ["## Serve", "", f"not measured: {report['reasons'].get('serve')}" if not res["serve"] else
-              "see report.json", ""]
+    sv = res["serve"]
+    lines += ["## Serve", ""]
+    if sv:
+        t, w = sv["target"], sv["workload"]
+        lines += [f"{t['kind']}: `{t['served_model']}` at {t['url']}" + (f" (`{t['command']}`)" if t["command"] else "")
+                  + f"; {w['num_prompts']} requests of ~{w['input_words_mean']} words in, ~{w['output_tokens_mean']} "
+                  f"tokens out, {w['concurrency']} in flight, seed {w['seed']}, {w['warmup_requests']} warm-up "
+                  "requests excluded.", "",
+                  f"{sv['completed']} of {sv['requests']} completed in {sv['duration_s']:.2f} s: "
+                  f"{_fmt(sv['requests_per_s'])} requests/s, {_fmt(sv['output_tok_per_s'])} output tok/s.", "",
+                  "| ms | mean | p50 | p90 | p99 |", "|---|---:|---:|---:|---:|"]
+        for key, name in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2el_ms", "E2EL")):
+            lines.append(f"| {name} | " + " | ".join(_fmt(sv[key][q]) for q in ("mean", "p50", "p90", "p99")) + " |")
+        lines += ["", sv["definitions"] + ".", ""]
+        if sv.get("failed_reason"):
+            lines += [f"Failed: {sv['failed_reason']}", ""]
+    else:
+        lines += [f"not measured: {report['reasons'].get('serve')}", ""]
     mem = res["memory"]
     lines += ["## Memory", "", "| | GiB |", "|---|---:|"]
     lines += [f"| {k.removesuffix('_gib').replace('_', ' ')} | {_fmt(v)} |" for k, v in mem.items()
@@ -639,6 +1066,12 @@ def render_markdown(report: dict) -> str:
               f"{val['usable_cores']} cores: machine shared = {val['machine_shared']}",
               *[f"- {n}" for n in val["notes"]], ""]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # a rank of decode_section_ranks, under torchrun
+    import sys
+
+    _decode_rank(json.loads(sys.argv[1]))
 
 
 __all__ = ["SCHEMA", "SUITES", "check_report", "render_markdown", "run_report", "spread", "walk_numbers"]

@@ -199,22 +199,29 @@ def compare(sequential: dict, loaded: dict) -> dict:
             "p99_ttft_ms": p99, "ttft_bound_ms": bound, "ttft_met": None if bound is None or p99 is None else p99 < bound}
 
 
-def _start_server(args) -> tuple[subprocess.Popen, str, Path]:
+def start_server(model: str, *, max_running: int = 16, compile: bool = False, speculative: int = 0,
+                 threads: int | None = None, device: str | None = None,
+                 timeout_s: float = 300.0) -> tuple[subprocess.Popen, str, Path]:
+    """`longcat serve --model MODEL` on a free loopback port; (process, base URL, log file) once
+    /health answers. Stop it with `stop_server`."""
     import tempfile
+
+    import httpx
 
     log = Path(tempfile.mkstemp(prefix="longcat-serve-", suffix=".log")[1])
     cmd = [sys.executable, "-c", "import sys; from longcat.cli import main; sys.exit(main())", "serve",
-           "--model", args.model, "--port", "0", "--max-running", str(args.max_running)]
-    if args.compile:
+           "--model", model, "--host", "127.0.0.1", "--port", "0", "--max-running", str(max_running)]
+    if compile:
         cmd.append("--compile")
-    if args.speculative:
-        cmd += ["--speculative", str(args.speculative)]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
-    deadline = time.time() + 300
-    import httpx
-
+    if speculative:
+        cmd += ["--speculative", str(speculative)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    if device:
+        cmd += ["--device", device]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.time() + timeout_s
     url = None
     while time.time() < deadline and proc.poll() is None:
         if url is None:
@@ -227,17 +234,83 @@ def _start_server(args) -> tuple[subprocess.Popen, str, Path]:
             except httpx.TransportError:
                 pass
         time.sleep(0.3)
-    proc.kill()
+    stop_server(proc)
     from ..errors import UserError
 
-    raise UserError(f"--model {args.model}: the server did not start: {log.read_text()[-2000:]}")
+    why = "exited" if proc.poll() is not None else f"did not answer /health within {timeout_s:.0f} s"
+    tail = log.read_text()[-2000:].strip().splitlines()
+    raise UserError(f"--model {model}: the server {why}: {tail[-1] if tail else 'no output'} (full log: {log})")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def server_url(url: str) -> str:
+    """The base URL the requests go to: without a trailing / or /v1."""
+    return url.rstrip("/").removesuffix("/v1")
+
+
+def served_models(url: str, api_key: str | None = None, timeout_s: float = 30.0) -> list[str]:
+    """The model ids GET URL/v1/models lists; a UserError naming the problem when there are none."""
+    import httpx
+
+    from ..errors import UserError
+
+    url = server_url(url)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        served = [m["id"] for m in httpx.get(url + "/v1/models", headers=headers, timeout=timeout_s).json()["data"]]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        served, why = [], f"{type(exc).__name__}: {exc}"
+    else:
+        why = "it lists no model"
+    if not served:
+        raise UserError(f"cannot list the models at {url}/v1/models ({why}); is the server up, is it "
+                        "OpenAI-compatible, and is the key right?")
+    return served
+
+
+def load_test(url: str, *, num_prompts: int, input_len: int, output_len: int, range_ratio: float = 0.5,
+              rate: float = math.inf, concurrency: int | None = None, seed: int = 0, warmup: int = 0,
+              api_key: str | None = None, served_model: str | None = None, slo_ttft_ms: float | None = None,
+              slo_tpot_ms: float | None = None, compare_sequential: bool = False, log=lambda *a: None) -> dict:
+    """The seeded load against the server at `url` (after `warmup` unmeasured requests): the
+    settings, `load` (what `summarize` returns) and, with `compare_sequential`, the same requests
+    one at a time and the speed-target comparison."""
+    url = server_url(url)
+    model = served_model or served_models(url, api_key)[0]
+    specs = make_requests(num_prompts, input_len, output_len, range_ratio, rate, seed)
+    if warmup:
+        log(f"warm-up: {warmup} requests")
+        warm = make_requests(warmup, input_len, output_len, range_ratio, math.inf, seed + 1)
+        asyncio.run(_run_load(url, model, warm, concurrency, api_key))
+    report = {"url": url, "model": model, "num_prompts": num_prompts, "rate": rate, "concurrency": concurrency,
+              "input_len": input_len, "output_len": output_len, "range_ratio": range_ratio, "seed": seed,
+              "warmup": warmup}
+    if compare_sequential:
+        log(f"sequential: {len(specs)} requests one at a time")
+        sequential_specs = [RequestSpec(s.prompt, s.max_tokens, 0.0) for s in specs]
+        records, duration = asyncio.run(_run_load(url, model, sequential_specs, 1, api_key))
+        report["sequential"] = summarize(records, duration, slo_ttft_ms, slo_tpot_ms)
+    log(f"load: {len(specs)} requests, rate {rate} req/s, concurrency {concurrency or 'unbounded'}")
+    records, duration = asyncio.run(_run_load(url, model, specs, concurrency, api_key))
+    report["load"] = summarize(records, duration, slo_ttft_ms, slo_tpot_ms)
+    if compare_sequential:
+        report["comparison"] = compare(report["sequential"], report["load"])
+    return report
 
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import UserError
 
     try:
-        import httpx
+        import httpx  # noqa: F401  (the load generator's client: missing, say so before a server starts)
     except ImportError:
         raise UserError("bench serve needs the httpx package (an HTTP client): pip install httpx") from None
 
@@ -258,42 +331,19 @@ def run(args: argparse.Namespace) -> int:
     log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     if args.model is not None:
         log(f"starting longcat serve --model {args.model} ...")
-        proc, url, _ = _start_server(args)
+        proc, url, _ = start_server(args.model, max_running=args.max_running, compile=args.compile,
+                                    speculative=args.speculative, threads=args.threads)
     else:
-        url = args.url.rstrip("/").removesuffix("/v1")
+        url = args.url
     try:
-        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-        try:
-            served = httpx.get(url + "/v1/models", headers=headers, timeout=30).json()["data"]
-        except (httpx.HTTPError, ValueError, KeyError) as exc:
-            raise UserError(f"cannot list the models at {url}/v1/models ({exc}); is the server up, and the key right?")
-        model = args.served_model or served[0]["id"]
-        specs = make_requests(args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.rate, args.seed)
-        if args.warmup:
-            log(f"warm-up: {args.warmup} requests")
-            warm = make_requests(args.warmup, args.input_len, args.output_len, args.range_ratio, math.inf,
-                                 args.seed + 1)
-            asyncio.run(_run_load(url, model, warm, args.concurrency, args.api_key))
-        report = {"url": url, "model": model, "num_prompts": args.num_prompts, "rate": args.rate,
-                  "concurrency": args.concurrency, "input_len": args.input_len, "output_len": args.output_len,
-                  "range_ratio": args.range_ratio, "seed": args.seed}
-        if args.compare_sequential:
-            log(f"sequential: {len(specs)} requests one at a time")
-            sequential_specs = [RequestSpec(s.prompt, s.max_tokens, 0.0) for s in specs]
-            records, duration = asyncio.run(_run_load(url, model, sequential_specs, 1, args.api_key))
-            report["sequential"] = summarize(records, duration, args.slo_ttft_ms, args.slo_tpot_ms)
-        log(f"load: {len(specs)} requests, rate {args.rate} req/s, concurrency {args.concurrency or 'unbounded'}")
-        records, duration = asyncio.run(_run_load(url, model, specs, args.concurrency, args.api_key))
-        report["load"] = summarize(records, duration, args.slo_ttft_ms, args.slo_tpot_ms)
-        if args.compare_sequential:
-            report["comparison"] = compare(report["sequential"], report["load"])
+        report = load_test(url, num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
+                           range_ratio=args.range_ratio, rate=args.rate, concurrency=args.concurrency, seed=args.seed,
+                           warmup=args.warmup, api_key=args.api_key, served_model=args.served_model,
+                           slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
+                           compare_sequential=args.compare_sequential, log=log)
     finally:
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -351,4 +401,5 @@ def register(bench: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-__all__ = ["register", "make_requests", "summarize", "compare", "RequestRecord", "RequestSpec"]
+__all__ = ["register", "make_requests", "summarize", "compare", "load_test", "start_server", "stop_server",
+           "RequestRecord", "RequestSpec"]

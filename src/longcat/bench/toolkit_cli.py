@@ -28,17 +28,40 @@ def run_run(args: argparse.Namespace) -> int:
          f"counts this process's CPU seconds, not the time {args.device} spends working; use --clock wall"),
         ("--clock cpu", args.clock != "cpu" or args.threads == 1,
          "adds up the CPU seconds of every thread; give --threads 1 with it, or use --clock wall"),
+        ("--nproc", args.nproc >= 1, f"must be >= 1, got {args.nproc}"),
+        ("--parallel", args.parallel is None or args.nproc > 1,
+         "needs --nproc N (N > 1): the layout splits the model over N ranks"),
+        ("--clock cpu", args.clock != "cpu" or args.nproc == 1,
+         "counts one process's CPU seconds, but N ranks wait on each other; use --clock wall with --nproc"),
+        ("--serve", not (args.serve and args.serve_url),
+         "and --serve-url both name the server to load; give one (--serve starts ours, --serve-url measures yours)"),
+        ("--serve-url", args.serve_url is None or args.serve_url.startswith(("http://", "https://")),
+         f"must be an http:// or https:// URL, e.g. http://127.0.0.1:8000, got {args.serve_url!r}"),
     ])
-    resolve_subject(args.model)  # a bad model fails now, not after minutes
-    resolve_device(args.device, setting="--device")
+    subject = resolve_subject(args.model)  # a bad model or layout fails now, not after minutes
+    device = resolve_device(args.device, setting="--device")
+    if args.hardware is not None:
+        from ..plan.hardware import load_hardware
+
+        load_hardware(args.hardware)
+    if args.serve_url is not None:
+        from .serve_load import served_models
+
+        served_models(args.serve_url, timeout_s=10)  # the server answers now, not only after minutes
+    if args.nproc > 1:
+        from .report import SUITES, plan_ranks
+
+        plan_ranks(subject, SUITES[args.suite], device, args.nproc, args.parallel)
     out = Path(args.out)
     report = run_report(args.model, out, suite=args.suite, device=args.device, threads=args.threads, clock=args.clock,
-                        hardware=args.hardware, peak_tflops=args.peak_tflops, serve_url=args.serve_url,
+                        hardware=args.hardware, peak_tflops=args.peak_tflops, nproc=args.nproc,
+                        parallel=args.parallel, serve=args.serve, serve_url=args.serve_url,
                         skip=tuple(args.skip), argv=sys.argv[1:], progress=not args.no_progress,
                         log=lambda line: print(line, file=sys.stderr))
-    train = report["results"]["train"]
+    train, served = report["results"]["train"], report["results"]["serve"]
     print(f"wrote {out / 'report.json'} and {out / 'report.md'} ({report['run']['duration_s']:.0f} s)"
-          + (f"; train {train['tokens_per_s']:,.0f} tok/s, MFU {train['mfu']:.1%}" if train else ""))
+          + (f"; train {train['tokens_per_s']:,.0f} tok/s, MFU {train['mfu']:.1%} ({train['layout']})" if train else "")
+          + (f"; serve {served['output_tok_per_s']:,.1f} output tok/s" if served else ""))
     return 0
 
 
@@ -140,7 +163,9 @@ def register(bench: argparse._SubParsersAction) -> None:
         "run", help="the validation report: environment, train, decode, memory, OOM frontier, numerics, telemetry",
         description="Measure a model on this machine and write OUT/report.json (schema longcat.bench.report/1), "
         "OUT/report.md with PNG plots, and OUT/telemetry.jsonl. Every value carries its unit in its key; one that "
-        "could not be measured is null with the reason. `longcat bench compare` sets two reports side by side; "
+        "could not be measured is null with the reason. With --nproc N the train section is `longcat train --nproc N "
+        "--parallel LAYOUT` and the decode cells run on N ranks; --serve or --serve-url adds the serve section. "
+        "`longcat bench compare` sets two reports side by side (refusing cells of different layouts); "
         "`longcat plan calibrate --from OUT/report.json` makes a planner hardware entry from one. docs/VALIDATION.md.",
     )
     r.add_argument("--model", required=True, metavar="PRESET|DIR",
@@ -160,9 +185,20 @@ def register(bench: argparse._SubParsersAction) -> None:
                         "CPU into OUT/hardware-calibration.toml; on a GPU the catalog entry that names it)")
     r.add_argument("--peak-tflops", type=float, default=None,
                    help="MFU denominator in TFLOP/s, when you know the device's peak better than a measurement")
-    r.add_argument("--serve-url", default=None,
-                   help="a running OpenAI-compatible server; the serve section is not measured by the report yet and "
-                        "records why (load-test it with `longcat bench serve`)")
+    r.add_argument("--nproc", type=int, default=1,
+                   help="ranks on this node (torchrun): N > 1 measures the train section with `longcat train --nproc N "
+                        "--parallel LAYOUT` (the Trainer) and the decode cells on N ranks each holding its shard "
+                        "(as `longcat generate --nproc N`); the layout is recorded and compared (default 1)")
+    r.add_argument("--parallel", default=None, metavar="LAYOUT",
+                   help="with --nproc: the training layout, e.g. dp_shard=2,ep=2 (default dp_shard=N). Decoding uses "
+                        "it when it is an inference layout (tp and ep only), else tp=N,ep=N as `longcat generate`")
+    r.add_argument("--serve", action="store_true",
+                   help="serve section: start `longcat serve` with this model on 127.0.0.1 (a preset gets its seed-0 "
+                        "weights and a tokenizer trained on the embedded corpus), send the suite's seeded load "
+                        "through `longcat bench serve`'s generator, then stop it")
+    r.add_argument("--serve-url", default=None, metavar="URL",
+                   help="serve section: send the same load to a running OpenAI-compatible server instead, e.g. "
+                        "http://127.0.0.1:8000 (its model is whatever it serves)")
     r.add_argument("--skip", nargs="+", default=[], choices=["train", "decode", "oom_frontier", "numerics"],
                    help="sections to leave out (recorded as null with the reason)")
     r.add_argument("--no-progress", action="store_true", help="log lines instead of the progress bar")

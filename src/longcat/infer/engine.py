@@ -267,6 +267,12 @@ class Engine:
             self.prompt_prefix = [self.bos_id] if add_bos else []
         self._cache: LatentCache | None = None
         self._busy = False  # one generation at a time: they share the cache
+        if compile and getattr(model, "inference_ranks", None) is not None:
+            from ..errors import UserError
+
+            # the ranks' all-reduces run from forward hooks and the MoE dispatcher, eagerly
+            raise UserError("Engine(compile=True) does not support a model sharded for inference on several "
+                            "ranks (parallel.inference.shard_for_inference); use compile=False")
         self.runner = DecodeStep(model, compile=compile)
 
     # --- public API ------------------------------------------------------------------------------

@@ -19,9 +19,15 @@ import torch
 
 IGNORE_INDEX = -100
 
-# Rows per block: a (rows, vocab) fp32 block of 1024 x 8192 is 32 MiB, small next to the step's
-# activations, large enough that the block's GEMMs run at full speed.
-BLOCK_ROWS = 1024
+# Bytes of one block's (rows, vocab) fp32 logits: small enough that the block's several passes
+# (log-sum-exp, softmax, scaling, cast) stay in a CPU's last-level cache, large enough that its
+# GEMMs run at full speed; never fewer than MIN_BLOCK_ROWS rows.
+BLOCK_BYTES = 8 << 20
+MIN_BLOCK_ROWS = 128
+
+
+def block_rows_for(vocab: int) -> int:
+    return max(MIN_BLOCK_ROWS, BLOCK_BYTES // (4 * vocab))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -66,7 +72,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                         block_rows: int = BLOCK_ROWS) -> torch.Tensor:
+                         block_rows: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `labels` (IGNORE_INDEX rows left out).
 
     hidden (..., H), weight (V, H), labels (...) -> scalar fp32. Under autocast the products run in
@@ -76,8 +82,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     dtype = hidden.dtype
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
+    hidden = hidden.reshape(-1, H).to(dtype)
+    block_rows = block_rows or block_rows_for(weight.shape[0])
+    if not torch.is_grad_enabled():  # the forward computes gradients for inputs that require them
+        hidden, weight = hidden.detach(), weight.detach()
     with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden.reshape(-1, H).to(dtype), weight, labels.reshape(-1), block_rows)
+        return _LinearCrossEntropy.apply(hidden, weight, labels.reshape(-1), block_rows)
 
 
-__all__ = ["IGNORE_INDEX", "linear_cross_entropy"]
+__all__ = ["IGNORE_INDEX", "block_rows_for", "linear_cross_entropy"]

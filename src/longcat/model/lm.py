@@ -13,9 +13,24 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import MLA, AttentionContext
+from .cross_entropy import linear_cross_entropy
+from .fp8 import dense_weight, is_fp8
 from .layers import RMSNorm, RotaryEmbedding, SwiGLU, linear
 from .moe import MoE, MoEStats
 from .ngram import NgramEmbedding
+
+
+class OutputHead(nn.Linear):
+    """The output projection (V, H). Given `labels`, it returns the mean cross-entropy of its
+    logits instead of the logits, without ever holding them (`linear_cross_entropy`). Either way it
+    is called as a module, so FSDP's gather hooks see the use."""
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., H) -> logits (..., V); with labels (...), the scalar fp32 mean loss."""
+        if labels is None:
+            return super().forward(x)
+        weight = dense_weight(self, dtype=torch.float32) if is_fp8(self.weight) else self.weight
+        return linear_cross_entropy(x, weight, labels)
 
 
 class DecoderLayer(nn.Module):
@@ -114,12 +129,13 @@ class RouterStats:
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor | None  # (B, T, V); None when the forward was given labels
     hidden_states: torch.Tensor  # (B, T, H) after the final norm
     mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth d: (B, T-d, V), predicts x[t+d+1]
     router: RouterStats | None = None
     indexer_loss: torch.Tensor | None = None
     pre_norm_hidden: torch.Tensor | None = None  # (B, T, H) last layer output, before the norm
+    losses: dict[str, torch.Tensor] | None = None  # "lm", "mtp1", ...: forward(labels=...) computed them
 
 
 class LongCatForCausalLM(nn.Module):
@@ -132,7 +148,7 @@ class LongCatForCausalLM(nn.Module):
         self.ngram = NgramEmbedding(config) if config.ngram_enabled else None
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(H, config.rms_norm_eps)
-        self.lm_head = nn.Linear(H, config.vocab_size, bias=False)
+        self.lm_head = OutputHead(H, config.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPLayer(config, 2 * config.num_layers + d) for d in range(config.mtp_num_layers))
         self.rotary = RotaryEmbedding(config, config.qk_rope_head_dim)
         # "sparse": LSA selects tokens; "dense": warm-up stage, attention dense, indexer still trained
@@ -177,12 +193,16 @@ class LongCatForCausalLM(nn.Module):
         mtp: bool | None = None,
         indexer_loss: bool | None = None,
         logits_to_keep: int = 0,
+        labels: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """input_ids (B, T) -> CausalLMOutput.
 
         positions (B, T): absolute positions (default 0..T-1); with a `LatentCache` the keys
         written so far are attended to. `mtp` (default: training) also runs the MTP heads.
         `logits_to_keep` > 0 computes logits for the last that many positions only.
+        `labels` (B, T) (the token after each position, as `lm_losses` takes them): the output
+        carries the next-token and MTP losses instead of logits, computed block by block without
+        the (B, T, V) logits (what training needs; `lm_losses` reads them).
         """
         B, T = input_ids.shape
         if positions is None:
@@ -204,7 +224,11 @@ class LongCatForCausalLM(nn.Module):
             if il is not None:
                 index_losses.append(il)
         normed = self.norm(h)
-        logits = linear(normed[:, -logits_to_keep:] if logits_to_keep else normed, self.lm_head)
+        losses = None
+        if labels is not None:
+            logits, losses = None, {"lm": self.lm_head(normed, labels=labels)}
+        else:
+            logits = linear(normed[:, -logits_to_keep:] if logits_to_keep else normed, self.lm_head)
 
         mtp_logits = []
         if mtp and self.mtp:
@@ -215,7 +239,10 @@ class LongCatForCausalLM(nn.Module):
                 # position t of depth d reads the embedding of x[t+d] and predicts x[t+d+1]
                 sub = AttentionContext(cos[..., : T - d, :], sin[..., : T - d, :], positions[..., : T - d], cache, ctx.sparse)
                 prev, normed_d = head(emb[:, d:], prev[:, : T - d], sub)
-                mtp_logits.append(linear(normed_d, self.lm_head))
+                if losses is not None:
+                    losses[f"mtp{d}"] = self.lm_head(normed_d, labels=labels[:, d:])
+                else:
+                    mtp_logits.append(linear(normed_d, self.lm_head))
 
         slot, base = self._active_counts()
         router = RouterStats(
@@ -233,6 +260,7 @@ class LongCatForCausalLM(nn.Module):
             router=router,
             indexer_loss=torch.stack(index_losses).mean() if index_losses else None,
             pre_norm_hidden=h,
+            losses=losses,
         )
 
     # --- decoding over a latent cache: what the inference engine runs for every step, eagerly or
@@ -279,8 +307,10 @@ def lm_losses(output: CausalLMOutput, labels: torch.Tensor, ignore_index: int = 
     """Next-token loss and one loss per MTP depth.
 
     labels (B, T): the token that follows each input position (inputs shifted by one), so MTP depth
-    d at position t predicts labels[t+d].
+    d at position t predicts labels[t+d]. A forward given these labels has computed them already.
     """
+    if output.losses is not None:
+        return dict(output.losses)
     V = output.logits.shape[-1]
     out = {"lm": F.cross_entropy(output.logits.reshape(-1, V).float(), labels.reshape(-1), ignore_index=ignore_index)}
     for d, logits in enumerate(output.mtp_logits, start=1):

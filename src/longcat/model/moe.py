@@ -100,14 +100,19 @@ class GroupedExperts(nn.Module):
     def _grouped(self, x: torch.Tensor, counts: torch.Tensor, experts: slice) -> torch.Tensor:
         """The two grouped GEMMs for the rows x of `experts` (counts per expert of that range)."""
         dtype = compute_dtype(x)
-        offsets = counts.cumsum(0).to(torch.int32)
         index = None if experts == slice(None) else torch.arange(experts.start, experts.stop, device=x.device)
         gate_up = self.weights("gate_up_proj", dtype, index).transpose(-2, -1)  # (N, H, 2F)
         down = self.weights("down_proj", dtype, index).transpose(-2, -1)  # (N, F, H)
-        h = grouped_mm(x.to(dtype), gate_up, offsets, counts)
+        x = x.to(dtype)
+        placed = None
+        if x.device.type == "cpu" and x.shape[0] >= gate_up.shape[0]:
+            x, counts, placed = bucket_rows(x, counts)
+        offsets = counts.cumsum(0).to(torch.int32)
+        h = grouped_mm(x, gate_up, offsets, counts)
         gate, up = h.split(self.inner, dim=-1)
         h = (F.silu(gate) * up).contiguous()
-        return grouped_mm(h, down, offsets, counts)
+        out = grouped_mm(h, down, offsets, counts)
+        return out if placed is None else out.index_select(0, placed)
 
     def _forward_fp8(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """FP8-resident experts, a range of experts at a time: each range is dequantized for its
@@ -128,6 +133,42 @@ class GroupedExperts(nn.Module):
         """gate_up_proj or down_proj in `dtype` (of the experts in `index` only, when given),
         dequantized when FP8-resident (gate and up each on their own block grid)."""
         return dense_weight(self, name, dtype, parts=2 if name == "gate_up_proj" else 1, index=index)
+
+
+def bucketed_count(rows: int) -> int:
+    """`rows` rounded up to a multiple of an eighth of its power of two (at least 16): at most 8
+    distinct sizes per octave, at most 1/8 extra rows."""
+    if rows == 0:
+        return 0
+    grain = max(16, 1 << max(0, rows.bit_length() - 4))
+    return -(-rows // grain) * grain
+
+
+def bucket_rows(x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (M, K) grouped by expert -> (x padded with zero rows to bucketed group sizes (M', K),
+    bucketed counts (N,), placed (M,): where each row of x now sits).
+
+    On CPU every GEMM of a new (rows, K, N) shape makes oneDNN build a kernel (its primitive cache
+    holds 1024): with exact group sizes, which change with every batch's routing, each expert's
+    GEMMs in forward and backward build new kernels at every step, and that costs more than the
+    products. Bucketed, the sizes repeat and the kernels are reused. Zero rows add nothing to any
+    product or weight gradient, and their outputs are dropped.
+    """
+    exact = counts.tolist()
+    padded = [bucketed_count(c) for c in exact]
+    shift = torch.tensor([p_start - e_start for p_start, e_start in zip(_starts(padded), _starts(exact))],
+                         device=x.device)
+    placed = torch.arange(x.shape[0], device=x.device) + shift.repeat_interleave(counts, output_size=x.shape[0])
+    out = x.new_zeros(sum(padded), x.shape[1]).index_copy(0, placed, x)
+    return out, torch.tensor(padded, dtype=counts.dtype, device=counts.device), placed
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    starts, total = [], 0
+    for size in sizes:
+        starts.append(total)
+        total += size
+    return starts
 
 
 # Devices where torch._grouped_mm is known to work; elsewhere (e.g. Ascend NPU) loop over experts.

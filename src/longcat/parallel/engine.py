@@ -153,7 +153,8 @@ class ParallelModel:
         with_mtp = weights.with_mtp(self.config)
         with_indexer = weights.with_indexer(self.config)
         with self._autocast():
-            out = self.module(x, positions=positions, cache=self.cp_kv, mtp=with_mtp, indexer_loss=with_indexer)
+            out = self.module(x, positions=positions, cache=self.cp_kv, mtp=with_mtp, indexer_loss=with_indexer,
+                              labels=y)
         counts = self._all_reduce(out.router.counts.clone(), "dp_cp")
         losses = training_losses(
             out, y, mtp_weight=weights.mtp, z_loss=weights.z_loss, balance=weights.balance,

@@ -119,7 +119,7 @@ class LocalEngine:
         inputs = inputs.to(self.device)  # (B, T) int64
         labels = labels.to(self.device)
         with self._autocast():
-            out = self.module(inputs, mtp=weights.with_mtp(self.config), indexer_loss=with_indexer)
+            out = self.module(inputs, mtp=weights.with_mtp(self.config), indexer_loss=with_indexer, labels=labels)
         losses = training_losses(out, labels, mtp_weight=weights.mtp, z_loss=weights.z_loss,
                                  balance=weights.balance, indexer=weights.indexer if with_indexer else 0.0)
         (losses["loss_total"] * scale).backward()

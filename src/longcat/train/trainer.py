@@ -187,6 +187,10 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
+            # deterministic mode also fills every new tensor with NaN, a full write of each
+            # activation; the step never reads memory it has not written, so that costs without
+            # guarding anything
+            torch.utils.deterministic.fill_uninitialized_memory = False
         self.device = resolve_device(cfg.device, setting="train.device") if dims is None else dims.device
         self.autocast_dtype = resolve_precision(cfg.precision, self.device)
         random.seed(cfg.seed)
