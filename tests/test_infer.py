@@ -76,14 +76,16 @@ def test_cached_decoding_equals_full_recomputation_with_sparse_attention(tiny, m
     import longcat.model.attention as attention
 
     sparse_calls = []
-    original = attention.select_tokens
+    original = attention.select_positions
 
-    def counting(scores, causal, config):
-        keep = original(scores, causal, config)
-        sparse_calls.append(keep is not None and scores.shape[1] == 1)
-        return keep
+    def counting(scores, positions, config, **kw):
+        selection = original(scores, positions, config, **kw)
+        # a decode step whose query keeps fewer than all of its keys
+        sparse_calls.append(scores.shape[1] == 1 and bool((~selection.valid).sum() == 0)
+                            and int(positions.max()) >= config.index_topk)
+        return selection
 
-    monkeypatch.setattr(attention, "select_tokens", counting)
+    monkeypatch.setattr(attention, "select_positions", counting)
     prompts = _prompts([30, 7, 2])  # 30 + 24 > index_topk = 24: LSA selects tokens while decoding
     results = Engine(tiny, prefill_chunk=8).generate(prompts, GREEDY)
     assert any(sparse_calls), "decode never ran the sparse selection over cached indexer keys"

@@ -121,12 +121,93 @@ def test_gemm_library_cache_is_measured_and_planned():
     hw = load_hardware("cpu-local", {"library_cache_gib": 0.5, "library_cache_per_shape_mib": 2.0})
     dense = load_architecture("llama3-405b")
     moe = load_architecture("small")
-    for arch, saturated in ((dense, False), (moe, True)):
-        p = Planner(TrainSetup(arch, hw, load_stack("pytorch-eager"), 1, 256, 256 * 4, precision="autocast"))
-        plan = p.evaluate(Layout(microbatch=4, zero=0, dp=1))
-        expected = 0.5 * GiB if saturated else p.gemm_shapes * 2.0 * 2**20
+    exact = load_stack("pytorch-eager", {"expert_row_buckets": 0})
+    layout = Layout(microbatch=4, zero=0, dp=1)
+    for arch, stack, saturated in ((dense, "pytorch-eager", False), (moe, exact, True), (moe, "pytorch-eager", False)):
+        stack = load_stack(stack) if isinstance(stack, str) else stack
+        p = Planner(TrainSetup(arch, hw, stack, 1, 256, 256 * 4, precision="autocast"))
+        plan = p.evaluate(layout)
+        expected = 0.5 * GiB if saturated else p.library_shapes(layout) * 2.0 * 2**20
         assert plan.memory["library"] == pytest.approx(expected)
-    # 2 kernels (gate_up, down) per routed expert and MoE block, each its own row count
-    assert p.gemm_shapes >= 2 * moe.n_routed_experts * moe.moe_layers
+    # exact row counts: 2 kernels (gate_up, down) per routed expert and MoE block, each its own row count
+    assert Planner(TrainSetup(moe, hw, exact, 1, 256, 1024, precision="autocast")).library_shapes(layout) \
+        >= 2 * moe.n_routed_experts * moe.moe_layers
+    # bucketed rows: 2 per bucketed size, shared by every expert and block; the fused loss's blocks
+    # add the MTP head's partial one (4 x 255 = 1,020 rows: 3 blocks of 256 and one of 252)
+    assert p.library_shapes(layout) == p.dense_gemm_shapes + 2 * p.expert_buckets(layout)[1] + 1
     assert Planner(TrainSetup(dense, load_hardware("h100"), load_stack("modern"), 8, 256, 256 * 8)).evaluate(
         Layout(dp=8, zero=1)).memory["library"] == 0.0  # GPU entries: counted in reserved_gib
+
+
+def _small_planner(**stack_changes) -> Planner:
+    return Planner(TrainSetup(load_architecture("small"), load_hardware("cpu-local"),
+                              load_stack("pytorch-eager", stack_changes), 1, 256, 256 * 16, precision="autocast"))
+
+
+def test_fused_loss_holds_blocks_not_logits():
+    """The fused chunked cross-entropy (Liger / Cut Cross-Entropy; longcat.model.cross_entropy) keeps
+    per head the hidden-state gradient and the fp32 head-weight gradient, plus one block's transient,
+    instead of every head's logits: the planner counts exactly that, with the runtime's block size."""
+    import torch
+
+    from longcat.model.cross_entropy import BLOCK_BYTES, MIN_BLOCK_ROWS, block_rows_for, linear_cross_entropy
+
+    stack = load_stack("pytorch-eager")  # the cpu-local stack: `longcat train` as it runs
+    assert (stack.loss_block_bytes, stack.loss_block_min_rows) == (BLOCK_BYTES, MIN_BLOCK_ROWS)
+    fused, unfused = _small_planner(), _small_planner(loss_block_bytes=0)
+    layout = Layout(microbatch=16, zero=0, dp=1)
+    a = fused.s.arch
+    tokens, V, H, heads = 16 * 256, a.vocab_size, a.hidden_size, 1 + a.mtp_layers
+    rows = block_rows_for(V)
+    assert fused._loss_block_rows(layout) == rows
+    expected_fused = heads * (tokens * H * 2 + V * H * 4) + rows * V * 8 + V * H * 8 + tokens * H * 2
+    expected_unfused = tokens * V * (6 * heads + 10)  # bf16 logits + fp32 log-probs per head; the backward's
+    got_fused, got_unfused = fused.evaluate(layout).memory["logits"], unfused.evaluate(layout).memory["logits"]
+    assert got_fused == pytest.approx(expected_fused) and got_unfused == pytest.approx(expected_unfused)
+    assert got_fused < got_unfused / 10
+    # small blocks: never fewer rows than the floor
+    assert _small_planner(loss_block_bytes=4 * 64 * 1000)._loss_block_rows(layout) == 128  # the floor
+    # the kept part is what the runtime keeps: its saved tensors after the forward
+    hidden = torch.randn(300, 32, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(50, 32, requires_grad=True)
+    loss = linear_cross_entropy(hidden, weight, torch.randint(0, 50, (300,)))
+    kept = sum(t.numel() * t.element_size() for t in loss.grad_fn.saved_tensors)
+    assert kept == 300 * 32 * 2 + 50 * 32 * 4
+
+
+def test_fused_loss_step_time_and_bucketed_expert_rows():
+    """Step time: the fused loss runs the loss's forward and backward element-wise passes at once
+    (FUSED_LOSS_BYTES_PER_LOGIT) and one op chain per block; bucketed expert rows (CPU) add their zero
+    rows' GEMM work and, as longcat.model.moe pads them, few distinct row counts."""
+    from longcat.model.moe import bucketed_count
+    from longcat.plan.train import FUSED_LOSS_BYTES_PER_LOGIT, UNFUSED_LOSS_BYTES_PER_LOGIT
+
+    fused, unfused = _small_planner(), _small_planner(loss_block_bytes=0)
+    layout = Layout(microbatch=16, zero=0, dp=1)
+    a, hw = fused.s.arch, fused.s.hw
+    bw = hw.hbm_bandwidth_gbs * 1e9 * hw.memory_efficiency
+    logits = (1 + a.mtp_layers) * 16 * 256 * a.vocab_size
+    f_last, u_last = fused._extras(layout)[1], unfused._extras(layout)[1]
+    assert f_last["memory_bound"] - u_last["memory_bound"] == pytest.approx(
+        (FUSED_LOSS_BYTES_PER_LOGIT - 3 * UNFUSED_LOSS_BYTES_PER_LOGIT) * logits / bw)
+    assert f_last["overhead"] > u_last["overhead"]  # an op chain per block
+    # the planner's buckets are the runtime's
+    assert all(fused._bucketed(n) == bucketed_count(n) for n in range(1, 5000))
+    padding, sizes = fused.expert_buckets(layout)
+    # balanced router: 4096 tokens x 8 FFN slots / 128 experts = 256 rows per expert, sigma 16
+    assert 0 < padding < 1 / 8 and sizes == len({bucketed_count(n) for n in range(192, 321)})
+    exact = _small_planner(expert_row_buckets=0)
+    padded_t, exact_t = fused._layer_time(True, layout), exact._layer_time(True, layout)
+    q = fused._layer(True, 1, 1, 16)
+    assert padded_t["compute"] - exact_t["compute"] == pytest.approx(3 * q["t_expert"] * padding)
+    assert exact_t["compute"] < padded_t["compute"]
+
+
+def test_calibration_measures_the_training_runtime_without_changing_the_process():
+    import torch
+
+    from longcat.plan.calibrate import training_runtime_rss
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
+    assert training_runtime_rss(torch) > 0
+    assert (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory) == before

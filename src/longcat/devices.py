@@ -71,4 +71,23 @@ def resolve_device(name: str | torch.device, *, setting: str = "device") -> torc
     return device
 
 
-__all__ = ["DeviceError", "auto_device", "resolve_device"]
+def synchronize(device: torch.device | str) -> None:
+    """Wait until `device` has finished the work queued on it."""
+    device = torch.device(device)
+    if device.type in ("cpu", "meta"):
+        return
+    accelerator = torch.accelerator
+    if accelerator.is_available() and accelerator.current_accelerator().type == device.type:
+        accelerator.synchronize(device)
+        return
+    # A backend that torch.accelerator does not report (an out-of-tree one such as torch_npu on an
+    # older build) still has its own module with the same call.
+    backend = getattr(torch, device.type, None)
+    sync = getattr(backend, "synchronize", None)
+    if not callable(sync):
+        raise DeviceError(f"cannot wait for {device}: neither torch.accelerator nor torch.{device.type} "
+                         "can synchronize it")
+    sync(device)
+
+
+__all__ = ["DeviceError", "auto_device", "resolve_device", "synchronize"]

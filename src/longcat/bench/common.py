@@ -13,6 +13,7 @@ import time
 import torch
 
 from ..config import ModelConfig, preset
+from ..devices import synchronize
 
 CLOCKS = ("wall", "cpu")
 
@@ -29,23 +30,6 @@ def random_prompts(lengths, vocab_size: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(3, vocab_size, (n,), generator=g).tolist() for n in lengths]
 
 
-def synchronize(device: torch.device | str) -> None:
-    """Wait until `device` has finished the work queued on it."""
-    device = torch.device(device)
-    if device.type in ("cpu", "meta"):
-        return
-    accelerator = torch.accelerator
-    if accelerator.is_available() and accelerator.current_accelerator().type == device.type:
-        accelerator.synchronize(device)
-        return
-    # A backend that torch.accelerator does not report (an out-of-tree one such as torch_npu on an
-    # older build) still has its own module with the same call.
-    backend = getattr(torch, device.type, None)
-    sync = getattr(backend, "synchronize", None)
-    if not callable(sync):
-        raise ValueError(f"cannot wait for {device}: neither torch.accelerator nor torch.{device.type} "
-                         "can synchronize it")
-    sync(device)
 
 
 class Timer:

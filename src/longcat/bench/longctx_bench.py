@@ -10,7 +10,10 @@ Three sections:
    to what the planner (`longcat plan serve --engine longcat`) predicts for that model and context.
 2. The decode curve: for each length of --curve up to --context, one decode step over a latent
    cache of that length, LSA and dense (median ms of --decode-steps steps; the cache holds random
-   latents: the step's time and memory do not depend on the values, only on the length).
+   latents: the step's time and memory do not depend on the values, only on the length). `--clock
+   cpu` times the steps in process CPU time instead of wall time: on a machine shared with other
+   jobs it leaves out the time spent waiting for a core (with --threads 1 it is the step's latency
+   on an idle core, up to the memory bandwidth the other jobs take).
 3. LSA fidelity: for each curve length up to --fidelity-max, a real prefill, then the share of the
    dense attention distribution (summed over heads, every layer's first sublayer) that falls on the
    tokens LSA selects for the next query.
@@ -29,6 +32,7 @@ import torch
 
 GiB = 2**30
 REFERENCE_CONTEXT = 16384
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def bench_model(preset_name: str, context: int, new_tokens: int, model_dir: str | None, overrides: dict):
@@ -81,8 +85,9 @@ def _generate(engine, context: int, new_tokens: int, seed: int) -> dict:
 
 
 @torch.inference_mode()
-def decode_step_ms(model, length: int, mode: str, steps: int) -> float:
-    """Median ms of one decode step at position `length` over a cache of random latents."""
+def decode_step_ms(model, length: int, mode: str, steps: int, clock: str = "wall") -> float:
+    """Median ms of one decode step at position `length` over a cache of random latents, timed by
+    `clock` ("wall" or "cpu": this process's CPU time)."""
     from ..model import LatentCache
 
     config = model.config
@@ -96,13 +101,14 @@ def decode_step_ms(model, length: int, mode: str, steps: int) -> float:
     ids = torch.tensor([[5]])
     positions = torch.tensor([[length]])
     history = torch.full((1, config.oe_neighbor_num - 1), 5) if config.ngram_enabled else None
+    now = CLOCKS[clock]
     times = []
     try:
         for _ in range(steps + 1):
             cache.begin(positions)
-            t = time.perf_counter()
+            t = now()
             model.decode(ids, positions, cache, history)
-            times.append(1000 * (time.perf_counter() - t))
+            times.append(1000 * (now() - t))
     finally:
         model.lsa_mode = previous
     return statistics.median(times[1:])
@@ -159,7 +165,7 @@ def lsa_fidelity(model, length: int, chunk: int, seed: int = 0) -> float | None:
 def run_longctx_bench(*, preset_name: str, context: int, new_tokens: int = 64, curve: list[int] | None = None,
                       fidelity_max: int = 16384, prefill_chunk: int = 0, decode_steps: int = 5,
                       model_dir: str | None = None, overrides: dict | None = None, skip_run: bool = False,
-                      log: Callable[[str], None] = print) -> dict:
+                      clock: str = "wall", log: Callable[[str], None] = print) -> dict:
     from ..eval.longctx import check_memory, memory_estimate
     from ..infer.engine import Engine
 
@@ -173,7 +179,7 @@ def run_longctx_bench(*, preset_name: str, context: int, new_tokens: int = 64, c
     result: dict = {"preset": preset_name if model_dir is None else None, "model": model_dir,
                     "context_tokens": context, "new_tokens": new_tokens, "prefill_chunk": chunk,
                     "index_topk": config.index_topk if config.lsa_enabled else None,
-                    "threads": torch.get_num_threads()}
+                    "threads": torch.get_num_threads(), "curve_clock": clock}
     if not skip_run:
         engine = Engine(model, max_seq_len=context + new_tokens + 8, prefill_chunk=chunk)
         ref = min(REFERENCE_CONTEXT, context)
@@ -203,8 +209,9 @@ def run_longctx_bench(*, preset_name: str, context: int, new_tokens: int = 64, c
         if length > context:
             continue
         point = {"context": length,
-                 "lsa_decode_ms": decode_step_ms(model, length, "sparse", decode_steps) if config.lsa_enabled else None,
-                 "dense_decode_ms": decode_step_ms(model, length, "dense", decode_steps),
+                 "lsa_decode_ms": decode_step_ms(model, length, "sparse", decode_steps, clock)
+                 if config.lsa_enabled else None,
+                 "dense_decode_ms": decode_step_ms(model, length, "dense", decode_steps, clock),
                  "cache_bytes": memory_estimate(config, length, batch=1, prefill_chunk=1)["cache_bytes"]}
         if length <= fidelity_max:
             point["lsa_fidelity"] = lsa_fidelity(model, length, chunk)
@@ -233,7 +240,7 @@ def auto_chunk(config, context: int, budget_bytes: float = 2 * GiB) -> int:
 
 def format_report(r: dict) -> str:
     lines = [f"long-context run: {r['context_tokens']:,} tokens, prefill chunk {r['prefill_chunk']}, "
-             f"LSA top-{r['index_topk']}, {r['threads']} threads"]
+             f"LSA top-{r['index_topk']}, {r['threads']} threads, curve in {r['curve_clock']} time"]
     if "prefill_tokens_per_s" in r:
         lines += [
             f"  prefill               {r['prefill_tokens_per_s']:,.0f} tokens/s ({r['prefill_s']:.0f} s)",
@@ -287,7 +294,7 @@ def _run_cli(args) -> int:
         preset_name=args.preset, context=context, new_tokens=args.new_tokens, curve=curve,
         fidelity_max=0 if args.fidelity_max.strip() == "0" else parse_length(args.fidelity_max), prefill_chunk=args.prefill_chunk,
         decode_steps=args.decode_steps, model_dir=args.model, overrides=parse_overrides(args.set),
-        skip_run=args.curve_only, log=log,
+        skip_run=args.curve_only, clock=args.clock, log=log,
     )
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0
@@ -314,6 +321,9 @@ def register(bench) -> None:
     p.add_argument("--fidelity-max", default="16k", help="longest curve length whose LSA fidelity is measured "
                    "(each needs a real prefill of that length; 0 = none)")
     p.add_argument("--decode-steps", type=int, default=5, help="decode steps timed per curve point (median)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="how the curve's decode steps are timed: wall (default) or cpu (this process's CPU time, "
+                        "which leaves out waiting for a core on a shared machine; use with --threads 1)")
     p.add_argument("--prefill-chunk", type=int, default=0,
                    help="prompt positions per prefill forward (default 0: the largest power of two up to 512 "
                         "whose working set over the context stays within 2 GiB)")

@@ -7,6 +7,7 @@ alike. The reported number is the ratio of median step times.
 
 from __future__ import annotations
 
+import os
 import statistics
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -16,6 +17,9 @@ import torch
 from ..reference import transformers_reference
 from ..model import build_model, lm_losses
 from .common import Timer, comparable_config
+
+
+ONEDNN_KERNEL_CACHE = 16384
 
 
 @dataclass
@@ -64,6 +68,11 @@ def run_model_bench(
 ) -> list[BenchResult]:
     if threads:
         torch.set_num_threads(threads)
+    # On CPU, oneDNN keeps the kernels it builds per bf16 GEMM shape in one cache per process (1024
+    # by default, read at its first use): transformers' expert loop makes a few thousand new shapes
+    # per step, which would evict ours and bill their rebuilding to our steps. Room for both keeps
+    # each model's cost its own.
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_KERNEL_CACHE))
     device = torch.device(device)
     # "cpu" (process CPU time) is robust to other load on a shared machine; use it with threads=1.
     timer = Timer(clock, device)
@@ -77,7 +86,8 @@ def run_model_bench(
     # One extra token: inputs are the first seq_len, labels the next (each side's own loss API).
     x = torch.randint(0, config.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
     x = x.to(device)
-    ours_fwd = lambda t: lm_losses(ours(t[:, :-1], mtp=False), t[:, 1:])["lm"]  # noqa: E731
+    # the training path: the head computes the loss block by block, never holding the logits
+    ours_fwd = lambda t: lm_losses(ours(t[:, :-1], mtp=False, labels=t[:, 1:]), t[:, 1:])["lm"]  # noqa: E731
     # transformers' own training loss (it shifts labels inside)
     ref_fwd = (lambda t: reference(t[:, :-1], labels=t[:, :-1]).loss) if reference is not None else None  # noqa: E731
 

@@ -223,13 +223,13 @@ def format_report(result: dict) -> str:
         f"{hw['expert_gemm_efficiency']:.2f}, attention eff {hw['attention_efficiency']:.2f}, memory "
         f"{hw['hbm_bandwidth_gbs']:.1f} GB/s, {hw['kernel_overhead_us']:.1f} us/op, runtime {hw['reserved_gib']:.2f} GiB",
         f"{'':22s}{'predicted':>12s}{'measured':>12s}{'error':>9s}",
-        f"{'step time (s)':22s}{t:12.3f}{real['step_time_s']:12.3f}{err['step_time']:+9.1%}"
+        f"{'step time (s)':22s}{t:12.4g}{real['step_time_s']:12.4g}{err['step_time']:+9.1%}"
         f"   ({real['clock']}, +- {real['step_time_std_s']:.3f} s over {real['steps']} steps, {real['threads']} "
         f"thread(s); wall clock {real['wall_step_time_s']:.3f} s)",
-        f"{'peak memory (GiB)':22s}{m:12.3f}{real['peak_rss_gib']:12.3f}{err['peak_memory']:+9.1%}"
+        f"{'peak memory (GiB)':22s}{m:12.4g}{real['peak_rss_gib']:12.4g}{err['peak_memory']:+9.1%}"
         f"   (peak RSS over the run; {real['peak_rss_two_steps_gib']:.2f} GiB after two steps; torch runtime alone "
         f"{real['baseline_rss_gib']:.2f} GiB)",
-        f"{'peak live memory (GiB)':22s}{m:12.3f}{real['peak_live_gib']:12.3f}{err['peak_live_memory']:+9.1%}"
+        f"{'peak live memory (GiB)':22s}{m:12.4g}{real['peak_live_gib']:12.4g}{err['peak_live_memory']:+9.1%}"
         f"   (peak RSS with every buffer mmapped: no allocator retention)",
     ]
     kv = result.get("kv_cache")

@@ -14,6 +14,7 @@ Two execution paths share one set of weights:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -62,16 +63,46 @@ class Indexer(nn.Module):
         return self._rope(self.k_norm(linear(x, self.wk)), cos, sin)
 
     def scores(
-        self, x: torch.Tensor, q_latent: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, x: torch.Tensor, q_latent: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        workspace: "Callable[[str, tuple, torch.dtype], torch.Tensor] | None" = None,
     ) -> torch.Tensor:
-        """Index scores (B, T, S) of the T queries against S keys (no mask applied)."""
+        """Index scores (B, T, S) in fp32 of the T queries against S keys (no mask applied).
+
+        Two batched products: the per-head logits (B, T*h, S) in one pass over the keys, then their
+        head-weighted sum. `workspace(name, shape, dtype)` (inference only: the outputs are written
+        with out=) supplies reusable buffers so a decode step allocates nothing of the context's size.
+        """
         B, T, _ = x.shape
-        q = self._rope(linear(q_latent, self.wq_b).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        # Scores in fp32 even under autocast (einsum would otherwise run in bf16).
+        S = keys.shape[1]
+        h, d = self.n_heads, self.head_dim
+        q = self._rope(linear(q_latent, self.wq_b).view(B, T, h, d), cos, sin)
+        # Scores in fp32 even under autocast (the products would otherwise run in bf16).
         with torch.autocast(x.device.type, enabled=False):
-            weights = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads**-0.5  # (B, T, h)
-            logits = torch.einsum("bthd,bsd->bths", q.float(), keys.float()).relu_()
-            return torch.einsum("bths,bth->bts", logits, weights) * self.head_dim**-0.5
+            # both scales (1/sqrt(heads) on the head weights, 1/sqrt(index_dim) on the sum) folded in
+            weights = F.linear(x.float(), self.weights_proj.weight.float()) * (h**-0.5 * d**-0.5)  # (B, T, h)
+            q = q.float().reshape(B, T * h, d)
+            if workspace is None:
+                logits = torch.bmm(q, keys.float().transpose(1, 2)).relu_()  # (B, T*h, S)
+                return torch.bmm(weights.view(B * T, 1, h), logits.view(B * T, h, S)).view(B, T, S)
+            logits = workspace("index_logits", (B, T * h, S), torch.float32)
+            scores = workspace("index_scores", (B, T, S), torch.float32)
+            if keys.dtype == torch.float32:
+                torch.bmm(q, keys.transpose(1, 2), out=logits)
+            else:
+                # a bf16/fp16 key cache is widened block by block (exact products in fp32), never as a
+                # whole: the keys are the one thing a step reads at the context's length
+                for s0 in range(0, S, KEY_BLOCK):
+                    s1 = min(S, s0 + KEY_BLOCK)
+                    logits[:, :, s0:s1] = torch.bmm(q, keys[:, s0:s1].float().transpose(1, 2))
+            logits.relu_()
+            torch.bmm(weights.view(B * T, 1, h), logits.view(B * T, h, S), out=scores.view(B * T, 1, S))
+            return scores
+
+
+# Keys widened to fp32 per product when the key cache holds a narrower dtype.
+KEY_BLOCK = 16384
+# Keys per block of the top-k pre-selection (`select_positions`).
+SELECTION_BLOCK = 128
 
 
 def select_tokens(scores: torch.Tensor, causal: torch.Tensor, config: ModelConfig) -> torch.Tensor | None:
@@ -110,6 +141,82 @@ class GatheredSelection:
 
     index: torch.Tensor
     valid: torch.Tensor
+
+
+def select_positions(
+    scores: torch.Tensor, positions: torch.Tensor, config: ModelConfig, block: int | None = None
+) -> GatheredSelection:
+    """The selection of `select_tokens`, as cache positions, for queries over a latent cache.
+
+    scores (B, T, S) the index scores (overwritten: its sinks and local windows are masked in
+    place), positions (B|1, T) the queries' positions (a query at p sees keys 0..p). Returns index
+    (B, T, index_topk): the sinks, the middle keys chosen by score, the local window; a query that
+    sees at most index_topk keys keeps them all (valid marks which).
+
+    The chosen middle keys are exactly the stable sort's (ties to the earlier key), found without
+    a top-k over the row: the row's blocks of `block` keys (default SELECTION_BLOCK) are ranked by
+    their maximum; with tau the m-th largest block maximum (m middle keys to choose), every key of
+    the answer lies in a block whose maximum is > tau, or in one of the first m blocks whose maximum
+    equals tau (a block reaching tau holds a key equal to it, and the answer takes equal keys
+    earliest first). Those at most 2m - 1 blocks, in position order, are the candidates; the stable
+    choice among them is the answer. One pass over the scores (the block maxima) plus work on
+    O(m * block) candidates.
+    """
+    k, init, local = config.index_topk, config.index_init_tokens, config.index_local_tokens
+    block = block or SELECTION_BLOCK
+    B, T, S = scores.shape
+    device = scores.device
+    pos = positions.expand(B, T)
+    slots = torch.arange(k, device=device)
+    short = pos < k  # (B, T): sees at most k keys, keeps them all
+    short_index = slots.expand(B, T, k)
+    short_valid = slots <= pos.unsqueeze(-1)
+    m = k - init - local  # middle keys chosen by score
+    if bool(short.all()):
+        return GatheredSelection(short_index, short_valid)
+
+    # The middle of each row: keys init .. p - local (sinks, window and keys past p masked to -inf).
+    # Only the columns from the earliest query's window onwards can hold a window or a future key.
+    scores[..., :init] = float("-inf")
+    lo = max(int(pos.min()) - local + 1, 0)
+    tail = torch.arange(lo, S, device=device)
+    scores[..., lo:].masked_fill_(tail > (pos - local).unsqueeze(-1), float("-inf"))
+
+    if m > 0:
+        nb = -(-S // block)
+        if nb <= 2 * m - 1:  # the candidates would be the whole row
+            candidates, cand_pos = scores, torch.arange(S, device=device).expand(B, T, S)
+        else:
+            full = S // block * block
+            block_max = scores[..., :full].unflatten(-1, (S // block, block)).amax(-1)  # (B, T, nb)
+            if full < S:
+                block_max = torch.cat([block_max, scores[..., full:].amax(-1, keepdim=True)], dim=-1)
+            tau = block_max.topk(m, dim=-1).values[..., -1:]  # (B, T, 1)
+            at_tau = block_max == tau
+            chosen = (block_max > tau) | (at_tau & (at_tau.cumsum(-1) <= m))
+            # the chosen blocks in position order: rank by (nb - block), 0 for the rest (padding)
+            earliest = torch.where(chosen, nb - torch.arange(nb, device=device), 0).topk(2 * m - 1, dim=-1).values
+            blocks = (nb - earliest).clamp_max(nb - 1)  # (B, T, 2m-1)
+            cand_pos = (blocks.unsqueeze(-1) * block + torch.arange(block, device=device)).flatten(-2)
+            padding = (earliest == 0).repeat_interleave(block, dim=-1) | (cand_pos >= S)
+            candidates = scores.gather(-1, cand_pos.clamp_max(S - 1)).masked_fill_(padding, float("-inf"))
+        # stable choice among the candidates: all above the m-th value, then the earliest equal ones
+        kth = candidates.topk(m, dim=-1).values[..., -1:]
+        above = candidates > kth
+        tied = candidates == kth
+        room = m - above.sum(-1, keepdim=True, dtype=torch.int32)
+        keep = above | (tied & (tied.cumsum(-1, dtype=torch.int32) <= room))  # exactly m per long row
+        # short rows hold garbage: give them m columns too so every row has m
+        keep = torch.where(short.unsqueeze(-1), torch.arange(keep.shape[-1], device=device) < m, keep)
+        middle = cand_pos.gather(-1, keep.nonzero()[:, -1].view(B, T, m))
+    else:
+        middle = pos.new_empty(B, T, 0)
+    window = pos.unsqueeze(-1) - local + 1 + torch.arange(local, device=device)
+    sinks = slots[:init].expand(B, T, init)
+    index = torch.cat([sinks, middle, window], dim=-1)  # (B, T, k)
+    index = torch.where(short.unsqueeze(-1), short_index, index)
+    valid = short_valid | ~short.unsqueeze(-1)
+    return GatheredSelection(index, valid)
 
 
 # Queries per row up to which the absorbed attention is written out (scores over the cache as
@@ -165,8 +272,10 @@ class MLA(nn.Module):
         else:
             c_kv_all, k_rope_all = c_kv, k_rope
         S = c_kv_all.shape[1]
-        causal = ctx.positions.unsqueeze(-1) >= torch.arange(S, device=x.device)  # (B|1, T, S)
-        causal = causal.expand(B, T, S)
+
+        def causal() -> torch.Tensor:
+            # (B, T, S), built only where a path needs the mask: LSA over a cache never does
+            return (ctx.positions.unsqueeze(-1) >= torch.arange(S, device=x.device)).expand(B, T, S)
 
         index_loss = None
         if self.indexer is not None:
@@ -176,12 +285,12 @@ class MLA(nn.Module):
             out = self._dense_path(q_nope, q_rope, c_kv, k_rope, keep)
         elif keep is not None:
             if not isinstance(keep, GatheredSelection):
-                # (B, T, k): the kept keys first, then padding
+                # a keep-mask (the indexer-training path) -> (B, T, k): the kept keys first, then padding
                 chosen = keep.view(torch.uint8).topk(min(self.config.index_topk, keep.shape[-1]), dim=-1)
                 keep = GatheredSelection(chosen.indices, chosen.values.bool())
             out = self._selected_path(q_nope, q_rope, c_kv_all, k_rope_all, keep)
         else:
-            out = self._absorbed_path(q_nope, q_rope, c_kv_all, k_rope_all, causal)
+            out = self._absorbed_path(q_nope, q_rope, c_kv_all, k_rope_all, causal())
         return linear(out.reshape(B, T, -1), self.o_proj), keep, index_loss
 
     # ------------------------------------------------------------------------------------------
@@ -265,7 +374,9 @@ class MLA(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def _select(self, x, q_latent, ctx, layer, causal, q_nope, q_rope, c_kv_all, k_rope_all):
-        """Run the indexer; return (keep-mask or None, indexer KL loss or None)."""
+        """Run the indexer; return (selection or None, indexer KL loss or None). The selection is a
+        keep-mask (B, T, S) without a cache (and when training the indexer), else a
+        `GatheredSelection`. `causal()` builds the (B, T, S) causal mask."""
         cfg = self.config
         train_indexer = ctx.indexer_loss and torch.is_grad_enabled()
         # The indexer learns from its own loss only: its inputs are cut from the main graph.
@@ -273,22 +384,32 @@ class MLA(nn.Module):
         keys = self.indexer.keys(xi, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             keys = ctx.cache.write_index(layer, ctx.positions, keys)
+        S = keys.shape[1]
         if train_indexer:
             need_scores = True
-        elif not ctx.sparse or causal.shape[-1] <= cfg.index_topk:
+        elif not ctx.sparse or S <= cfg.index_topk:
             # no selection, or no query can see more than index_topk keys: exactly dense. Decided
             # from a size where it can be, so a compiled decode step has no data-dependent branch.
             need_scores = False
         else:
             # the most keys a query sees: causal keys are those at or before its position
-            need_scores = min(int(ctx.positions.max()) + 1, causal.shape[-1]) > cfg.index_topk
+            need_scores = min(int(ctx.positions.max()) + 1, S) > cfg.index_topk
         if not need_scores:
             return None, None
+        if ctx.cache is not None and not train_indexer:
+            # Over a cache: positions straight from the scores (one pass over them), no (B, T, S)
+            # mask. The selection is discrete, so no graph is kept; decode-sized steps score into
+            # the cache's reusable buffers.
+            workspace = getattr(ctx.cache, "workspace", None) if x.shape[1] <= DECODE_QUERIES else None
+            with torch.no_grad():
+                scores = self.indexer.scores(xi, qi, keys, ctx.cos, ctx.sin, workspace=workspace)
+                return select_positions(scores, ctx.positions, cfg), None
+        mask = causal()
         scores = self.indexer.scores(xi, qi, keys, ctx.cos, ctx.sin)  # (B, T, S)
-        keep = select_tokens(scores.detach(), causal, cfg) if ctx.sparse else None
+        keep = select_tokens(scores.detach(), mask, cfg) if ctx.sparse else None
         loss = None
         if train_indexer:
-            loss = self._indexer_kl(scores, causal if keep is None else keep, q_nope, q_rope, c_kv_all, k_rope_all)
+            loss = self._indexer_kl(scores, mask if keep is None else keep, q_nope, q_rope, c_kv_all, k_rope_all)
         return keep, loss
 
     @torch.no_grad()

@@ -6,14 +6,18 @@ decoder layer i, then 2*L + d for MTP depth d. LSA layers also cache their index
 
 The storage is one allocation per kind with the sublayer and row dims merged,
 (sublayers * allocated rows, max_len, d); `c_kv`, `k_rope`, `index_k` are (sublayers, rows,
-max_len, d) views of its first `rows` rows. A forward writes its tokens' keys with one `index_put_`
-into that allocation (in place under torch.compile too: the static-cache pattern), then reads
-positions 0..span-1. A compiled decode step gets the allocations as inputs and rebuilds the cache
+max_len, d) views of its first `rows` rows. The indexer keys' allocation is feature-major,
+(layers * rows, d, max_len), and every view of it (storage() included) is its transpose, so the
+shapes are the same as the other kinds' and only the strides differ. A forward writes its tokens'
+keys with one `index_put_` into that allocation (in place under torch.compile too: the
+static-cache pattern), then reads positions 0..span-1. A compiled decode step gets the allocations as inputs and rebuilds the cache
 around them with `LatentCache.over`, its span the size of a tensor (dynamic, so one graph serves
 every length).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -37,7 +41,12 @@ class LatentCache:
         r = torch.zeros(*alloc, config.qk_rope_head_dim, dtype=dtype, device=device)
         i = None
         if config.lsa_enabled:
-            i = torch.zeros(config.num_layers * batch_size, max_len, config.index_head_dim, dtype=dtype, device=device)
+            # Stored feature-major, (layers * rows, index_dim, max_len), and seen through its
+            # (layers * rows, max_len, index_dim) transpose like the other kinds: a decode step's
+            # indexer product reads every cached key, and with each feature contiguous along the
+            # positions it streams at memory bandwidth (a key-major layout runs at about half of it).
+            i = torch.zeros(config.num_layers * batch_size, config.index_head_dim, max_len, dtype=dtype,
+                            device=device).transpose(1, 2)
         self._setup(config, n, (c, r, i), batch_size, max_len)
         # Tokens cached per sequence; maintained by the caller (the inference engine).
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -50,6 +59,8 @@ class LatentCache:
         self.allocated_rows = self._c.shape[0] // num_sublayers
         self.rows = rows
         self._span = span
+        # scratch buffers of the LSA indexer's decode steps, by name (see workspace())
+        self._workspace: dict[str, torch.Tensor] = {}
 
     @classmethod
     def over(cls, config: ModelConfig, storage: tuple, rows: int, span, num_sublayers: int) -> "LatentCache":
@@ -120,6 +131,19 @@ class LatentCache:
     def write_index(self, layer: int, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         return self._write(self._i, layer, positions, keys)
 
+    def workspace(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """A scratch tensor of `shape`, reused by every call with the same name (its previous contents
+        are garbage). Sparse decode steps score every cached key into these instead of allocating
+        context-sized tensors per step (fresh pages each time); grown by half again when too small,
+        shared with narrowed views, freed with the cache."""
+        need = math.prod(shape)
+        buf = self._workspace.get(name)
+        if buf is None or buf.numel() < need or buf.dtype != dtype:
+            grown = need if buf is None or buf.dtype != dtype else max(need, buf.numel() * 3 // 2)
+            self._workspace.pop(name, None)  # release the old buffer before allocating its successor
+            buf = self._workspace[name] = torch.empty(grown, dtype=dtype, device=self._c.device)
+        return buf[:need].view(shape)
+
     def narrow(self, batch_size: int) -> "LatentCache":
         """A cache over the first `batch_size` rows that shares this cache's storage (no copy).
 
@@ -129,6 +153,7 @@ class LatentCache:
             raise ValueError(f"cannot narrow a cache of {self.allocated_rows} rows to {batch_size}")
         view = LatentCache.over(self.config, self.storage(), batch_size, self._span, self.num_sublayers)
         view.lengths = self.lengths[:batch_size]
+        view._workspace = self._workspace
         return view
 
     def copy_rows(self, src: torch.Tensor, dst: torch.Tensor) -> None:

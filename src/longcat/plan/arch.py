@@ -325,7 +325,7 @@ class Architecture:
 
     # --- memory per token of one block ---------------------------------------------------------------------
     def layer_tensors(self, moe: bool, seq_len: int, *, flash: bool, mtp: bool = False, residual_bytes: int = 2,
-                      eager: bool = False, fp8_cache: bool = False) -> "LayerTensors":
+                      eager: bool = False, fp8_cache: bool = False, expert_padding: float | None = None) -> "LayerTensors":
         """Saved activations and element-wise traffic of one block (bytes per token, forward).
 
         Korthikanti et al. 2022 (GPT, no flash, dropout) gives 34*H + 5*a*S bytes saved per token
@@ -345,6 +345,11 @@ class Architecture:
         backward (norm outputs, the attention output before o_proj, the experts' dispatched rows)
         are stored in e4m3 with one fp32 scale per 128 values, and the experts' SwiGLU keeps its
         two inputs in FP8 and recomputes its product.
+
+        `expert_padding` (a share of the rows, None when rows are not padded): each expert's rows
+        padded with zeros to a bucketed count (Stack.expert_row_buckets): the experts' GEMM inputs
+        and intermediates grow by that share, and the copy into the padded buffer (index_copy)
+        keeps its bf16 source rows for the backward.
 
         `LayerTensors.light` records what recomputing only the norms and the MLA up-projections
         (recompute=norm_up, DeepSeek-V3 §3.2.3) drops: every norm output and the per-head q, k, v
@@ -410,7 +415,10 @@ class Architecture:
             if fp8_cache and self.mlp == "swiglu":
                 ffn["saved"] = 2 * g * self.expert_ffn_hidden_size  # gate and up in FP8; the product recomputed
             combine_source = r * H if eager else 0  # autograd keeps index_add's source rows
-            t.add("exp", saved=slots * ((g + 2) * H + combine_source + ffn["saved"]), traffic=slots * ((2 * r + 6) * H + ffn["traffic"]))
+            pad = 1 + (expert_padding or 0.0)
+            padding_source = 2 * H if expert_padding is not None else 0  # index_copy keeps its source
+            t.add("exp", saved=slots * (pad * (g * H + ffn["saved"]) + 2 * H + combine_source + padding_source),
+                  traffic=slots * ((2 * r + 6) * H + ffn["traffic"]))
             for _ in range(self.n_shared_experts):
                 t.add("par", **self._ffn_tensors(self.expert_ffn_hidden_size, eager))
         return t

@@ -11,8 +11,9 @@ What is measured, and how it maps to the planner's fields:
 - memory_efficiency: bytes over time for the element-wise kernels a step runs (casts, products,
   SiLU, log-softmax over the vocabulary, MoE gather and scatter-add), over that bandwidth;
 - kernel_overhead_us: the time of a tiny eager op with autograd (dispatch, not work);
-- hbm_gib: physical memory; reserved_gib: this process's resident memory once torch is loaded
-  (the runtime's own share, which a training process pays before any tensor);
+- hbm_gib: physical memory; reserved_gib: this process's resident memory once torch and the model
+  are loaded and deterministic algorithms are on, as the Trainer sets itself up (the runtime's own
+  share, which a training process pays before any tensor);
 - library_cache_gib, library_cache_per_shape_mib: the GEMM library's kernel cache. oneDNN (behind
   PyTorch's CPU matmuls) keeps a compiled primitive with its scratch memory for every GEMM shape it
   has run, up to a fixed capacity. Measured by running linear layers (forward and backward) of
@@ -146,6 +147,23 @@ def _elementwise_mix(torch, arch, tokens: int):
     ]
 
 
+def training_runtime_rss(torch) -> int:
+    """Resident bytes of a process set up as `longcat train` sets itself up, before any tensor:
+    torch and the model package loaded, deterministic algorithms on (the Trainer's default
+    `train.deterministic`; turning them on maps tens of MiB once). The process's previous
+    deterministic settings are restored; the memory stays mapped either way."""
+    from .. import model  # noqa: F401  (the training process's own modules)
+
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return current_rss_bytes()
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
 def measure(quick: bool = False, threads: int | None = None, arch=None, tokens: int = 4096, seq_len: int = 512,
             cpu_time: bool = False) -> dict[str, Any]:
     """Measure this machine. With `arch`, the GEMM and attention efficiencies are measured on that
@@ -159,7 +177,7 @@ def measure(quick: bool = False, threads: int | None = None, arch=None, tokens: 
     if cpu_time and torch.get_num_threads() != 1:
         raise ValueError("cpu_time=True needs threads=1: with more threads CPU seconds add up across threads")
     _clock = time.process_time if cpu_time else time.perf_counter
-    baseline_rss = current_rss_bytes()
+    baseline_rss = training_runtime_rss(torch)
     # first, while no other GEMM has filled it: the library's per-shape cache
     out_cache = library_cache(torch, shapes=60 if quick else 400)
     n = 256 if quick else 2048
@@ -309,7 +327,7 @@ def to_toml(measured: dict[str, Any], name: str = "cpu-local") -> str:
         f'gemm_efficiency = "bf16 matmuls forward + backward, shapes (M, K, N) {measured["gemm_shapes"]}'
         + (f' ({measured["model"]} at {measured["tokens"]} tokens)' if measured.get("model") else " (generic)") + '"',
         f'attention_efficiency = "causal SDPA forward+backward, bf16, (B, heads, T, d_qk, d_v) = {measured["attention_shape"]}"',
-        'reserved_gib = "resident memory of a process with torch loaded, before any model tensor"',
+        'reserved_gib = "resident memory of a process set up as longcat train (torch and the model loaded, deterministic algorithms on), before any model tensor"',
         'library_cache_gib = "plateau of the resident memory the GEMM library (oneDNN) keeps per GEMM shape it has run: bf16 linear layers forward + backward at new row counts until the growth stops"',
         'library_cache_per_shape_mib = "the same growth per linear-layer shape (forward + backward), before the plateau"',
         'hbm_bandwidth_gbs = "fp32 multiply on 256 MiB buffers (read + write)"',
@@ -330,4 +348,5 @@ def default_output(name: str = "cpu-local") -> Path:
     return user_dir("hardware") / f"{name}.toml"
 
 
-__all__ = ["measure", "to_toml", "default_output", "peak_rss_bytes", "current_rss_bytes", "resident_bytes", "library_cache"]
+__all__ = ["measure", "to_toml", "default_output", "peak_rss_bytes", "current_rss_bytes", "resident_bytes", "library_cache",
+           "training_runtime_rss"]

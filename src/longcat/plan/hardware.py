@@ -213,6 +213,22 @@ class Stack:
     ema_offload: bool = False  # ... kept in host memory, updated asynchronously (DeepSeek-V3 §3.3.1): no device memory
     logits_bytes: float = 6.0  # per logit element kept: bf16 logits + fp32 log-probabilities
     logits_backward_bytes: float = 6.0  # transient per logit element in the loss backward (fused: fp32 grad + bf16 grad)
+    # Fused linear cross-entropy (Liger Kernel's FusedLinearCrossEntropy, Hsu et al. 2024; Apple's
+    # Cut Cross-Entropy, Wijmans et al. 2024; longcat.model.cross_entropy): the head's logits are
+    # made a block of rows at a time, turned into the loss and the gradients at once and dropped,
+    # so no (tokens, vocab) tensor is ever held and the logits_* fields above do not apply.
+    # 0 = unfused. > 0: bytes of one block's fp32 logits (rows = this / (4 * vocab), at least
+    # loss_block_min_rows); the step keeps each head's hidden-state gradient (compute dtype) and
+    # fp32 head-weight gradient instead.
+    loss_block_bytes: float = 0.0
+    loss_block_min_rows: float = 128.0
+    # Routed experts' grouped GEMMs on rows padded with zeros to bucketed counts
+    # (longcat.model.moe.bucketed_count, on CPU): a GEMM library that builds a kernel per shape
+    # (oneDNN) then sees a few sizes again and again instead of a new size per expert and step.
+    # 0 = exact row counts; > 0: each expert's rows rounded up to a multiple of 1/this of their
+    # power of two, at least expert_row_bucket_min rows (the padding is real work on zeros).
+    expert_row_buckets: float = 0.0
+    expert_row_bucket_min: float = 16.0
     optimizer_traffic_bytes: float = 30.0  # AdamW step bytes per local parameter: fused kernel (fp32 master, m, v, grad, bf16 copy)
     persistent_grads: bool = True  # gradients live in a buffer for the whole step (Megatron, FSDP), not set to None
     elementwise_passes: float = 1.0  # traffic of a block's element-wise work relative to fused kernels
@@ -231,22 +247,27 @@ STACKS: dict[str, Stack] = {
         name="megatron-2021", flash_attention=False, sequence_parallel=False, tp_overlap=0.0,
         overlap_grad_reduce=False, grad_reduce_bytes=2.0, pp_scatter_gather=True, balance_stages=False,
     ),
-    # One PyTorch process as `longcat train` runs it: SDPA (flash kernels), torch.optim.AdamW in
-    # its single-tensor form (eight passes over the state: 80 bytes per parameter), gradients set to
-    # None between steps, an unfused cross-entropy (fp32 log-probabilities kept; the backward holds
-    # two fp32 gradients and a bf16 one per logit), and element-wise chains run op by op: an RMSNorm
-    # makes ~7 passes over its tensor where a fused kernel makes 2, SwiGLU 5 instead of 3, a residual
-    # add 3 either way -- about twice the fused traffic over a block.
     # DeepSeek-V3's FP8 training framework (DeepSeek-AI 2024, §3.2-3.3): FP8 GEMM inputs cached for
     # the backward (1x128 tile scales), AdamW moments in bf16, an EMA of the weights in host memory.
     # Recompute of norms and MLA up-projections and the DualPipe overlap are layout choices
     # (recompute=norm_up, ep_schedule=dualbatch).
     "deepseek-v3": Stack(name="deepseek-v3", fp8_activation_cache=True, optimizer_state_bytes=2.0, ema=True,
                          ema_offload=True),
+    # One PyTorch process as `longcat train` runs it: SDPA (flash kernels), torch.optim.AdamW in
+    # its single-tensor form (eight passes over the state: 80 bytes per parameter), gradients set to
+    # None between steps, the fused chunked cross-entropy of longcat.model.cross_entropy (8 MiB of
+    # fp32 logits per block, at least 128 rows: its BLOCK_BYTES and MIN_BLOCK_ROWS; with
+    # loss_block_bytes=0 the unfused F.cross_entropy path: fp32 log-probabilities kept, the backward
+    # holding two fp32 gradients and a bf16 one per logit), and element-wise
+    # chains run op by op: an RMSNorm makes ~7 passes over its tensor where a fused kernel makes 2,
+    # SwiGLU 5 instead of 3, a residual add 3 either way -- about twice the fused traffic over a block.
+    # On CPU the experts' rows are padded to 8 bucketed sizes per octave, at least 16
+    # (longcat.model.moe.bucketed_count).
     "pytorch-eager": Stack(
         name="pytorch-eager", flash_attention=True, sequence_parallel=False, overlap_grad_reduce=True,
         optimizer_traffic_bytes=80.0, logits_backward_bytes=10.0, persistent_grads=False, elementwise_passes=2.0,
-        eager_autograd=True,
+        eager_autograd=True, loss_block_bytes=float(8 << 20), loss_block_min_rows=128.0, expert_row_buckets=8.0,
+        expert_row_bucket_min=16.0,
     ),
 }
 

@@ -40,6 +40,16 @@ PRECISIONS = ("bf16", "fp8", "autocast")
 # Kernels launched per forward of one part (eager PyTorch / Megatron without CUDA graphs). Only
 # matters where the per-kernel overhead is large against the work (small models, CPUs).
 KERNELS = {"attention": 14, "indexer": 10, "ffn": 6, "moe": 22, "norm_residual": 4}
+# The fused chunked cross-entropy (Stack.loss_block_bytes > 0, longcat.model.cross_entropy) does
+# the loss's forward and backward element-wise work in the forward, block by block, per logit:
+# cast the bf16 product to fp32 (6 B), log-sum-exp (two reads: 8), subtract it and exponentiate in
+# place (8 + 8), scale (8), cast the gradient to bf16 (6). The unfused loss moves ~14 B per logit
+# forward (upcast, log-softmax, gather) and twice that backward.
+FUSED_LOSS_BYTES_PER_LOGIT = 44.0
+UNFUSED_LOSS_BYTES_PER_LOGIT = 14.0
+# Eager ops per block of the fused loss (three GEMMs, casts, log-sum-exp, gather, the in-place
+# softmax-gradient chain, the row copy and the weight-gradient accumulation).
+FUSED_LOSS_OPS_PER_BLOCK = 19
 
 
 @dataclass
@@ -214,15 +224,76 @@ class Planner:
         self.muon_share = max(0.0, 1 - non_matrix / self.total_params)
         # distinct linear-layer shapes one step runs: the GEMM library keeps a kernel per shape
         # (Hardware.library_cache_*). Every block has the same weight shapes; a routed expert's
-        # row count differs by block and by step, so each expert of each MoE block is one more.
+        # exact row count differs by block and by step, so each expert of each MoE block is one
+        # more (`gemm_shapes` replaces them by the bucketed sizes when the stack pads rows).
         attn_shapes = 5 if a.attention == "mla" else 4
         attn_shapes += 3 if a.index_heads else 0
         dense_shapes = attn_shapes + 3 + (3 if a.n_shared_experts else 0) + (1 if a.is_moe else 0) + 1 + (a.mtp_layers > 0)
         dense_shapes += 1 if a.ngram_proj_params else 0
+        # each MTP depth d runs its block on S - d positions per sequence: its own row counts
+        dense_shapes += a.mtp_layers * (attn_shapes + (3 if a.mtp_ffn == "dense" or not a.is_moe else 1))
         expert_layers = a.moe_layers + (a.mtp_layers if a.mtp_ffn == "moe" and a.is_moe else 0)
-        self.gemm_shapes = dense_shapes + 2 * a.n_routed_experts * expert_layers
+        self.dense_gemm_shapes = dense_shapes
+        self.gemm_shapes = dense_shapes + 2 * a.n_routed_experts * expert_layers  # exact row counts
+        self._bucket_cache: dict[tuple, tuple[float, int]] = {}
         self._layer_time_cache: dict[tuple, dict[str, float]] = {}
         self._extras_cache: dict[tuple, tuple[dict[str, float], dict[str, float]]] = {}
+
+    def expert_buckets(self, L: Layout) -> tuple[float, int]:
+        return self._expert_buckets(L.tp, L.cp, L.microbatch, L.ep)
+
+    def _expert_buckets(self, tp: int, cp: int, b: int, ep: int) -> tuple[float, int]:
+        """(padding share, distinct padded row counts) of the routed experts' grouped GEMMs on a
+        stack that pads each expert's rows to bucketed counts (Stack.expert_row_buckets > 0).
+
+        The router is assumed balanced, as everywhere in the planner: a local expert's rows are
+        Poisson with mean mu = routed rows per device / local experts. The sizes counted are the
+        buckets of mu +- 4 sigma (over thousands of expert-blocks per run the loads reach ~4 sigma);
+        the padding is the expected gap to the bucket, over that distribution."""
+        a, stack = self.s.arch, self.s.stack
+        key = (tp, cp, b, ep)
+        if key in self._bucket_cache:
+            return self._bucket_cache[key]
+        tokens = b * self.s.seq_len / cp / (tp if stack.sequence_parallel else 1)
+        mu = tokens * a.slots * ep / a.n_routed_experts
+        sigma = math.sqrt(mu)
+        lo, hi = max(1, math.floor(mu - 4 * sigma)), max(1, math.ceil(mu + 4 * sigma))
+        sizes, rows = set(), lo
+        while rows <= hi:
+            sizes.add(self._bucketed(rows))
+            rows = self._bucketed(rows) + 1
+        stride = max(1, (hi - lo) // 4000)
+        weight = gap = 0.0
+        for rows in range(lo, hi + 1, stride):
+            w = math.exp(-0.5 * ((rows - mu) / sigma) ** 2) if sigma > 0 else 1.0
+            weight += w
+            gap += w * (self._bucketed(rows) - rows)
+        result = (gap / weight / mu if mu > 0 else 0.0, len(sizes))
+        self._bucket_cache[key] = result
+        return result
+
+    def _bucketed(self, rows: int) -> int:
+        """`rows` rounded up to the stack's bucket (longcat.model.moe.bucketed_count for 8 and 16)."""
+        stack = self.s.stack
+        power = 1 << (rows.bit_length() - 1)
+        grain = max(int(stack.expert_row_bucket_min), int(power / stack.expert_row_buckets))
+        return -(-rows // grain) * grain
+
+    def library_shapes(self, L: Layout) -> int:
+        """Distinct GEMM shapes a step runs (see __init__): with bucketed expert rows, two (gate_up,
+        down) per bucketed size, shared by every expert and block."""
+        a, stack = self.s.arch, self.s.stack
+        shapes = self.gemm_shapes
+        if a.is_moe and stack.expert_row_buckets > 0:
+            shapes = self.dense_gemm_shapes + 2 * self.expert_buckets(L)[1]
+        if stack.loss_block_bytes > 0:
+            # the fused loss runs its GEMMs on blocks: a full block and each head's last partial
+            # one, in place of the heads' whole-batch GEMMs (one already counted)
+            rows = self._loss_block_rows(L)
+            sizes = {rows} | {n % rows for d in range(1 + a.mtp_layers)
+                              if (n := L.microbatch * (self.s.seq_len - d) / L.cp) % rows}
+            shapes += len(sizes) - 1
+        return shapes
 
     # --- per-layer quantities ------------------------------------------------------------------------
     @lru_cache(maxsize=None)
@@ -257,8 +328,11 @@ class Planner:
         expert_flops = 2 * routed_gemm * tokens / exp_div  # grouped GEMMs over the routed experts
         core_flops = core * tokens / tp
         # autocast keeps the residual stream (embedding output, norms, residual adds) in fp32
+        # padded expert rows: the share as for one EP rank (the saved bytes barely depend on ep)
+        padding = self._expert_buckets(tp, cp, b, 1)[0] if moe and a.is_moe and stack.expert_row_buckets > 0 else None
         t = a.layer_tensors(moe, S, flash=flash, mtp=mtp, residual_bytes=4 if s.precision == "autocast" else 2,
-                            eager=stack.eager_autograd, fp8_cache=stack.fp8_activation_cache and s.precision == "fp8")
+                            eager=stack.eager_autograd, fp8_cache=stack.fp8_activation_cache and s.precision == "fp8",
+                            expert_padding=padding)
         traffic_scale = stack.elementwise_passes
         rep_div = tp if sp else 1
         saved = {k: v * tokens for k, v in t.saved.items()}
@@ -310,6 +384,7 @@ class Planner:
         return {
             "gemm_flops": gemm_flops, "core_flops": core_flops,
             "t_gemm": t_gemm, "t_core": t_core, "t_mem": t_mem, "t_launch": t_launch,
+            "t_expert": expert_flops / (peak * hw.expert_gemm_efficiency) if expert_flops else 0.0,
             "t_s2_mem": traffic_scale * s2_traffic / (hw.hbm_bandwidth_gbs * 1e9 * hw.memory_efficiency),
             "fwd": fwd, "bwd": bwd, "overlap_share": overlap_share,
             "saved": saved_dev, "saved_s2": s2_dev, "saved_light": light_dev, "t_norm_up": t_norm_up,
@@ -376,6 +451,9 @@ class Planner:
         compute = (q["t_gemm"] + q["t_core"]) * 3 + 0.5 * q["t_core"] * (self.s.stack.flash_attention)
         mem = q["t_mem"] * 3
         launch = q["t_launch"] * 3
+        if moe and stack.expert_row_buckets > 0:
+            # zero rows padding each expert to its bucket: real GEMM work, forward and backward
+            compute += 3 * q["t_expert"] * self.expert_buckets(L)[0]
         if L.recompute == "full":
             compute += q["t_gemm"] + q["t_core"]
             mem += q["t_mem"]
@@ -442,9 +520,17 @@ class Planner:
         last = {"compute": 0.0, "memory_bound": 0.0, "overhead": 0.0}
         heads = 1 + a.mtp_layers
         last["compute"] = 3 * 2 * heads * V * H * tokens / L.tp / (self.peak * 1e12 * hw.gemm_efficiency)
-        # cross-entropy on V/tp logits per token and head: upcast, log-softmax, gradient (~14 B/elem forward)
-        last["memory_bound"] = 3 * 14 * heads * tokens * V / L.tp / bw + 3 * tokens * H * 4 / bw
-        last["overhead"] = 3 * 8 * heads * hw.kernel_overhead_us * 1e-6
+        logit_elems = heads * tokens * V / L.tp
+        if s.stack.loss_block_bytes > 0:
+            # fused: the same passes over each block, forward and backward at once; a block is sized
+            # to stay in cache, but the planner has no cache bandwidth, so they run at the element-wise rate
+            blocks = math.ceil(tokens / self._loss_block_rows(L))
+            last["memory_bound"] = FUSED_LOSS_BYTES_PER_LOGIT * logit_elems / bw + 3 * tokens * H * 4 / bw
+            last["overhead"] = (heads * blocks * FUSED_LOSS_OPS_PER_BLOCK + 3 * heads) * hw.kernel_overhead_us * 1e-6
+        else:
+            # cross-entropy on V/tp logits per token and head: upcast, log-softmax, gradient
+            last["memory_bound"] = 3 * UNFUSED_LOSS_BYTES_PER_LOGIT * logit_elems / bw + 3 * tokens * H * 4 / bw
+            last["overhead"] = 3 * 8 * heads * hw.kernel_overhead_us * 1e-6
         if a.mtp_layers:
             m = self._layer_time(a.mtp_ffn == "moe" and a.is_moe, L, mtp=True)
             for k in ("compute", "memory_bound", "overhead"):
@@ -723,6 +809,31 @@ class Planner:
                 stored += share * q["saved"]
         return stored, working
 
+    def _loss_block_rows(self, L: Layout) -> float:
+        """Rows per block of the fused loss: loss_block_bytes of fp32 logits, at least the minimum."""
+        stack = self.s.stack
+        tokens = L.microbatch * self.s.seq_len / L.cp
+        rows = max(stack.loss_block_min_rows, stack.loss_block_bytes / (4 * self.s.arch.vocab_size / L.tp))
+        return min(tokens, rows)
+
+    def _loss_bytes(self, L: Layout) -> float:
+        """What the output heads' loss holds at its peak on the last stage, for one micro-batch."""
+        a, stack = self.s.arch, self.s.stack
+        tokens = L.microbatch * self.s.seq_len / L.cp
+        heads = 1 + a.mtp_layers
+        V, H = a.vocab_size / L.tp, a.hidden_size
+        if stack.loss_block_bytes <= 0:
+            # unfused: every head's logits kept (logits_bytes each), plus the backward's transient
+            return tokens * V * (stack.logits_bytes * heads + stack.logits_backward_bytes)
+        # fused: kept until the backward, per head, the hidden-state gradient in the compute dtype
+        # (bf16) and the fp32 head-weight gradient; the transient of one block is its bf16 product,
+        # fp32 logits (softmax made in place) and bf16 gradient (2 + 4 + 2 B per logit), with the
+        # head weight's bf16 copy, the block's bf16 weight-gradient product and its fp32 upcast
+        # (2 + 2 + 4 B per weight) and the bf16 copy of the hidden states
+        kept = heads * (tokens * H * 2 + V * H * 4)
+        transient = self._loss_block_rows(L) * V * 8 + V * H * 8 + tokens * H * 2
+        return kept + transient
+
     def _memory(self, L: Layout, m: int, stages: tuple[int, int, int], held: dict):
         s, a, hw, stack = self.s, self.s.arch, self.s.hw, self.s.stack
         w_b, g_b, o_b = self._state_bytes()
@@ -736,9 +847,7 @@ class Planner:
             inflight = min(m, L.pp + (L.pp - 1) / L.vpp)
         else:
             inflight = min(m, L.pp)
-        tokens = L.microbatch * s.seq_len / L.cp
-        heads = 1 + a.mtp_layers
-        logits = tokens * a.vocab_size / L.tp * (stack.logits_bytes * heads + stack.logits_backward_bytes)
+        logits = self._loss_bytes(L)
         mtp_act = 0.0
         if a.mtp_layers:
             q = self._layer(a.mtp_ffn == "moe" and a.is_moe, L.tp, L.cp, L.microbatch, True)
@@ -784,7 +893,7 @@ class Planner:
                 memory["gradients"] = max(0.0, memory["gradients"] - freed)
             memory["comm_buffers"] = comm
             memory["reserved"] = hw.reserved_gib * GiB
-            memory["library"] = min(hw.library_cache_gib * GiB, self.gemm_shapes * hw.library_cache_per_shape_mib * 2**20)
+            memory["library"] = min(hw.library_cache_gib * GiB, self.library_shapes(L) * hw.library_cache_per_shape_mib * 2**20)
             if best is None or sum(memory.values()) > sum(best[0].values()):
                 best = (memory, where)
         return best

@@ -24,6 +24,11 @@ DEMO_TOKENIZER_BYTES = 8 * 2**20
 # its lead is worth in steps.
 DEMO_OPTIMIZER = "muon"
 DEMO_LR = 6e-3
+DEMO_WARMUP_STEPS = 30
+# The corpus is mostly Python source: the demo shows what it learnt from a code prompt.
+DEMO_SAMPLE_PROMPT = "def main(argv):\n"
+DEMO_SAMPLE_TOKENS = 120
+DEMO_SAMPLE_TEMPERATURE = 0.7
 DEMO_MARKER = ".longcat-demo"
 
 
@@ -262,13 +267,16 @@ def demo_run_config(overrides: list[str] | tuple[str, ...] = (), *, preset_name:
     """What `longcat demo` trains: the small preset (or `preset_name`) with the demo's defaults,
     then `overrides` (`model.FIELD=V` / `train.FIELD=V`), then `train_values` (the demo's flags)."""
     defaults = dict(steps=1_000_000, seq_len=DEMO_SEQ_LEN, micro_batch=DEMO_MICRO_BATCH, precision="auto",
-                    lr=DEMO_LR, warmup_steps=30, eval_every=0, eval_batches=16, checkpoint_every=0, sample_tokens=60)
+                    lr=DEMO_LR, warmup_steps=DEMO_WARMUP_STEPS, eval_every=0, eval_batches=16, checkpoint_every=0,
+                    sample_prompt=DEMO_SAMPLE_PROMPT, sample_tokens=DEMO_SAMPLE_TOKENS,
+                    sample_temperature=DEMO_SAMPLE_TEMPERATURE)
     train_values = {"optimizer": DEMO_OPTIMIZER, "threads": DEMO_THREADS, "time_budget": DEMO_TIME_BUDGET,
                     **train_values}
     return build_run_config(
         preset_name=preset_name,
-        overrides=[f"model.vocab_size={DEMO_VOCAB}", *(f"train.{k}={v}" for k, v in defaults.items()), *overrides],
+        overrides=[f"model.vocab_size={DEMO_VOCAB}", *overrides],
         train_values=train_values,
+        train_defaults=defaults,
     )
 
 

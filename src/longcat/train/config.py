@@ -281,11 +281,13 @@ def build_run_config(
     train_values: dict[str, Any] | None = None,
     base: RunConfig | None = None,
     default_preset: str = "small",
+    train_defaults: dict[str, Any] | None = None,
 ) -> RunConfig:
-    """Layering, lowest first: `base` (a resumed run) or the preset, the TOML file, `--set`, then
-    the dedicated flags (`train_values`: --data, --steps, ...)."""
+    """Layering, lowest first: `base` (a resumed run) or the preset, `train_defaults` (a command's
+    own defaults, e.g. the demo's), the TOML file, `--set`, then the dedicated flags
+    (`train_values`: --data, --steps, ...)."""
     model_values: dict[str, Any] = {}
-    train_dict: dict[str, Any] = {}
+    train_dict: dict[str, Any] = dict(train_defaults or {})
     name = preset_name
     if config_file is not None:
         file_preset, file_model, file_train = read_toml(config_file)

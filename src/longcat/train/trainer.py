@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, ModelConfig, from_dict
-from ..devices import resolve_device
+from ..devices import resolve_device, synchronize
 from ..model import build_model
 from ..model.count import count_parameters
 from ..telemetry import Telemetry
@@ -335,8 +335,7 @@ class Trainer:
             self.consecutive_skips += 1
         self.step += 1
         self.tokens_seen += tokens
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         dt = time.perf_counter() - t0
         self.train_time += dt
 
