@@ -151,25 +151,28 @@ def test_decode_steps_reuse_the_cache_workspace():
     assert cache.workspace("index_scores", (1, 1, 8), torch.float32).data_ptr() == pointers[0]["index_scores"]
 
 
-def test_indexer_scores_over_a_bf16_key_cache_equal_the_widened_product(monkeypatch):
-    """A bf16 key cache is widened to fp32 block by block into the workspace (blocks of 7 keys
-    here, the last one partial): the same scores as widening every key at once."""
-    monkeypatch.setattr(attention, "KEY_BLOCK", 7)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_indexer_scores_by_tile_equal_the_whole_product(monkeypatch, dtype):
+    """Without autograd the scores run tile by tile over the cached keys (7 keys a tile here, the
+    last one partial; a bf16 cache widened per tile), into the cache's workspace: the same scores
+    as the whole, differentiable product over the widened keys."""
+    monkeypatch.setattr(attention, "SCORE_TILE_BYTES", 0)
+    monkeypatch.setattr(attention, "MIN_TILE_KEYS", 7)
     cfg = preset("tiny")
     model = build_model(cfg, seed=0).eval()
     mla = model.layers[0].self_attn[0]
     B, T, S = 2, 3, 50
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, T, cfg.hidden_size, generator=g)
-    cache = LatentCache(cfg, B, 64, dtype=torch.bfloat16)
+    cache = LatentCache(cfg, B, 64, dtype=dtype)
     positions = torch.arange(S - T, S).unsqueeze(0)
     cos, sin = model.rotary(positions, torch.float32)
     with torch.no_grad():
         cache.begin(torch.tensor([[S - 1]]))
         cache.write_index(0, torch.arange(S).unsqueeze(0), torch.randn(B, S, cfg.index_head_dim, generator=g))
-        keys = cache.write_index(0, positions, mla.indexer.keys(x, cos, sin))  # (B, S, d) bf16
+        keys = cache.write_index(0, positions, mla.indexer.keys(x, cos, sin))  # (B, S, d) in the cache's dtype
         q_latent = mla.q_a_layernorm(mla.q_a_proj(x))
-        blockwise = mla.indexer.scores(x, q_latent, keys, cos, sin, workspace=cache.workspace)
-        widened = mla.indexer.scores(x, q_latent, keys.float(), cos, sin)
-    assert keys.dtype == torch.bfloat16 and blockwise.shape == (B, T, S)
-    torch.testing.assert_close(blockwise, widened, atol=1e-6, rtol=1e-6)
+        by_tile = mla.indexer.scores(x, q_latent, keys, cos, sin, workspace=cache.workspace)
+    whole = mla.indexer.scores(x, q_latent, keys.float(), cos, sin)  # grad enabled: the untiled path
+    assert keys.dtype == dtype and by_tile.shape == (B, T, S)
+    torch.testing.assert_close(by_tile, whole.detach(), atol=1e-6, rtol=1e-6)

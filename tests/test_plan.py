@@ -256,6 +256,7 @@ def test_calibrate_writes_a_loadable_entry(tmp_path):
     assert hw.name == "cpu-test" and hw.peak_tflops_bf16 > 0 and hw.hbm_bandwidth_gbs > 0
     assert hw.provenance["peak_tflops_bf16"] == "measured" and hw.provenance["scaleup_domain"] == "estimated"
     assert hw.provenance["memory_efficiency"] == "measured"
+    assert hw.cache_elementwise_gbs > 0 and hw.provenance["cache_elementwise_gbs"] == "measured"
     assert 0 < hw.expert_gemm_efficiency <= 1
 
 

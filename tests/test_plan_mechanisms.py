@@ -139,8 +139,8 @@ def test_gemm_library_cache_is_measured_and_planned():
         Layout(dp=8, zero=1)).memory["library"] == 0.0  # GPU entries: counted in reserved_gib
 
 
-def _small_planner(**stack_changes) -> Planner:
-    return Planner(TrainSetup(load_architecture("small"), load_hardware("cpu-local"),
+def _small_planner(hw_changes: dict | None = None, **stack_changes) -> Planner:
+    return Planner(TrainSetup(load_architecture("small"), load_hardware("cpu-local", hw_changes),
                               load_stack("pytorch-eager", stack_changes), 1, 256, 256 * 16, precision="autocast"))
 
 
@@ -182,7 +182,8 @@ def test_fused_loss_step_time_and_bucketed_expert_rows():
     from longcat.model.moe import bucketed_count
     from longcat.plan.train import FUSED_LOSS_BYTES_PER_LOGIT, UNFUSED_LOSS_BYTES_PER_LOGIT
 
-    fused, unfused = _small_planner(), _small_planner(loss_block_bytes=0)
+    memory_rate = {"cache_elementwise_gbs": 0}  # blocks at the element-wise rate through memory
+    fused, unfused = _small_planner(memory_rate), _small_planner(memory_rate, loss_block_bytes=0)
     layout = Layout(microbatch=16, zero=0, dp=1)
     a, hw = fused.s.arch, fused.s.hw
     bw = hw.hbm_bandwidth_gbs * 1e9 * hw.memory_efficiency
@@ -191,6 +192,10 @@ def test_fused_loss_step_time_and_bucketed_expert_rows():
     assert f_last["memory_bound"] - u_last["memory_bound"] == pytest.approx(
         (FUSED_LOSS_BYTES_PER_LOGIT - 3 * UNFUSED_LOSS_BYTES_PER_LOGIT) * logits / bw)
     assert f_last["overhead"] > u_last["overhead"]  # an op chain per block
+    # where the entry knows the rate of element-wise kernels on cache-resident blocks, the blocks run at it
+    cached = Planner(dataclasses.replace(fused.s, hw=load_hardware("cpu-local", {"cache_elementwise_gbs": 20.0})))
+    assert cached._extras(layout)[1]["memory_bound"] - f_last["memory_bound"] == pytest.approx(
+        FUSED_LOSS_BYTES_PER_LOGIT * logits * (1 / 20e9 - 1 / bw))
     # the planner's buckets are the runtime's
     assert all(fused._bucketed(n) == bucketed_count(n) for n in range(1, 5000))
     padding, sizes = fused.expert_buckets(layout)

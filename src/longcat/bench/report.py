@@ -81,6 +81,23 @@ def spread(values: list[float]) -> dict[str, Any]:
             "relative_spread": (max(values) - min(values)) / med if med else None}
 
 
+def _throughput(suite, step_times: list[float], flops_tok: float, peak_flops: float, peak_source: str) -> dict:
+    """The train section's speed keys, from the measured step times (warm-up already dropped)."""
+    tok_s = suite.train_seq_len * suite.train_micro_batch / statistics.median(step_times)
+    model_flops = tok_s * flops_tok
+    return {
+        "warmup_steps_excluded": suite.train_warmup,
+        "step_time_s": spread(step_times),
+        "tokens_per_s": tok_s,
+        "model_flops_per_token": flops_tok,
+        "model_flops_per_s": model_flops,
+        "hardware_flops_per_s": model_flops,
+        "hardware_flops_note": "no activation recomputation in this run, so hardware FLOPs equal model FLOPs",
+        "mfu": model_flops / peak_flops, "hfu": model_flops / peak_flops,
+        "mfu_denominator_flops_per_s": peak_flops, "mfu_denominator_source": peak_source,
+    }
+
+
 def null(reason: str) -> dict[str, Any]:
     return {"value": None, "reason": reason}
 
@@ -115,23 +132,11 @@ def train_section(subject, suite: Suite, device: torch.device, clock: str, threa
     step_times = real["step_times_s"]
     active = count_parameters(subject.config).active_params
     flops_tok = flops_per_token(subject.config, suite.train_seq_len, active, subject.config.mtp_num_layers > 0)
-    tok_s = tokens / statistics.median(step_times)
-    model_flops = tok_s * flops_tok
     section: dict[str, Any] = {
         "workload": {"seq_len": suite.train_seq_len, "micro_batch": suite.train_micro_batch, "tokens_per_step": tokens,
                      "data": "random token ids, seed 0", "optimizer": "AdamW (single-tensor)", "grad_accum": 1},
         "precision": "bf16 autocast, fp32 master weights",
-        "warmup_steps_excluded": suite.train_warmup,
-        "step_time_s": spread(step_times),
-        "tokens_per_s": tok_s,
-        "model_flops_per_token": flops_tok,
-        "model_flops_per_s": model_flops,
-        "hardware_flops_per_s": model_flops,
-        "hardware_flops_note": "no activation recomputation in this run, so hardware FLOPs equal model FLOPs",
-        "mfu": model_flops / peak["peak_flops"],
-        "hfu": model_flops / peak["peak_flops"],
-        "mfu_denominator_flops_per_s": peak["peak_flops"],
-        "mfu_denominator_source": peak["source"],
+        **_throughput(suite, step_times, flops_tok, peak["peak_flops"], peak["source"]),
         "clock": real["clock"], "threads": real["threads"],
         "peak_rss_gib": real["peak_rss_gib"],
         "peak_device_memory_gib": real["peak_device_memory_gib"],
@@ -357,8 +362,6 @@ def train_section_ranks(subject, suite: Suite, device: torch.device, threads: in
     tokens = suite.train_seq_len * suite.train_micro_batch
     step_times = [tokens / r["tokens_per_s"] for r in measured]
     flops_tok = statistics.median(r["model_flops_per_token"] for r in measured)
-    tok_s = tokens / statistics.median(step_times)
-    model_flops = tok_s * flops_tok
     # the ranks share one CPU (its peak is the machine's); on accelerators each rank has its own
     shared = device.type == "cpu"
     denominator = peak["peak_flops"] * (1 if shared else plan.processes)
@@ -373,15 +376,7 @@ def train_section_ranks(subject, suite: Suite, device: torch.device, threads: in
         "layout": str(plan.train_layout), "processes": plan.processes, "threads_per_rank": per_rank,
         "entry_point": "longcat train --nproc N --parallel LAYOUT (the Trainer)",
         "command": " ".join(["longcat", *cmd[3:]]),
-        "warmup_steps_excluded": suite.train_warmup,
-        "step_time_s": spread(step_times),
-        "tokens_per_s": tok_s,
-        "model_flops_per_token": flops_tok,
-        "model_flops_per_s": model_flops,
-        "hardware_flops_per_s": model_flops,
-        "hardware_flops_note": "no activation recomputation in this run, so hardware FLOPs equal model FLOPs",
-        "mfu": model_flops / denominator, "hfu": model_flops / denominator,
-        "mfu_denominator_flops_per_s": denominator, "mfu_denominator_source": source,
+        **_throughput(suite, step_times, flops_tok, denominator, source),
         "clock": "wall", "threads": per_rank * plan.processes,
         "peak_rank_memory_gib": rank_peak,
         "peak_rank_memory_kind": ("peak RSS (ru_maxrss) of each rank, the largest over ranks" if device.type != "cuda"

@@ -10,6 +10,12 @@ Two execution paths share one set of weights:
   never copied per query head, and every weight product goes through `layers.linear`. When LSA
   selects, it runs over the gathered `index_topk` selected latents per query instead of the whole
   cache, so its cost per query does not grow with the context (`_selected_path`).
+
+What does grow with the context is LSA's indexer: every query scores every cached key. Over a
+cache that is one tiled pass over the (feature-major) indexer keys into reusable buffers
+(`Indexer._scores_by_tile`), then `select_positions` turns the scores into cache positions with one
+more pass (block maxima; no sort, no (queries, keys) masks). Without a cache (training, a full
+forward) the same selection is the keep-mask of `select_tokens` on SDPA.
 """
 
 from __future__ import annotations
@@ -68,9 +74,10 @@ class Indexer(nn.Module):
     ) -> torch.Tensor:
         """Index scores (B, T, S) in fp32 of the T queries against S keys (no mask applied).
 
-        Two batched products: the per-head logits (B, T*h, S) in one pass over the keys, then their
-        head-weighted sum. `workspace(name, shape, dtype)` (inference only: the outputs are written
-        with out=) supplies reusable buffers so a decode step allocates nothing of the context's size.
+        Two batched products: the per-head logits (B, T*h, S), then their head-weighted sum. Without
+        autograd they run tile by tile over the keys (`_scores_by_tile`); `workspace(name, shape,
+        dtype)` then supplies reusable buffers, so a decode step allocates nothing of the context's
+        size.
         """
         B, T, _ = x.shape
         S = keys.shape[1]
@@ -81,26 +88,52 @@ class Indexer(nn.Module):
             # both scales (1/sqrt(heads) on the head weights, 1/sqrt(index_dim) on the sum) folded in
             weights = F.linear(x.float(), self.weights_proj.weight.float()) * (h**-0.5 * d**-0.5)  # (B, T, h)
             q = q.float().reshape(B, T * h, d)
-            if workspace is None:
+            if torch.is_grad_enabled():  # training: whole, differentiable products
                 logits = torch.bmm(q, keys.float().transpose(1, 2)).relu_()  # (B, T*h, S)
                 return torch.bmm(weights.view(B * T, 1, h), logits.view(B * T, h, S)).view(B, T, S)
-            logits = workspace("index_logits", (B, T * h, S), torch.float32)
+            return self._scores_by_tile(q, weights, keys, workspace)
+
+    def _scores_by_tile(self, q, weights, keys, workspace) -> torch.Tensor:
+        """q (B, T*h, d) fp32, weights (B, T, h), keys (B, S, d) -> scores (B, T, S).
+
+        Per tile of keys: the logits into a buffer of SCORE_TILE_BYTES (it stays in the core's
+        cache), relu, the head-weighted sum into the scores. Memory traffic is then the keys once
+        (a narrower key dtype widened per tile, never as a whole) and the scores once, instead of
+        also writing and twice reading (T*h, S) logits.
+        """
+        B, M, _ = q.shape
+        h = self.n_heads
+        T, S = M // h, keys.shape[1]
+        tile = min(S, max(MIN_TILE_KEYS, SCORE_TILE_BYTES // (4 * B * M)))
+        # logits of a tile, then (several query rows) its scores before they go to their rows: a
+        # product into a strided `out` would run batch by batch
+        size = B * M * tile + (B * T * tile if B * T > 1 else 0)
+        if workspace is not None:
             scores = workspace("index_scores", (B, T, S), torch.float32)
-            if keys.dtype == torch.float32:
-                torch.bmm(q, keys.transpose(1, 2), out=logits)
+            buffer = workspace("index_logits", (size,), torch.float32)
+        else:
+            scores = torch.empty(B, T, S, device=q.device)
+            buffer = torch.empty(size, device=q.device)
+        keys_t = keys.transpose(1, 2)  # (B, d, S): contiguous along the positions in the cache's layout
+        w = weights.view(B * T, 1, h)
+        for s0 in range(0, S, tile):
+            n = min(tile, S - s0)
+            logits = buffer[: B * M * n].view(B, M, n)
+            block = keys_t[:, :, s0 : s0 + n]
+            torch.bmm(q, block if block.dtype == torch.float32 else block.float(), out=logits).relu_()
+            if B * T == 1:
+                torch.bmm(w, logits.view(1, h, n), out=scores.view(1, 1, S)[:, :, s0 : s0 + n])
             else:
-                # a bf16/fp16 key cache is widened block by block (exact products in fp32), never as a
-                # whole: the keys are the one thing a step reads at the context's length
-                for s0 in range(0, S, KEY_BLOCK):
-                    s1 = min(S, s0 + KEY_BLOCK)
-                    logits[:, :, s0:s1] = torch.bmm(q, keys[:, s0:s1].float().transpose(1, 2))
-            logits.relu_()
-            torch.bmm(weights.view(B * T, 1, h), logits.view(B * T, h, S), out=scores.view(B * T, 1, S))
-            return scores
+                part = buffer[B * M * tile : B * M * tile + B * T * n].view(B * T, 1, n)
+                torch.bmm(w, logits.view(B * T, h, n), out=part)
+                scores[:, :, s0 : s0 + n] = part.view(B, T, n)
+        return scores
 
 
-# Keys widened to fp32 per product when the key cache holds a narrower dtype.
-KEY_BLOCK = 16384
+# Bytes of index logits computed per tile of keys (what stays in a core's L2 cache), and the
+# fewest keys per tile (so a long prefill chunk still takes wide products).
+SCORE_TILE_BYTES = 2 * 2**20
+MIN_TILE_KEYS = 256
 # Keys per block of the top-k pre-selection (`select_positions`).
 SELECTION_BLOCK = 128
 
@@ -398,9 +431,11 @@ class MLA(nn.Module):
             return None, None
         if ctx.cache is not None and not train_indexer:
             # Over a cache: positions straight from the scores (one pass over them), no (B, T, S)
-            # mask. The selection is discrete, so no graph is kept; decode-sized steps score into
-            # the cache's reusable buffers.
-            workspace = getattr(ctx.cache, "workspace", None) if x.shape[1] <= DECODE_QUERIES else None
+            # mask. The selection is discrete, so no graph is kept. The scores go to the cache's
+            # reusable buffers: fresh context-sized tensors would be page-faulted in at every step
+            # and chunk (the buffers keep the largest chunk's scores, B * T * S fp32, until the
+            # cache is freed).
+            workspace = getattr(ctx.cache, "workspace", None)
             with torch.no_grad():
                 scores = self.indexer.scores(xi, qi, keys, ctx.cos, ctx.sin, workspace=workspace)
                 return select_positions(scores, ctx.positions, cfg), None

@@ -159,8 +159,23 @@ def bucket_rows(x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, to
     shift = torch.tensor([p_start - e_start for p_start, e_start in zip(_starts(padded), _starts(exact))],
                          device=x.device)
     placed = torch.arange(x.shape[0], device=x.device) + shift.repeat_interleave(counts, output_size=x.shape[0])
-    out = x.new_zeros(sum(padded), x.shape[1]).index_copy(0, placed, x)
+    out = _PlaceRows.apply(x, placed, sum(padded))
     return out, torch.tensor(padded, dtype=counts.dtype, device=counts.device), placed
+
+
+class _PlaceRows(torch.autograd.Function):
+    """x (M, K) -> (rows, K) zeros with x's rows at `placed`. Unlike `index_copy`, whose backward
+    keeps its source, this keeps only the index: the padded rows are saved by the GEMM already."""
+
+    @staticmethod
+    def forward(ctx, x, placed, rows):  # noqa: D102
+        ctx.save_for_backward(placed)
+        return x.new_zeros(rows, x.shape[1]).index_copy_(0, placed, x)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        (placed,) = ctx.saved_tensors
+        return grad.index_select(0, placed), None, None
 
 
 def _starts(sizes: list[int]) -> list[int]:

@@ -348,8 +348,7 @@ class Architecture:
 
         `expert_padding` (a share of the rows, None when rows are not padded): each expert's rows
         padded with zeros to a bucketed count (Stack.expert_row_buckets): the experts' GEMM inputs
-        and intermediates grow by that share, and the copy into the padded buffer (index_copy)
-        keeps its bf16 source rows for the backward.
+        and intermediates grow by that share (the copy into the padded buffer keeps only its index).
 
         `LayerTensors.light` records what recomputing only the norms and the MLA up-projections
         (recompute=norm_up, DeepSeek-V3 §3.2.3) drops: every norm output and the per-head q, k, v
@@ -416,8 +415,7 @@ class Architecture:
                 ffn["saved"] = 2 * g * self.expert_ffn_hidden_size  # gate and up in FP8; the product recomputed
             combine_source = r * H if eager else 0  # autograd keeps index_add's source rows
             pad = 1 + (expert_padding or 0.0)
-            padding_source = 2 * H if expert_padding is not None else 0  # index_copy keeps its source
-            t.add("exp", saved=slots * (pad * (g * H + ffn["saved"]) + 2 * H + combine_source + padding_source),
+            t.add("exp", saved=slots * (pad * (g * H + ffn["saved"]) + 2 * H + combine_source),
                   traffic=slots * ((2 * r + 6) * H + ffn["traffic"]))
             for _ in range(self.n_shared_experts):
                 t.add("par", **self._ffn_tensors(self.expert_ffn_hidden_size, eager))

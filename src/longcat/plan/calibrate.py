@@ -10,6 +10,8 @@ What is measured, and how it maps to the planner's fields:
 - hbm_bandwidth_gbs: an element-wise kernel on a buffer far larger than the caches (read + write);
 - memory_efficiency: bytes over time for the element-wise kernels a step runs (casts, products,
   SiLU, log-softmax over the vocabulary, MoE gather and scatter-add), over that bandwidth;
+- cache_elementwise_gbs: bytes over time of the fused cross-entropy's element-wise chain on one
+  block of logits (8 MiB of fp32), which stays in cache (the planner's rate for those blocks);
 - kernel_overhead_us: the time of a tiny eager op with autograd (dispatch, not work);
 - hbm_gib: physical memory; reserved_gib: this process's resident memory once torch and the model
   are loaded and deterministic algorithms are on, as the Trainer sets itself up (the runtime's own
@@ -147,6 +149,29 @@ def _elementwise_mix(torch, arch, tokens: int):
     ]
 
 
+def _loss_block_rate(torch, vocab: int, reps: int) -> float:
+    """GB/s of the fused cross-entropy's element-wise chain over one block that stays in cache
+    (longcat.model.cross_entropy, per logit: cast to fp32, log-sum-exp, subtract and exponentiate
+    in place, scale, cast to bf16: the planner's FUSED_LOSS_BYTES_PER_LOGIT). Logits of a trained
+    head's scale: far-negative ones would make exp produce subnormals, a slow path no step takes."""
+    from ..model.cross_entropy import block_rows_for
+    from .train import FUSED_LOSS_BYTES_PER_LOGIT
+
+    rows = block_rows_for(vocab)
+    product = (0.5 * torch.randn(rows, vocab)).to(torch.bfloat16)  # (rows, V): one block
+    scale = torch.full((rows, 1), 1.0 / rows)
+
+    def chain():
+        logits = product.float()
+        lse = torch.logsumexp(logits, dim=-1)
+        grad = logits.sub_(lse.unsqueeze(1)).exp_()
+        return grad.mul_(scale).to(torch.bfloat16)
+
+    for _ in range(3):  # as in a step, where block follows block: the allocator reuses the buffers
+        chain()
+    return FUSED_LOSS_BYTES_PER_LOGIT * rows * vocab / _best_time(chain, max(reps, 10)) / 1e9
+
+
 def training_runtime_rss(torch) -> int:
     """Resident bytes of a process set up as `longcat train` sets itself up, before any tensor:
     torch and the model package loaded, deterministic algorithms on (the Trainer's default
@@ -270,6 +295,7 @@ def measure(quick: bool = False, threads: int | None = None, arch=None, tokens: 
         bytes_moved += nbytes
         seconds += t
     out["memory_efficiency"] = min(1.0, bytes_moved / seconds / (out["hbm_bandwidth_gbs"] * 1e9))
+    out["cache_elementwise_gbs"] = _loss_block_rate(torch, getattr(arch, "vocab_size", 8192), reps)
 
     # per-op dispatch cost of eager PyTorch with autograd
     small = torch.ones(8, requires_grad=True)
@@ -302,7 +328,7 @@ def to_toml(measured: dict[str, Any], name: str = "cpu-local") -> str:
         "[measured]",
     ]
     order = ["peak_tflops_bf16", "gemm_efficiency", "expert_gemm_efficiency", "attention_efficiency", "hbm_bandwidth_gbs",
-             "memory_efficiency", "kernel_overhead_us", "hbm_gib", "reserved_gib", "library_cache_gib",
+             "memory_efficiency", "cache_elementwise_gbs", "kernel_overhead_us", "hbm_gib", "reserved_gib", "library_cache_gib",
              "library_cache_per_shape_mib"]
     for key in order:
         if key in measured:
@@ -332,6 +358,7 @@ def to_toml(measured: dict[str, Any], name: str = "cpu-local") -> str:
         'library_cache_per_shape_mib = "the same growth per linear-layer shape (forward + backward), before the plateau"',
         'hbm_bandwidth_gbs = "fp32 multiply on 256 MiB buffers (read + write)"',
         'memory_efficiency = "bytes / time over a mix of eager element-wise kernels (casts, products, SiLU, log-softmax, MoE gather and scatter-add), over hbm_bandwidth_gbs"',
+        'cache_elementwise_gbs = "bytes / time of the fused cross-entropy\'s element-wise chain (cast, log-sum-exp, exp, scale, cast) over one 8 MiB block of fp32 logits, which stays in cache"',
     ]
     if "expert_shape" in measured:
         lines.append(f'expert_gemm_efficiency = "torch._grouped_mm gate_up + down, forward + backward, (rows, experts, hidden, inner) = {measured["expert_shape"]}"')

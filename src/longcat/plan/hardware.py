@@ -43,6 +43,9 @@ class Hardware:
     expert_gemm_efficiency: float = 0.0  # grouped GEMMs over many small experts (0: same as gemm_efficiency)
     attention_efficiency: float = 0.5  # attention core (flash kernels, or batched GEMMs over heads)
     memory_efficiency: float = 0.7  # element-wise kernels vs HBM bandwidth
+    # element-wise kernels over blocks that stay in cache (a fused loss's blocks), bytes moved per
+    # second; 0 = not known: they run at the HBM rate above
+    cache_elementwise_gbs: float = 0.0
     scaleup_efficiency: float = 0.75  # collective bus bandwidth vs link bandwidth
     scaleout_efficiency: float = 0.8
     collective_latency_us: float = 20.0  # fixed cost of one collective or point-to-point message

@@ -522,10 +522,11 @@ class Planner:
         last["compute"] = 3 * 2 * heads * V * H * tokens / L.tp / (self.peak * 1e12 * hw.gemm_efficiency)
         logit_elems = heads * tokens * V / L.tp
         if s.stack.loss_block_bytes > 0:
-            # fused: the same passes over each block, forward and backward at once; a block is sized
-            # to stay in cache, but the planner has no cache bandwidth, so they run at the element-wise rate
+            # fused: the same passes over each block, forward and backward at once, on a block sized
+            # to stay in cache: at the cache-resident element-wise rate where the entry knows it
             blocks = math.ceil(tokens / self._loss_block_rows(L))
-            last["memory_bound"] = FUSED_LOSS_BYTES_PER_LOGIT * logit_elems / bw + 3 * tokens * H * 4 / bw
+            block_bw = hw.cache_elementwise_gbs * 1e9 if hw.cache_elementwise_gbs > 0 else bw
+            last["memory_bound"] = FUSED_LOSS_BYTES_PER_LOGIT * logit_elems / block_bw + 3 * tokens * H * 4 / bw
             last["overhead"] = (heads * blocks * FUSED_LOSS_OPS_PER_BLOCK + 3 * heads) * hw.kernel_overhead_us * 1e-6
         else:
             # cross-entropy on V/tp logits per token and head: upcast, log-softmax, gradient
