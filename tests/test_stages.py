@@ -100,8 +100,9 @@ def test_stage_errors(tmp_path, pretrained, corpus, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text('[stage]\nkind = "sparse"\nfactor = 3\n')
     assert "unknown key(s) in [stage]" in error(["train", "--config", str(bad), *COMMON, "--out", str(tmp_path / "d")])
-    assert "belong to a stage" in error(["train", "--preset", "tiny", "--init-from", str(pretrained), *COMMON,
-                                         "--out", str(tmp_path / "e")])
+    assert "--preset does not apply with --init-from" in error(["train", "--preset", "tiny", "--init-from",
+                                                                str(pretrained), *COMMON, "--out", str(tmp_path / "e")])
+    assert "--stage yarn" in error(["train", "--preset", "tiny", "--yarn-factor", "2", *COMMON, "--out", str(tmp_path / "f")])
 
 
 def test_indexer_warmup_lowers_the_kl_towards_dense_attention():
@@ -140,3 +141,25 @@ def test_a_stage_starts_from_a_published_checkpoint(tmp_path):
     assert train is None
     assert model == load_model_config(path)
     assert model.mtp_num_layers == 1
+
+
+@pytest.mark.parametrize("family", ["flash", "flash-fp8"])
+def test_init_from_a_published_checkpoint_finetunes_it(tmp_path, corpus, family):
+    """`longcat train --init-from DIR` alone is the finetune stage: the model, its config and its weights
+    (BF16, or FP8 dequantized for training) come from a published-layout directory. With a vanishing lr
+    and no router-bias update, the run's checkpoint holds exactly the weights it started from."""
+    import longcat
+    from longcat.testing import write_published
+
+    published = write_published(tmp_path / family, family)
+    out = tmp_path / "ft"
+    assert main(["train", "--init-from", str(published), *COMMON, "--data", str(corpus), "--out", str(out),
+                 "--steps", "1", "--set", "train.seq_len=32", "--set", "train.lr=1e-30",
+                 "--set", "train.router_bias_rate=0"]) == 0
+    saved = json.loads(next((out / "checkpoints").glob("step_*/train_config.json")).read_text())["train"]
+    assert saved["stage"] == "finetune" and saved["init_from"] == str(published)
+    before = longcat.load(published, weights_dtype="fp32").state_dict()
+    after = longcat.load(out).state_dict()
+    assert set(before) == set(after)
+    for name, value in before.items():
+        torch.testing.assert_close(after[name].float(), value.float(), rtol=0, atol=1e-25, msg=name)

@@ -75,13 +75,15 @@ def register(subparsers) -> None:
     p.add_argument("--parallel", default=None, metavar="LAYOUT",
                    help="parallel layout, e.g. dp_shard=2,ep=2 (default with --nproc N: dp_shard=N); AdamW only")
     p.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts of the group after a rank dies")
-    p.add_argument("--stage", choices=["yarn", "indexer-warmup", "sparse"], default=None,
-                   help="a context-extension stage starting from --init-from's weights (a new run in --out): "
-                        "yarn extends RoPE, indexer-warmup trains only the LSA indexers under dense attention, "
-                        "sparse trains everything with LSA on (docs/LONG_CONTEXT.md); also a [stage] table")
+    p.add_argument("--stage", choices=["finetune", "yarn", "indexer-warmup", "sparse"], default=None,
+                   help="a stage starting from --init-from's weights (a new run in --out): finetune continues "
+                        "training as is (the default with --init-from); the context-extension stages: yarn "
+                        "extends RoPE, indexer-warmup trains only the LSA indexers under dense attention, sparse "
+                        "trains everything with LSA on (docs/LONG_CONTEXT.md); also a [stage] table")
     p.add_argument("--init-from", default=None, metavar="DIR",
-                   help="with --stage: the run, checkpoint or model directory whose weights, model config, "
-                        "recipe and tokenizer the stage starts from")
+                   help="the run, checkpoint or model directory (ours, Hugging Face, published BF16/FP8) whose "
+                        "weights, model config, recipe and tokenizer the run starts from; with --nproc each rank "
+                        "reads only its shard")
     p.add_argument("--yarn-factor", type=float, default=None, metavar="F",
                    help="with --stage yarn: grow the context F-fold from the positions the checkpoint was "
                         "trained for (its yarn_original_max_position_embeddings, or max_position_embeddings)")
@@ -174,11 +176,13 @@ def _stage_run_config(args: argparse.Namespace) -> RunConfig | None:
     table = read_stage_table(args.config)
     kind = args.stage or table.get("kind")
     if kind is None:
-        if args.init_from or args.yarn_factor is not None:
-            raise ConfigError("--init-from and --yarn-factor belong to a stage; add --stage yarn|indexer-warmup|sparse")
-        return None
+        if args.yarn_factor is not None:
+            raise ConfigError("--yarn-factor belongs to the yarn stage; add --stage yarn --init-from RUN_DIR")
+        if not args.init_from:
+            return None
+        kind = "finetune"
     if args.preset:
-        raise ConfigError("--preset does not apply to a stage: the model comes from --init-from")
+        raise ConfigError("--preset does not apply with --init-from: the model comes from the directory it names")
     return stage_run_config(kind=kind, init_from=args.init_from, config_file=args.config, overrides=args.overrides,
                             train_values=_train_values(args), yarn_factor=args.yarn_factor, table=table)
 

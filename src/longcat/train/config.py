@@ -78,7 +78,7 @@ class TrainConfig:
     tensorboard: bool = True  # TensorBoard event files when tensorboard is installed
     peak_tflops: float = 0.0  # MFU denominator per device (times the rank count); 0 = measure a GEMM peak at start
     # --- long-context stages (train/stages.py, docs/LONG_CONTEXT.md) ---------------------------------
-    stage: str = "pretrain"  # "pretrain", "yarn", "indexer-warmup" or "sparse"
+    stage: str = "pretrain"  # "pretrain", "finetune", "yarn", "indexer-warmup" or "sparse"
     init_from: str | None = None  # run or checkpoint directory whose weights start the stage (new run)
     freeze: str = "none"  # "none", or "all-but-indexer": only the LSA indexers train
     retrieval_ratio: float = 0.0  # share of training rows replaced by synthetic retrieval examples
@@ -113,8 +113,8 @@ class TrainConfig:
             (self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0"),
             (self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1"),
             (self.peak_tflops >= 0, "peak_tflops", "must be >= 0"),
-            (self.stage in ("pretrain", "yarn", "indexer-warmup", "sparse"), "stage",
-             "must be 'pretrain', 'yarn', 'indexer-warmup' or 'sparse'"),
+            (self.stage in ("pretrain", "finetune", "yarn", "indexer-warmup", "sparse"), "stage",
+             "must be 'pretrain', 'finetune', 'yarn', 'indexer-warmup' or 'sparse'"),
             (self.freeze in ("none", "all-but-indexer"), "freeze", "must be 'none' or 'all-but-indexer'"),
             (0 <= self.retrieval_ratio <= 1, "retrieval_ratio", "must be in [0, 1]"),
         ]

@@ -28,13 +28,15 @@ from torch import nn
 from ..config import ConfigError, ModelConfig, from_dict
 from .config import RunConfig, TrainConfig, read_toml, run_config_from_dict, split_overrides, train_from_dict
 
-STAGES = ("yarn", "indexer-warmup", "sparse")
+STAGES = ("finetune", "yarn", "indexer-warmup", "sparse")
 STAGE_KEYS = ("kind", "init_from", "yarn_factor", "freeze", "retrieval_ratio", "retrieval_tasks")
 
 # Train defaults per stage, as factors of the initial run's peak LR and as fixed fields.
-STAGE_LR_FACTOR = {"yarn": 0.3, "indexer-warmup": None, "sparse": 0.1}
+STAGE_LR_FACTOR = {"finetune": 0.1, "yarn": 0.3, "indexer-warmup": None, "sparse": 0.1}
 INDEXER_WARMUP_LR = 1e-3  # DeepSeek-V3.2's dense warm-up LR; only the indexer's weights move
 STAGE_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    # continued training of any checkpoint the project reads (ours, Hugging Face, published BF16/FP8)
+    "finetune": dict(freeze="none", warmup_steps=10),
     "yarn": dict(freeze="none", warmup_steps=10, indexer_loss_weight=1.0),
     "indexer-warmup": dict(freeze="all-but-indexer", warmup_steps=5, mtp_weight=0.0, z_loss=0.0,
                            balance_loss=0.0, router_bias_rate=0.0, indexer_loss_weight=1.0, weight_decay=0.0),
@@ -170,7 +172,7 @@ def stage_run_config(
                 f"raise the yarn stage's factor (now {run.model.yarn_factor:g})")
         raise ConfigError(f"train.seq_len ({run.train.seq_len}) exceeds model.max_position_embeddings "
                           f"({run.model.max_position_embeddings}) of the stage's model; {hint} or lower seq_len")
-    if kind != "yarn" and not run.model.lsa_enabled:
+    if kind in ("indexer-warmup", "sparse") and not run.model.lsa_enabled:
         raise ConfigError(f"stage '{kind}' trains the LSA indexer, and the model of {init_from} has none "
                           "(index_n_heads = 0); pre-train with model.index_n_heads > 0")
     return run
@@ -199,7 +201,9 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, *, initialise: bool) -> No
             else:
                 from ..interop.loader import load
 
-                model.load_state_dict(load(cfg.init_from).state_dict())
+                # FP8 weights dequantized straight to fp32, the master weights' dtype (as each rank's
+                # sharded read does), not through the bf16 a generation would use
+                model.load_state_dict(load(cfg.init_from, weights_dtype="fp32").state_dict())
         except (CheckpointError, ValueError, RuntimeError) as exc:
             raise ConfigError(f"train.init_from {cfg.init_from} does not fit this model ({exc}); "
                               "a stage keeps the architecture of the run it starts from") from None
