@@ -51,3 +51,15 @@ def test_bad_input_and_auto_chunk(capsys):
     assert "--new-tokens" in capsys.readouterr().err
     cfg = preset("tiny")
     assert auto_chunk(cfg, 4096) == 512 and auto_chunk(cfg, 1 << 20) < auto_chunk(cfg, 1 << 16)
+
+
+def test_curve_in_cpu_time(capsys):
+    assert main(["bench", "longctx", "--curve-only", "--context", "1k", "--curve", "512,1k", "--fidelity-max", "0",
+                 "--decode-steps", "1", "--threads", "1", "--clock", "cpu", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["curve_clock"] == "cpu" and "prefill_tokens_per_s" not in r
+    assert [p["context"] for p in r["curve"]] == [512, 1024]
+    assert all(p["lsa_decode_ms"] > 0 and p["dense_decode_ms"] > 0 for p in r["curve"])
+    with pytest.raises(SystemExit):
+        main(["bench", "longctx", "--clock", "gpu"])
+    assert "invalid choice: 'gpu'" in capsys.readouterr().err

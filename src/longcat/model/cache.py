@@ -10,9 +10,9 @@ max_len, d) views of its first `rows` rows. The indexer keys' allocation is feat
 (layers * rows, d, max_len), and every view of it (storage() included) is its transpose, so the
 shapes are the same as the other kinds' and only the strides differ. A forward writes its tokens'
 keys with one `index_put_` into that allocation (in place under torch.compile too: the
-static-cache pattern), then reads positions 0..span-1. A compiled decode step gets the allocations as inputs and rebuilds the cache
-around them with `LatentCache.over`, its span the size of a tensor (dynamic, so one graph serves
-every length).
+static-cache pattern), then reads positions 0..span-1. A compiled decode step gets the
+allocations as inputs and rebuilds the cache around them with `LatentCache.over`, its span the
+size of a tensor (dynamic, so one graph serves every length).
 """
 
 from __future__ import annotations
