@@ -84,12 +84,23 @@ def test_forward_with_labels_gives_the_losses_of_the_logits():
 
 
 def test_bucketed_expert_groups_equal_exact_groups():
+    """bf16 expert GEMMs on the CPU (the dtype whose kernels oneDNN builds per shape) run on padded,
+    bucketed groups; forward and every gradient equal the exact groups' (fp32 accumulation in both)."""
     torch.manual_seed(0)
-    experts = GroupedExperts(16, 24, 12)
+    experts = GroupedExperts(16, 32, 16)  # bf16 grouped_mm wants 16-byte strides
     torch.nn.init.normal_(experts.gate_up_proj, std=0.2)
     torch.nn.init.normal_(experts.down_proj, std=0.2)
+    experts.bfloat16()
     counts = torch.tensor([0, 3, 17, 40, 1, 0, 33, 64, 65, 2, 9, 100, 0, 5, 7, 31])
-    x = torch.randn(int(counts.sum()), 24, requires_grad=True)
+    x = torch.randn(int(counts.sum()), 32, dtype=torch.bfloat16, requires_grad=True)
+    calls = []
+    original = moe.bucket_rows
+    moe.bucket_rows = lambda *a: calls.append(1) or original(*a)
+    try:
+        experts(x.detach(), counts)
+    finally:
+        moe.bucket_rows = original
+    assert calls  # the bf16 path pads
 
     padded, padded_counts, placed = bucket_rows(x.detach(), counts)
     assert padded_counts.tolist() == [bucketed_count(c) for c in counts.tolist()]
@@ -111,7 +122,7 @@ def test_bucketed_expert_groups_equal_exact_groups():
     finally:
         moe.bucket_rows = original
     for a, b in zip(bucketed, exact):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
 
 
 def test_bucketed_counts_repeat_and_waste_little():

@@ -331,5 +331,6 @@ def register(bench) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (context_tokens, prefill_tokens_per_s, decode_ms_per_token_16k, "
-                        "decode_ms_per_token_at_context, cache_bytes, planner_cache_bytes, peak_rss_gib, peak_rss_source, wall_s, curve)")
+                        "decode_ms_per_token_at_context, cache_bytes, planner_cache_bytes, peak_rss_gib, peak_rss_source, wall_s, curve, "
+                        "curve_clock)")
     p.set_defaults(func=_run_cli)

@@ -44,7 +44,7 @@ class LatentCache:
             # Stored feature-major, (layers * rows, index_dim, max_len), and seen through its
             # (layers * rows, max_len, index_dim) transpose like the other kinds: a decode step's
             # indexer product reads every cached key, and with each feature contiguous along the
-            # positions it streams at memory bandwidth (a key-major layout runs at about half of it).
+            # positions it is a plain GEMM streaming the keys, not one over a transposed operand.
             i = torch.zeros(config.num_layers * batch_size, config.index_head_dim, max_len, dtype=dtype,
                             device=device).transpose(1, 2)
         self._setup(config, n, (c, r, i), batch_size, max_len)

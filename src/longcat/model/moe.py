@@ -105,7 +105,7 @@ class GroupedExperts(nn.Module):
         down = self.weights("down_proj", dtype, index).transpose(-2, -1)  # (N, F, H)
         x = x.to(dtype)
         placed = None
-        if x.device.type == "cpu" and x.shape[0] >= gate_up.shape[0]:
+        if x.device.type == "cpu" and dtype in BUCKETED_DTYPES and x.shape[0] >= gate_up.shape[0]:
             x, counts, placed = bucket_rows(x, counts)
         offsets = counts.cumsum(0).to(torch.int32)
         h = grouped_mm(x, gate_up, offsets, counts)
@@ -135,6 +135,10 @@ class GroupedExperts(nn.Module):
         return dense_weight(self, name, dtype, parts=2 if name == "gate_up_proj" else 1, index=index)
 
 
+# Dtypes whose CPU GEMMs oneDNN runs with a kernel built per shape (fp32 goes to BLAS, which has none).
+BUCKETED_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def bucketed_count(rows: int) -> int:
     """`rows` rounded up to a multiple of an eighth of its power of two (at least 16): at most 8
     distinct sizes per octave, at most 1/8 extra rows."""
@@ -148,8 +152,8 @@ def bucket_rows(x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, to
     """x (M, K) grouped by expert -> (x padded with zero rows to bucketed group sizes (M', K),
     bucketed counts (N,), placed (M,): where each row of x now sits).
 
-    On CPU every GEMM of a new (rows, K, N) shape makes oneDNN build a kernel (its primitive cache
-    holds 1024): with exact group sizes, which change with every batch's routing, each expert's
+    On CPU every bf16/fp16 GEMM of a new (rows, K, N) shape makes oneDNN build a kernel (its
+    primitive cache holds 1024): with exact group sizes, which change with every batch's routing, each expert's
     GEMMs in forward and backward build new kernels at every step, and that costs more than the
     products. Bucketed, the sizes repeat and the kernels are reused. Zero rows add nothing to any
     product or weight gradient, and their outputs are dropped.
