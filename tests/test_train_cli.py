@@ -175,13 +175,13 @@ def test_demo_short_run(tmp_path, capsys):
             "--set", "train.micro_batch=2", "--set", "train.eval_batches=1", "--set", "train.sample_tokens=8"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    for text in ("sample (temperature 0.7):", "  def main(argv):\n", "bits/byte", "unigram baseline", "tokens/s",
+    for text in ("sample (temperature 0.7):", "  class Parser:\n      def __init__(self, text):", "bits/byte", "unigram baseline", "tokens/s",
                  "MFU", "checkpoint:", "metrics:", "loss curve:"):
         assert text in printed, text
     config = json.loads(next((out / "checkpoints").glob("step_*/train_config.json")).read_text())
     assert config["model"]["vocab_size"] == 8192 and config["train"]["time_budget"] == 2.0
     assert config["train"]["seq_len"] == 64  # the user's --set wins over the demo defaults
-    assert config["train"]["sample_prompt"] == "def main(argv):\n"  # a code prompt, its newline kept
+    assert config["train"]["sample_prompt"] == "class Parser:\n    def __init__(self, text):"  # a code prompt
     tokenizer = json.loads((out / "cache" / "tokenizer-8192.json").read_text())
     assert len(tokenizer["model"]["vocab"]) > 1000
 

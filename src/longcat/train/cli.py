@@ -25,9 +25,11 @@ DEMO_TOKENIZER_BYTES = 8 * 2**20
 DEMO_OPTIMIZER = "muon"
 DEMO_LR = 6e-3
 DEMO_WARMUP_STEPS = 30
-# The corpus is mostly Python source: the demo shows what it learnt from a code prompt.
-DEMO_SAMPLE_PROMPT = "def main(argv):\n"
-DEMO_SAMPLE_TOKENS = 120
+# The corpus is mostly Python source: the demo shows what it learnt from a code prompt. The prompt
+# ends where a token ends in the training text (a trailing newline would be a token the model only
+# saw before unindented text: BPE merges a newline with the indentation that follows it).
+DEMO_SAMPLE_PROMPT = "class Parser:\n    def __init__(self, text):"
+DEMO_SAMPLE_TOKENS = 100
 DEMO_SAMPLE_TEMPERATURE = 0.7
 DEMO_MARKER = ".longcat-demo"
 
