@@ -153,10 +153,10 @@ def bucket_rows(x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, to
     bucketed counts (N,), placed (M,): where each row of x now sits).
 
     On CPU every bf16/fp16 GEMM of a new (rows, K, N) shape makes oneDNN build a kernel (its
-    primitive cache holds 1024): with exact group sizes, which change with every batch's routing, each expert's
-    GEMMs in forward and backward build new kernels at every step, and that costs more than the
-    products. Bucketed, the sizes repeat and the kernels are reused. Zero rows add nothing to any
-    product or weight gradient, and their outputs are dropped.
+    primitive cache holds 1024): with exact group sizes, which change with every batch's routing,
+    each expert's GEMMs in forward and backward build new kernels at every step, and that costs
+    more than the products. Bucketed, the sizes repeat and the kernels are reused. Zero rows add
+    nothing to any product or weight gradient, and their outputs are dropped.
     """
     exact = counts.tolist()
     padded = [bucketed_count(c) for c in exact]
