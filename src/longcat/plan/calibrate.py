@@ -205,8 +205,10 @@ def measure(quick: bool = False, threads: int | None = None, arch=None, tokens: 
     baseline_rss = training_runtime_rss(torch)
     # first, while no other GEMM has filled it: the library's per-shape cache
     out_cache = library_cache(torch, shapes=60 if quick else 400)
-    n = 256 if quick else 2048
-    reps = 2 if quick else 5
+    # the peak needs a GEMM large enough to reach it (a 256^3 one reaches a fraction of it, and a
+    # different fraction every run); 1024^3 still takes milliseconds
+    n = 1024 if quick else 2048
+    reps = 3 if quick else 5
     out: dict[str, Any] = {"threads": torch.get_num_threads(), "model": getattr(arch, "name", None), "tokens": tokens}
 
     def matmul_time(m: int, k: int, nn: int, dtype) -> float:
