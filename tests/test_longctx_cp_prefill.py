@@ -1,4 +1,4 @@
-"""Context-parallel prefill: a prompt prefilled over 2 gloo ranks gives one process's logits and cache."""
+"""Context-parallel prefill: a prompt prefilled over 2 and 4 gloo ranks gives one process's logits and cache."""
 
 from __future__ import annotations
 
@@ -53,14 +53,15 @@ def _single_process(n: int) -> dict:
 
 
 @pytest.mark.slow
-def test_two_rank_prefill_matches_one_process(tmp_path: Path):
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_context_parallel_prefill_matches_one_process(tmp_path: Path, ranks: int):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    proc = launch([str(worker), str(tmp_path), str(PROMPT_LEN)], nproc=2, threads_per_rank=1, timeout=300,
+    proc = launch([str(worker), str(tmp_path), str(PROMPT_LEN)], nproc=ranks, threads_per_rank=1, timeout=300,
                   capture=True)
     assert proc.returncode == 0, proc.stdout[-4000:]
     reference = _single_process(PROMPT_LEN)
-    for rank in (0, 1):
+    for rank in range(ranks):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(got["logits"], reference["logits"], atol=1e-4, rtol=1e-4)
         for key in ("c_kv", "k_rope", "index_k"):

@@ -37,6 +37,21 @@ def run_longctx_cli(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise UserError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.nproc < 1:
+        raise UserError(f"--nproc must be >= 1, got {args.nproc}")
+    from ..parallel.launch import is_torchrun_worker, run_under_torchrun
+
+    worker = is_torchrun_worker()
+    if args.nproc > 1 and not worker:
+        argv = sys.argv[1:]
+        if "eval" not in argv:
+            raise UserError("--nproc needs the command line `longcat eval longctx ...`")
+        code = run_under_torchrun(argv[argv.index("eval"):], nproc=args.nproc)
+        if code != 0:
+            print(f"longcat eval: the {args.nproc}-rank evaluation failed (exit {code}); see the rank output above",
+                  file=sys.stderr)
+            return 1
+        return 0
     setup = LongContextSetup(
         tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], lengths=_parse_lengths(args.lengths),
         depths=_parse_depths(args.depths), samples=args.samples, needle=args.needle, seed=args.seed,
@@ -56,11 +71,25 @@ def run_longctx_cli(args: argparse.Namespace) -> int:
         model = load(args.model)
     except CheckpointError as exc:
         raise UserError(str(exc)) from None
-    log = (lambda _: None) if args.json else (lambda line: print(line, file=sys.stderr))
+    rank = 0
+    if worker:
+        import torch.distributed as dist
+
+        from ..parallel.layout import init_distributed
+
+        init_distributed("cpu")
+        rank = dist.get_rank()
+    log = (lambda _: None) if args.json or rank else (lambda line: print(line, file=sys.stderr))
     try:
         report = run_longctx(model, tokenizer, setup, data=args.data, log=log)
     except DataError as exc:
         raise UserError(str(exc)) from None
+    if worker:  # no barrier after a failure: the other ranks may wait in a collective; torchrun stops them
+        from ..parallel.layout import shutdown_distributed
+
+        shutdown_distributed()
+    if rank:  # every rank has the same report; the first one writes it
+        return 0
     result = report.to_dict()
     result["model"] = str(args.model)
     if args.out:
@@ -113,7 +142,12 @@ def register(sub) -> None:
     lc.add_argument("--ppl-windows", type=int, default=4,
                     help="held-out windows per length for perplexity and bits per byte (default 4)")
     lc.add_argument("--no-perplexity", action="store_true", help="skip the perplexity curve")
-    lc.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    lc.add_argument("--nproc", type=int, default=1,
+                    help="processes on this node (torchrun): each holds the whole model, every prompt is prefilled "
+                         "context-parallel (each rank a contiguous slice) and the perplexity windows are split over "
+                         "the ranks (default 1)")
+    lc.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (per rank with --nproc; default: torch's choice)")
     lc.add_argument("--out", default=None, metavar="DIR", help="write longctx.json and a heatmap PNG per task here")
     lc.add_argument("--json", action="store_true", help="print the results as one JSON object")
     lc.set_defaults(func=run_longctx_cli)

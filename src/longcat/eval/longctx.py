@@ -12,6 +12,10 @@ the model in prefill chunks over a latent cache (the engine's path, every positi
 reported per length are the perplexity and bits per byte of the windows, and the perplexity of
 their last quarters (the tokens that had the most context).
 
+On N ranks (`group`), every prompt is prefilled context-parallel (each rank a contiguous slice
+of it, `longcat.parallel.cp_prefill`; each rank ends with the whole prompt's cache), the few answer
+tokens are decoded on every rank alike, and the perplexity windows are split over the ranks.
+
 Before anything runs, each length is checked against the model's positions (YaRN included) and
 against this machine's memory (`memory_estimate`).
 """
@@ -19,6 +23,7 @@ against this machine's memory (`memory_estimate`).
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -78,34 +83,42 @@ def check_positions(config, length: int, generated: int = 0) -> None:
 
 
 def memory_estimate(config, length: int, *, batch: int, prefill_chunk: int, dtype_bytes: int = 4,
-                    weights_bytes: int = 0) -> dict[str, float]:
+                    weights_bytes: int = 0, prefill_rows: int | None = None) -> dict[str, float]:
     """Bytes one batch of `length`-token prompts needs: the latent cache, and the largest prefill
     chunk's working set over the whole context (causal and selection masks, indexer scores per
-    indexer head, gathered keys), which grows with the context."""
+    indexer head, gathered keys), which grows with the context. `prefill_rows`: prompts prefilled
+    together (default: the batch; 1 for the context-parallel prefill, one prompt at a time)."""
     from ..model import LatentCache
 
     cache = LatentCache.bytes_per_token(config, dtype_bytes, with_mtp=config.mtp_num_layers > 0) * length * batch
     chunk = min(prefill_chunk, length)
     per_pair = 3 + 4 * (3 + max(1, config.index_n_heads)) if config.lsa_enabled else 1 + 4 * 2 * config.num_attention_heads
-    working = batch * chunk * length * per_pair
+    working = (batch if prefill_rows is None else prefill_rows) * chunk * length * per_pair
     total = cache + working + weights_bytes
     return {"cache_bytes": cache, "prefill_bytes": working, "weights_bytes": weights_bytes, "total_bytes": total}
 
 
 def check_memory(config, lengths: Sequence[int], *, batch: int, prefill_chunk: int, weights_bytes: int,
-                 flag: str = "--lengths") -> None:
-    """Refuse, before any work, a length whose estimate exceeds the memory available now."""
+                 flag: str = "--lengths", ranks: int = 1) -> None:
+    """Refuse, before any work, a length whose estimate exceeds the memory available now (on
+    `ranks` local processes of a context-parallel prefill: each holds the weights and the cache, and
+    prefills a 1/ranks slice of one prompt at a time)."""
     import psutil
 
     available = psutil.virtual_memory().available
     for length in lengths:
-        est = memory_estimate(config, length, batch=batch, prefill_chunk=prefill_chunk, weights_bytes=weights_bytes)
-        if est["total_bytes"] > 0.9 * available:
+        chunk = prefill_chunk if ranks == 1 else -(-length // ranks)
+        est = memory_estimate(config, length, batch=batch, prefill_chunk=chunk, weights_bytes=weights_bytes,
+                              prefill_rows=None if ranks == 1 else 1)
+        if ranks * est["total_bytes"] > 0.9 * available:
+            shape = (f"chunk {min(prefill_chunk, length)} x batch {batch}" if ranks == 1 else
+                     f"a slice of {min(chunk, length):,} positions per rank, {ranks} ranks")
             raise UserError(
-                f"{length:,} tokens need about {est['total_bytes'] / GiB:.1f} GiB (latent cache "
+                f"{length:,} tokens need about {ranks * est['total_bytes'] / GiB:.1f} GiB (latent cache "
                 f"{est['cache_bytes'] / GiB:.1f} GiB, prefill working set {est['prefill_bytes'] / GiB:.1f} GiB at "
-                f"chunk {min(prefill_chunk, length)} x batch {batch}, weights {weights_bytes / GiB:.2f} GiB) but "
-                f"{available / GiB:.1f} GiB are available; lower {flag}, the batch or --prefill-chunk")
+                f"{shape}, weights {weights_bytes / GiB:.2f} GiB{', per rank' if ranks > 1 else ''}) but "
+                f"{available / GiB:.1f} GiB are available; lower {flag}, the batch"
+                + (" or --prefill-chunk" if ranks == 1 else " or --nproc"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -179,12 +192,24 @@ class LongContextReport:
 
 
 def run_longctx(model, tokenizer, setup: LongContextSetup, *, data: str | None = None,
-                log: Callable[[str], None] = lambda _: None) -> LongContextReport:
-    """Every cell of setup.tasks x lengths x depths, then the perplexity curve. Checks first."""
+                log: Callable[[str], None] = lambda _: None, group=None) -> LongContextReport:
+    """Every cell of setup.tasks x lengths x depths, then the perplexity curve. Checks first.
+    `group`: a process group of several ranks, each holding the whole model; the prompts are then
+    prefilled context-parallel over it (every rank runs this call and gets the same report)."""
+    import functools
+
+    import torch.distributed as dist
+
     from ..data.longctx import RetrievalTasks, parse_tasks
     from ..infer.engine import Engine
     from ..infer.sampling import SamplingParams
 
+    ranks = dist.get_world_size(group) if dist.is_initialized() else 1
+    prefill_fn = None
+    if ranks > 1:
+        from ..parallel.cp_prefill import prefill_context_parallel
+
+        prefill_fn = functools.partial(prefill_context_parallel, group=group)
     config = model.config
     # no tasks: the perplexity curve only
     tasks_list = parse_tasks(list(setup.tasks)) if list(setup.tasks) not in ([], ["none"]) else []
@@ -203,7 +228,12 @@ def run_longctx(model, tokenizer, setup: LongContextSetup, *, data: str | None =
     for length in lengths:
         check_positions(config, length, answer_room)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    check_memory(config, lengths, batch=setup.samples, prefill_chunk=setup.prefill_chunk, weights_bytes=weights)
+    if ranks > 1:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", ranks))
+        check_memory(config, lengths, batch=setup.samples, prefill_chunk=setup.prefill_chunk, weights_bytes=weights,
+                     ranks=local)
+    else:
+        check_memory(config, lengths, batch=setup.samples, prefill_chunk=setup.prefill_chunk, weights_bytes=weights)
 
     t0 = time.perf_counter()
     model.eval()
@@ -213,11 +243,13 @@ def run_longctx(model, tokenizer, setup: LongContextSetup, *, data: str | None =
     stream, tokens_per_byte = heldout_tokens(tokenizer, windows * max(lengths) + 1, data=data)
     generator = RetrievalTasks(tokenizer, stream, seed=setup.seed, needle=setup.needle)
     prefix = [int(t) for t in getattr(tokenizer, "prompt_prefix", [])]
-    engine = Engine(model, tokenizer, max_seq_len=max(lengths) + max(2, answer_room), prefill_chunk=setup.prefill_chunk)
+    engine = Engine(model, tokenizer, max_seq_len=max(lengths) + max(2, answer_room), prefill_chunk=setup.prefill_chunk,
+                    prefill_fn=prefill_fn)
     report = LongContextReport(setup={
         "tasks": tasks_list, "lengths": lengths, "depths": list(setup.depths), "samples": setup.samples,
         "needle": setup.needle, "seed": setup.seed, "prefill_chunk": setup.prefill_chunk,
         "attention": "dense" if (setup.dense or not config.lsa_enabled) else f"LSA top-{config.index_topk}",
+        "ranks": ranks, "prefill": "context-parallel" if ranks > 1 else "chunked",
     })
     for task in tasks_list:
         report.accuracy[task] = {}
@@ -238,9 +270,15 @@ def run_longctx(model, tokenizer, setup: LongContextSetup, *, data: str | None =
         for length in lengths:
             # consecutive windows of the held-out stream; the same tokens for every model evaluated
             count = max(1, min(windows, (len(stream) - 1) // length))
-            per_window = [window_losses(model, torch.as_tensor(stream[i * length: (i + 1) * length + 1], device=device),
-                                        setup.prefill_chunk) for i in range(count)]
-            losses = torch.stack(per_window)  # (windows, length)
+            rank = dist.get_rank(group) if ranks > 1 else 0
+            # on several ranks each computes every ranks-th window; the losses are then gathered
+            mine = {i: window_losses(model, torch.as_tensor(stream[i * length: (i + 1) * length + 1], device=device),
+                                     setup.prefill_chunk) for i in range(rank, count, ranks)}
+            if ranks > 1:
+                gathered: list = [None] * ranks
+                dist.all_gather_object(gathered, {i: t.cpu() for i, t in mine.items()}, group=group)
+                mine = {i: t.to(device) for part in gathered for i, t in part.items()}
+            losses = torch.stack([mine[i] for i in range(count)])  # (windows, length)
             tail = losses[:, -max(1, length // 4):]
             loss = float(losses.mean())
             entry = {"context": length, "windows": count, "loss": loss, "ppl": math.exp(loss),

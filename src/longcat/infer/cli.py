@@ -38,6 +38,10 @@ def register(subparsers) -> None:
     p.add_argument("--speculative", type=int, default=0, metavar="N",
                    help="draft N tokens per step with the MTP heads (default: 0 = plain decoding); same output "
                         "when greedy; faster when the drafts are accepted often (docs/INFERENCE.md says how to judge)")
+    p.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                   help="with --speculative: draft from the first N token ids only, a cheaper draft head (0 = the "
+                        "full vocabulary; default: 2048 for a tokenizer trained by longcat, whose low ids are its "
+                        "frequent tokens, the full vocabulary otherwise); output unchanged, acceptance may drop")
     p.add_argument("--compile", action="store_true",
                    help="wrap the model's decode step in torch.compile: the fastest decoding at small batches, "
                         "after tens of seconds of compilation per batch size on first use (cached on disk)")
@@ -181,7 +185,7 @@ def generate(args: argparse.Namespace, *, load_model=None) -> int:
         )
         engine = Engine(model, tokenizer, max_seq_len=args.max_seq_len, speculative=args.speculative,
                         add_bos={"tokenizer": None, "bos": True, "none": False}[args.prompt_start],
-                        compile=args.compile)
+                        compile=args.compile, draft_vocab=args.draft_vocab)
         events = engine.stream(prompts, params, truncate_prompt=args.truncate_prompt)
     except GenerationError as exc:
         raise _user_error(str(exc)) from exc

@@ -15,8 +15,8 @@ One `generate` call runs its prompts as one batch:
   (`LongCatForCausalLM.decode`, eagerly or torch.compile'd: step.py): attention in the absorbed
   form directly over the cached latents, only the chosen experts, LongCat sparse attention over
   the cached indexer keys, the n-gram embedding reading each row's last n-1 tokens;
-- speculative decoding (`speculative=k`): the MTP heads draft k tokens, one main-model forward
-  verifies them (speculative.py);
+- speculative decoding (`speculative=k`): the MTP heads draft k tokens (from the first
+  `draft_vocab` token ids), one main-model forward verifies them (speculative.py);
 - finished rows leave the batch at once (the last live rows move into their slots).
 
 Nothing is allocated per step except the small tensors the model itself creates; prompts that do
@@ -27,7 +27,7 @@ the left when asked.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +36,7 @@ from ..model import LatentCache, LongCatForCausalLM
 from .batch import DecodeBatch, token_history
 from .step import DecodeStep
 from .sampling import BatchSampler, GenerationError, SamplingParams, top_logprobs
-from .speculative import MTPDrafter, greedy_accept, rejection_accept
+from .speculative import MTPDrafter, check_draft_vocab, default_draft_vocab, greedy_accept, rejection_accept
 
 Prompt = str | Sequence[int]
 
@@ -224,12 +224,23 @@ class Engine:
         max_position_embeddings). The cache is allocated for what a batch needs, up to this.
     prefill_chunk: prompt positions per prefill forward (bounds the prefill's attention memory).
     speculative: MTP draft tokens per step by default (0 = plain decoding; a call can override).
+    draft_vocab: the drafts come from the first draft_vocab token ids (0 = all; a call can
+        override). None: min(vocab, 2048) for a tokenizer of ours, whose ids follow its BPE merges
+        (frequent tokens first), all ids otherwise (`speculative.default_draft_vocab`). Output is
+        unchanged (greedy: the same tokens; sampling: the same distribution); only speed and
+        acceptance change.
     add_bos: None starts text prompts with the tokenizer's `prompt_prefix` (eos for our models, whose
         training documents start after one; a Hugging Face tokenizer's own bos policy; nothing
         for a tokenizer without one). True puts bos first instead, False nothing.
     compile: wrap the model's decode step in torch.compile (step.py; the same code as the eager
         step): the fastest path at small batches, after a compilation of tens of seconds per row
         bucket on first use (cached on disk by inductor).
+    prefill_fn: `prefill_fn(model, prompt_ids (N,), cache) -> logits (1, V)` prefills one prompt
+        into a one-row LatentCache (main-model sublayers) in place of the chunked prefill, e.g.
+        context-parallel prefill over a process group
+        (`functools.partial(longcat.parallel.cp_prefill.prefill_context_parallel, group=g)`); every
+        rank then runs the same generations. Plain decoding only: MTP drafts need the hidden state
+        of every prompt position, which it does not return.
     """
 
     def __init__(
@@ -242,6 +253,8 @@ class Engine:
         speculative: int = 0,
         add_bos: bool | None = None,
         compile: bool = False,
+        prefill_fn: Callable | None = None,
+        draft_vocab: int | None = None,
     ) -> None:
         self.model = model
         self.config = model.config
@@ -252,7 +265,12 @@ class Engine:
         if prefill_chunk < 1:
             raise GenerationError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
+        self.prefill_fn = prefill_fn
         self.speculative = self._check_speculative(speculative)
+        V = self.config.vocab_size
+        if draft_vocab is None:
+            draft_vocab = default_draft_vocab(V, tokenizer)
+        self.draft_vocab = check_draft_vocab(draft_vocab, V)  # ids drafted from (V: all)
         weight = model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.eos_id = getattr(tokenizer, "eos_id", None)
@@ -283,11 +301,12 @@ class Engine:
         *,
         speculative: int | None = None,
         truncate_prompt: bool = False,
+        draft_vocab: int | None = None,
     ) -> list[GenerationResult]:
         """One result per prompt, in prompt order (a single prompt gives a one-element list)."""
         results: dict[int, GenerationResult] = {}
         for event in self.stream(prompts, params, speculative=speculative, truncate_prompt=truncate_prompt,
-                                 _stream_text=False):
+                                 draft_vocab=draft_vocab, _stream_text=False):
             if event.result is not None:
                 results[event.index] = event.result
         return [results[i] for i in sorted(results)]
@@ -299,6 +318,7 @@ class Engine:
         *,
         speculative: int | None = None,
         truncate_prompt: bool = False,
+        draft_vocab: int | None = None,
         _stream_text: bool = True,
     ) -> Iterator[StreamEvent]:
         """Like generate, but yields a StreamEvent whenever a prompt gets new tokens.
@@ -308,11 +328,12 @@ class Engine:
         """
         t_start = time.perf_counter()
         k = self.speculative if speculative is None else self._check_speculative(speculative)
+        vocab = self.draft_vocab if draft_vocab is None else check_draft_vocab(draft_vocab, self.config.vocab_size)
         seqs = self._sequences(prompts, params, truncate_prompt, _stream_text, t_start)
         if self._busy:
             raise GenerationError("this Engine is already generating (its cache is in use); finish or close that "
                                   "stream first, or batch the prompts into one call")
-        return _Generation(self, seqs, k).run()
+        return _Generation(self, seqs, k, vocab).run()
 
     def encode(self, text: str) -> list[int]:
         """The token ids a text prompt runs as (the tokenizer's ids after `prompt_prefix`)."""
@@ -333,6 +354,9 @@ class Engine:
     def _check_speculative(self, k: int) -> int:
         if k < 0:
             raise GenerationError(f"speculative must be >= 0 draft tokens, got {k}")
+        if k and self.prefill_fn is not None:
+            raise GenerationError("speculative decoding needs the engine's own prefill (the MTP drafts read every "
+                                  "prompt position's hidden state); use speculative=0 with prefill_fn")
         if k and not self.model.mtp:
             raise GenerationError(
                 "speculative decoding drafts with the MTP heads, and this model has none "
@@ -408,8 +432,9 @@ class Engine:
 class _Generation:
     """One batch of sequences from prefill to the last token."""
 
-    def __init__(self, engine: Engine, seqs: list[_Sequence], k: int) -> None:
+    def __init__(self, engine: Engine, seqs: list[_Sequence], k: int, draft_vocab: int | None = None) -> None:
         self.engine, self.model, self.seqs, self.k = engine, engine.model, seqs, k
+        self.draft_vocab = draft_vocab
         self.history = self.model.config.oe_neighbor_num - 1 if self.model.config.ngram_enabled else 0
 
     def run(self) -> Iterator[StreamEvent]:
@@ -440,7 +465,8 @@ class _Generation:
             self.batch.extra.append(self.sampler)
             self.drafter = None
             if k:
-                self.drafter = MTPDrafter(self.model, engine.runner, k, B, max_len, engine.prefill_chunk)
+                self.drafter = MTPDrafter(self.model, engine.runner, k, B, max_len, engine.prefill_chunk,
+                                          self.draft_vocab)
                 self.batch.extra.append(self.drafter)
             self.rows = list(seqs)  # the sequence in each batch row
             logits = self._prefill(n, max(lengths))
@@ -454,6 +480,8 @@ class _Generation:
     # --- prefill -------------------------------------------------------------------------------
     def _prefill(self, lengths: torch.Tensor, longest: int) -> torch.Tensor:
         """Prompts -> cache; returns the logits (B, 1, V) after each prompt's last token."""
+        if self.engine.prefill_fn is not None:
+            return self._prefill_each(lengths)
         batch, model, chunk = self.batch, self.model, self.engine.prefill_chunk
         B = batch.size
         last = None
@@ -474,6 +502,22 @@ class _Generation:
             normed = out.hidden_states.gather(1, col.clamp(0, e - s - 1).view(B, 1, 1).expand(B, 1, H)).squeeze(1)
             last = normed if last is None else torch.where(here, normed, last)
         return model.lm_head(last).unsqueeze(1)
+
+    def _prefill_each(self, lengths: torch.Tensor) -> torch.Tensor:
+        """The engine's `prefill_fn`, prompt by prompt, each into a one-row cache whose keys are then
+        copied into the batch's row; returns the logits (B, 1, V) after each prompt's last token."""
+        batch, model = self.batch, self.model
+        config, main = model.config, 2 * model.config.num_layers
+        rows = []
+        for i in range(batch.size):
+            n = int(lengths[i])
+            one = LatentCache(config, 1, n, dtype=batch.cache.c_kv.dtype, device=batch.tokens.device, with_mtp=False)
+            rows.append(self.engine.prefill_fn(model, batch.tokens[i, :n], one).view(1, -1))
+            batch.cache.c_kv[:main, i, :n] = one.c_kv[:, 0]
+            batch.cache.k_rope[:main, i, :n] = one.k_rope[:, 0]
+            if one.index_k is not None:
+                batch.cache.index_k[:, i, :n] = one.index_k[:, 0]
+        return torch.cat(rows).unsqueeze(1)  # (B, 1, V)
 
     def _commit_first(self, logits: torch.Tensor):
         x = self.sampler.process(logits)

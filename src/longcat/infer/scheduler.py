@@ -16,6 +16,16 @@ every step,
    plain or MTP speculative, `engine._Generation._step`), retires the finished ones and reports
    their tokens.
 
+Parallel sampling (OpenAI's `n`, `submit_choices`). The choices of one prompt form a family: one
+queue entry, admitted together (rows and reserved cache tokens for every choice), prefilled once.
+When the prompt is complete each choice samples its first token from the same prompt logits with
+its own generator, and gets its own copy of the prompt's cache row (every main-model sublayer and
+the sparse-attention index keys; the MTP sublayers are recomputed by each row's first draft, from
+the prompt's hidden states, copied too), its own token row, position, penalty counts and sampler.
+The copies are real: n choices hold n x prompt tokens of cache, as n requests would. A family
+larger than the caps allow at once (`max_running` rows, `max_cache_tokens`) is split into
+families that do fit, each prefilled once.
+
 Slots. The batch's latent cache has `row_bucket(max_running)` rows of `max_model_len` positions
 (plus the speculative window); a running sequence owns one row, packed at the front (the decode
 step runs over rows 0..B-1). Admission is capped by running sequences and by reserved cache tokens
@@ -32,7 +42,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -105,6 +115,9 @@ class Request:
     t_arrival: float
     cancelled: bool = False
     done: bool = False
+    # the other choices of the same prompt (`submit_choices`), started from this request's prefill;
+    # only a family's first request is queued or prefilled
+    forks: list["Request"] = field(default_factory=list)
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -113,6 +126,15 @@ class Request:
     @property
     def reserved_tokens(self) -> int:
         return len(self.seq.prompt) + self.seq.params.max_new_tokens
+
+    @property
+    def family(self) -> list["Request"]:
+        """This request and its forks: the choices that share its prefill."""
+        return [self, *self.forks]
+
+    def live(self) -> list["Request"]:
+        """The family's choices not cancelled: the rows and cache tokens it still needs."""
+        return [r for r in self.family if not r.cancelled]
 
 
 @dataclass
@@ -126,6 +148,8 @@ class _Stats:
     cached_tokens: int = 0
     capacity_tokens: int = 0
     steps: int = 0
+    prompt_tokens_computed: int = 0  # prompt positions run through a prefill forward (padding not counted)
+    prompt_tokens_copied: int = 0  # prompt positions a choice got as a copy of its family's prefill
 
     @property
     def cache_usage(self) -> float:
@@ -147,7 +171,8 @@ class _ContinuousBatch(_Generation):
         self.sampler: BatchSampler | None = None
         self.drafter = None
         if k:
-            self.drafter = MTPDrafter(self.model, engine.runner, k, rows, max_len, engine.prefill_chunk)
+            self.drafter = MTPDrafter(self.model, engine.runner, k, rows, max_len, engine.prefill_chunk,
+                                      engine.draft_vocab)
             self.full_hidden, self.full_frontier = self.drafter.hidden, self.drafter.frontier
         self.rows: list[_Sequence] = []
 
@@ -225,6 +250,8 @@ class Scheduler:
         self._stopped = False
         self.error: BaseException | None = None  # set when a step failed; the scheduler is then dead
         self.steps = 0
+        self.prompt_tokens_computed = 0
+        self.prompt_tokens_copied = 0
         engine.runner.prepare()
         engine._busy = True  # the scheduler owns the engine's model and step from now on
 
@@ -233,18 +260,53 @@ class Scheduler:
                on_event: Callable[[RequestOutput], None]) -> Request:
         """Queue a prompt; raises GenerationError (bad prompt or parameters, prompt too long) or
         QueueFull before anything runs."""
+        return self.submit_choices(prompt, [params], [on_event])[0]
+
+    def submit_choices(self, prompt: str | Sequence[int], params: Sequence[SamplingParams],
+                       on_events: Sequence[Callable[[RequestOutput], None]]) -> list[Request]:
+        """Queue len(params) choices of one prompt (OpenAI's `n`; choice i samples with params[i] and
+        reports to on_events[i]): the prompt is prefilled once, and every choice continues from a copy
+        of its cache row. Each choice is a Request of its own (cancel, outputs, result). All or none
+        are queued: raises GenerationError or QueueFull (the queue cannot take every choice) before
+        anything runs."""
         if self.error is not None or self._stopped:
             raise GenerationError("the engine has stopped; no new requests are accepted")
+        if not params or len(params) != len(on_events):
+            raise GenerationError(f"give one on_event per choice: got {len(params)} SamplingParams and "
+                                  f"{len(on_events)} callbacks")
         now = time.perf_counter()
-        [seq] = self.engine._sequences([prompt], params, False, True, now)
-        request = Request(next(self._ids), seq, on_event, now)
-        seq.request = request  # the step's events name sequences; their outputs go to the request
+        seqs = self.engine._sequences([prompt] * len(params), list(params), False, True, now)
+        requests = []
+        for seq, on_event in zip(seqs, on_events):
+            request = Request(next(self._ids), seq, on_event, now)
+            seq.request = request  # the step's events name sequences; their outputs go to the request
+            requests.append(request)
+        families = self._families(requests)
         with self._lock:
-            if len(self._incoming) + len(self._waiting) >= self.config.max_queue:
-                raise QueueFull(f"the queue holds {self.config.max_queue} waiting requests (max_queue); retry later")
-            self._incoming.append(request)
+            queued = self._queued_choices()
+            if queued + len(requests) > self.config.max_queue:
+                raise QueueFull(f"the queue holds {queued} of at most {self.config.max_queue} waiting requests "
+                                f"(max_queue) and this one brings {len(requests)}; retry later")
+            self._incoming.extend(families)
             self._wake.notify()
-        return request
+        return requests
+
+    def _families(self, choices: list[Request]) -> list[Request]:
+        """Choices of one prompt -> family heads (forks attached), each family small enough to be
+        admitted alone: at most max_running rows and, beyond one choice, max_cache_tokens."""
+        heads: list[Request] = []
+        for request in choices:
+            head = heads[-1] if heads else None
+            if head is not None and len(head.family) < self.config.max_running and \
+                    sum(r.reserved_tokens for r in head.family) + request.reserved_tokens <= self.max_cache_tokens:
+                head.forks.append(request)
+            else:
+                heads.append(request)
+        return heads
+
+    def _queued_choices(self) -> int:
+        """Choices waiting for a row (callers hold the lock)."""
+        return sum(len(r.live()) for queue in (self._incoming, self._waiting) for r in queue)
 
     def cancel(self, request: Request) -> None:
         """Stop a request; its row (or queue place) is freed at the next step."""
@@ -259,14 +321,18 @@ class Scheduler:
 
     def stats(self) -> _Stats:
         running = list(self._batch.rows)
-        prefilling = [r for r in self._group if r is not None]
+        prefilling = [c for r in list(self._group) if r is not None for c in r.live()]
         reserved = sum(len(s.prompt) + s.params.max_new_tokens for s in running)
         reserved += sum(r.reserved_tokens for r in prefilling)
+        # every choice's row holds its own copy of the prompt: n choices count n prompts
         cached = sum(len(s.prompt) + len(s.token_ids) for s in running)
+        with self._lock:
+            waiting = self._queued_choices()
         return _Stats(
-            running=len(running), waiting=len(self._waiting) + len(self._incoming), prefilling=len(prefilling),
+            running=len(running), waiting=waiting, prefilling=len(prefilling),
             rows=self._batch.full_tokens.shape[0], reserved_tokens=reserved, max_cache_tokens=self.max_cache_tokens,
             cached_tokens=cached, capacity_tokens=self._batch.full_tokens.shape[0] * self.max_len, steps=self.steps,
+            prompt_tokens_computed=self.prompt_tokens_computed, prompt_tokens_copied=self.prompt_tokens_copied,
         )
 
     @property
@@ -316,13 +382,21 @@ class Scheduler:
 
     # --- internals -------------------------------------------------------------------------------
     def _drop_cancelled(self) -> None:
-        for request in [r for r in self._waiting if r.cancelled]:
-            self._waiting.remove(request)
-            self._finish_cancelled(request)
-        for i, request in enumerate(self._group):
-            if request is not None and request.cancelled:
-                self._finish_cancelled(request)
-                self._group[i] = None
+        # a family leaves the queue (or stops prefilling) once every choice is cancelled; a cancelled
+        # choice of a family that goes on is finished now and skipped when the family starts
+        for head in [r for r in self._waiting if any(c.cancelled for c in r.family)]:
+            for choice in head.family:
+                if choice.cancelled:
+                    self._finish_cancelled(choice)
+            if not head.live():
+                self._waiting.remove(head)
+        for i, head in enumerate(self._group):
+            if head is not None and any(c.cancelled for c in head.family):
+                for choice in head.family:
+                    if choice.cancelled:
+                        self._finish_cancelled(choice)
+                if not head.live():
+                    self._group[i] = None
         rows = self._batch.rows
         if any(s.request.cancelled for s in rows):
             cancelled = [s.request for s in rows if s.request.cancelled]
@@ -338,16 +412,22 @@ class Scheduler:
     def _form_group(self) -> None:
         """The queue's head requests that get a row and their cache tokens (FCFS: nothing jumps the
         head) become the next prefill group, their prompts written right-padded into staging rows."""
-        running = len(self._batch.rows)
+        rows = len(self._batch.rows)
         reserved = sum(len(s.prompt) + s.params.max_new_tokens for s in self._batch.rows)
         group = []
-        while self._waiting and running + len(group) < self.config.max_running:
+        while self._waiting:
             head = self._waiting[0]
-            # a lone request may always run: its length was checked against the context
-            if (running or group) and reserved + head.reserved_tokens > self.max_cache_tokens:
+            choices = head.live()  # a family is admitted whole: a row and its tokens for every choice
+            if rows + len(choices) > self.config.max_running:
+                break
+            need = sum(c.reserved_tokens for c in choices)
+            # a lone family may always run: its length was checked against the context, and
+            # `_families` sized it to the caps
+            if (rows or group) and reserved + need > self.max_cache_tokens:
                 break
             group.append(self._waiting.popleft())
-            reserved += head.reserved_tokens
+            rows += len(choices)
+            reserved += need
         for i, request in enumerate(group):
             prompt = request.seq.prompt
             self._stage_tokens[i, : len(prompt)] = torch.tensor(prompt, device=self.engine.device)
@@ -373,17 +453,27 @@ class Scheduler:
         if self._stage_hidden is not None:
             self._stage_hidden[:G, s:e] = out.pre_norm_hidden
         self._group_pos = e
+        self.prompt_tokens_computed += sum(max(0, min(e, len(r.seq.prompt)) - s) for r in self._group if r is not None)
         for row, request in enumerate(self._group):
             if request is None or not s < len(request.seq.prompt) <= e:
                 continue
             last = out.hidden_states[row, len(request.seq.prompt) - 1 - s]  # (H,) normed, the prompt's end
-            self._start(request, model.lm_head(last).view(1, 1, -1), row)
-            self._group[row] = None  # after the start: a failure there still reaches this request
+            logits = model.lm_head(last).view(1, 1, -1)
+            for choice in request.family:  # every choice forks from this one prefill
+                if choice.cancelled:  # (cancelled since this step began: never started, so finish it here)
+                    self._finish_cancelled(choice)
+                    continue
+                self._start(choice, logits, row)
+                if choice is not request:
+                    self.prompt_tokens_copied += len(choice.seq.prompt)
+            self._group[row] = None  # after the starts: a failure there still reaches these requests
         if not any(self._group):
             self._group = []
 
     def _start(self, request: Request, logits: torch.Tensor, stage_row: int) -> None:
-        """The first token of a prefilled request (as `_Generation._commit_first`); it joins the batch."""
+        """The first token of a prefilled request (as `_Generation._commit_first`), drawn with its own
+        sampler from its family's prompt logits (1, 1, V); it joins the batch with a copy of staging
+        row `stage_row`."""
         seq = request.seq
         sampler = BatchSampler([seq.params], [seq.prompt], self.engine.config.vocab_size, self.engine.device)
         tokens, _ = sampler.choose(sampler.process(logits))  # (1, 1)
@@ -416,10 +506,10 @@ class Scheduler:
         if not self._stopped:
             self.error = exc
         with self._lock:
-            pending = list(self._incoming) + list(self._waiting)
+            pending = [c for r in list(self._incoming) + list(self._waiting) for c in r.family]
             self._incoming.clear()
             self._waiting.clear()
-        pending += [r for r in self._group if r is not None]
+        pending += [c for r in self._group if r is not None for c in r.family]
         self._group = []
         pending += [s.request for s in self._batch.rows]
         self._batch.rows = []

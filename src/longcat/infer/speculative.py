@@ -21,6 +21,16 @@ newest position). `frontier[d]` counts those slots; the next draft of depth d re
 there to N'-1, so draft-based entries are always overwritten before a later query can see them.
 The hidden states of depths 0..D-2 are kept by position for the depth above.
 
+Draft vocabulary (FR-Spec, Zhao et al. 2025; EAGLE-3 drafts over a reduced vocabulary too). Most of
+a draft's cost at a small hidden size is the output head, V x H per draft. The drafts may come from
+the first N token ids only: the head runs over the contiguous slice `lm_head.weight[:N]` (a view,
+no gather, no copy), and an argmax there is a full id as it is. The verify forward keeps the full
+vocabulary, so greedy output stays exactly plain greedy decoding. A sampling row draws its draft
+from q restricted to the subset (q = 0 elsewhere): the rejection rule needs only that the draft
+was drawn from q, so the tokens are still distributed exactly as plain sampling; only acceptance
+changes. It pays off when the low ids are the frequent ones, as in a BPE whose ids follow its
+merges (`default_draft_vocab`).
+
 Steady state. After the first draft (which runs over the whole prompt), the windows are short:
 depth d's frontier trails n by at most k + D positions. Every depth then runs over a window of
 exactly W = k + D positions ending at n-1 (the positions left of the frontier are recomputed from
@@ -33,9 +43,48 @@ from __future__ import annotations
 
 import torch
 
+from ..data.tokenizer import SPECIAL_TOKENS
 from ..model import LongCatForCausalLM
+from ..model.layers import linear
 from .batch import DecodeBatch, token_history
-from .sampling import BatchSampler
+from .sampling import BatchSampler, GenerationError
+
+# Draft vocabulary of a model whose tokenizer is one of ours (`default_draft_vocab`).
+DRAFT_VOCAB = 2048
+
+
+# ------------------------------------------------------------------------------------------------
+# draft vocabulary
+
+
+def default_draft_vocab(vocab_size: int, tokenizer) -> int:
+    """The draft vocabulary to use by default: min(vocab_size, DRAFT_VOCAB) for a tokenizer of ours
+    (byte-level BPE with our special tokens at ids 0, 1, ...: its ids follow the BPE merges, so
+    the low ids are the frequent tokens), else the full vocabulary (a Hugging Face tokenizer's id
+    order need not follow frequency; a model without a tokenizer tells nothing)."""
+    hf = getattr(tokenizer, "hf", None)
+    if hf is None or type(hf.model).__name__ != "BPE":
+        return vocab_size
+    if [hf.token_to_id(t) for t in SPECIAL_TOKENS] != list(range(len(SPECIAL_TOKENS))):
+        return vocab_size
+    return min(vocab_size, DRAFT_VOCAB)
+
+
+def check_draft_vocab(draft_vocab: int, vocab_size: int) -> int:
+    """A requested draft vocabulary (0 = the full vocabulary) -> the number of ids drafted from."""
+    if isinstance(draft_vocab, bool) or not isinstance(draft_vocab, int):
+        raise GenerationError(f"draft_vocab must be an integer token count, got {draft_vocab!r}")
+    if not 0 <= draft_vocab <= vocab_size:
+        raise GenerationError(f"draft_vocab must be between 1 and the vocabulary size {vocab_size} (or 0 for the "
+                              f"full vocabulary), got {draft_vocab}")
+    return draft_vocab or vocab_size
+
+
+def draft_head(model: LongCatForCausalLM, normed: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The output head over the first `vocab` token ids: normed (..., H) -> logits (..., vocab)."""
+    if vocab >= model.config.vocab_size:
+        return model.head(normed)
+    return linear(normed, model.lm_head.weight[:vocab])  # a view of the first rows: nothing copied
 
 
 # ------------------------------------------------------------------------------------------------
@@ -82,13 +131,16 @@ class MTPDrafter:
     """Proposes `num_draft` tokens per row with the model's MTP heads, over the latent cache."""
 
     def __init__(self, model: LongCatForCausalLM, runner, num_draft: int, batch_size: int, max_len: int,
-                 chunk: int) -> None:
-        """runner: the engine's DecodeStep (step.py), whose mtp() runs one head over the cache."""
+                 chunk: int, draft_vocab: int | None = None) -> None:
+        """runner: the engine's DecodeStep (step.py), whose mtp() runs one head over the cache.
+        draft_vocab: draft from the first draft_vocab token ids only (None: all of them)."""
         if not model.mtp:
             raise ValueError("this model has no MTP heads (mtp_num_layers = 0): speculative decoding needs them")
         self.model = model
         self.runner = runner
         self.k = num_draft
+        V = model.config.vocab_size
+        self.vocab = V if draft_vocab is None else check_draft_vocab(draft_vocab, V)
         self.depths = min(num_draft, len(model.mtp))  # heads used; the last one also runs on
         self.chunk = chunk
         H = model.config.hidden_size
@@ -138,12 +190,13 @@ class MTPDrafter:
     def _draft_last(self, depth: int, batch: DecodeBatch, positions: torch.Tensor, prev: torch.Tensor):
         """As _run_head, but -> (hidden (B, T, H), logits of the last position (B, V)), one graph."""
         ids, history = self._head_inputs(depth, batch, positions)
-        return self.runner.draft(depth, ids, prev, positions, batch.cache, history)
+        return self.runner.draft(depth, ids, prev, positions, batch.cache, history, vocab=self.vocab)
 
     def draft(self, batch: DecodeBatch, sampler: BatchSampler) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Write k drafts per row into batch.tokens at n+1..n+k.
 
-        Returns (drafts (B, k), draft probabilities q (B, k, V), or None when every row is greedy).
+        Returns (drafts (B, k), draft probabilities q (B, k, V), or None when every row is greedy;
+        q is 0 outside the draft vocabulary).
         """
         n, B = batch.n, batch.size
         H = self.hidden.shape[-1]
@@ -208,7 +261,7 @@ class MTPDrafter:
             seq = batch.tokens.gather(1, positions[:, : W + 1])  # n-W .. n
         emitted, hidden, deeper = self.runner.speculate_greedy(
             seq, self.hidden[0].gather(1, gather), positions, batch.cache, self.depths, self.k, self.history,
-            span=top + self.k + 1)
+            span=top + self.k + 1, vocab=self.vocab)
         for d in range(1, self.depths):
             self.hidden[d].scatter_(1, gather, deeper[d - 1])
         verify = positions[:, W:]
@@ -221,7 +274,8 @@ class MTPDrafter:
 
     def _draft_window(self, d: int, batch: DecodeBatch, width: int):
         """Depth d over a window of `width` positions per row ending at n-1 (the first draft after a
-        prefill: the whole prompt, in chunks) -> (hidden, logits) at position n-1 (B, H), (B, V)."""
+        prefill: the whole prompt, in chunks) -> (hidden, logits over the draft vocabulary) at
+        position n-1 (B, H), (B, vocab)."""
         n, B = batch.n, batch.size
         H = self.hidden.shape[-1]
         L = batch.tokens.shape[1]
@@ -241,11 +295,18 @@ class MTPDrafter:
             here = ((target_col >= c0) & (target_col < c1)).unsqueeze(1)
             last_normed = torch.where(here, normed.gather(1, col).squeeze(1), last_normed)
             last_h = torch.where(here, h.gather(1, col).squeeze(1), last_h)
-        return last_h, self.runner.head(last_normed)
+        return last_h, self.runner.head(last_normed, vocab=self.vocab)
 
     def _pick(self, logits: torch.Tensor, sampler: BatchSampler):
-        tokens, probs = sampler.choose(sampler.process(logits.unsqueeze(1)))  # logits (B, V)
+        """Draft logits over the draft vocabulary (B, vocab) -> (tokens (B,), q (B, V) or None)."""
+        V = self.model.config.vocab_size
+        if logits.shape[-1] < V and (not sampler.all_greedy or sampler.any_penalty):
+            # the sampler's penalties and q index the full vocabulary: ids beyond the draft
+            # vocabulary get -inf, so q is 0 there (a greedy argmax over the slice needs nothing)
+            logits = torch.cat([logits, logits.new_full((logits.shape[0], V - logits.shape[-1]), float("-inf"))], -1)
+        tokens, probs = sampler.choose(sampler.process(logits.unsqueeze(1)))
         return tokens[:, 0], None if probs is None else probs[:, 0]
 
 
-__all__ = ["MTPDrafter", "greedy_accept", "rejection_accept"]
+__all__ = ["DRAFT_VOCAB", "MTPDrafter", "check_draft_vocab", "default_draft_vocab", "draft_head", "greedy_accept",
+           "rejection_accept"]

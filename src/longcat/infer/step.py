@@ -32,7 +32,7 @@ import torch
 
 from ..model import LatentCache, LongCatForCausalLM
 from .sampling import GenerationError
-from .speculative import greedy_accept
+from .speculative import draft_head, greedy_accept
 
 # Tokens per step up to which a step runs compiled (the MoE's pair-by-pair path, moe.GATHER_TOKENS).
 MAX_ROWS = 64
@@ -68,19 +68,20 @@ def _decode(model, ids, positions, history, storage, span, num_sublayers: int, l
     return model.decode(ids, positions, cache, history, last_only=last_only)
 
 
-def _draft(model, depth: int, ids, prev, positions, history, storage, span, num_sublayers: int):
+def _draft(model, depth: int, ids, prev, positions, history, storage, span, num_sublayers: int, vocab: int):
     cache = LatentCache.over(model.config, storage, ids.shape[0], span.shape[0], num_sublayers)
     h, normed = model.decode_mtp(depth, ids, prev, positions, cache, history)
-    return h, model.head(normed[:, -1])
+    return h, draft_head(model, normed[:, -1], vocab)
 
 
 def _speculate_greedy(model, seq, prev, positions, storage, span, num_sublayers: int, depths: int, k: int,
-                      history: int):
+                      history: int, vocab: int):
     """A whole greedy speculative step in one graph: the draft chain (MTPDrafter.draft's steady
     state, argmax between drafts), the verify forward over [x[n], drafts] and the acceptance, so
     that the host reads one small tensor per step. seq (B, history+W+1): the committed tokens at
     positions n-W-history..n; prev (B, W, H): the main model's hidden at n-W..n-1; positions
     (B, W+k+1): n-W..n+k. The drafts extend seq, so a head's ids and n-gram history index one row.
+    vocab: the drafts' argmax runs over the first `vocab` ids (`draft_head`); the verify over all.
 
     -> (emitted (B, k+2): the accepted drafts, the token after them and, last, the accepted count
     a; columns a+1..k are leftovers, overwritten before use), verify pre-norm hidden (B, k+1, H),
@@ -93,7 +94,7 @@ def _speculate_greedy(model, seq, prev, positions, storage, span, num_sublayers:
         grams = e[:, d : d + history] if history else None
         h, normed = model.decode_mtp(d, e[:, history + d : history + d + W], h, window, cache, grams)
         kept.append(h)
-        e = torch.cat([e, model.head(normed[:, -1]).argmax(-1, keepdim=True)], 1)
+        e = torch.cat([e, draft_head(model, normed[:, -1], vocab).argmax(-1, keepdim=True)], 1)
     last = h[:, -1:]
     # more drafts than heads: the last head runs on, its output standing in for the hidden state
     for j in range(depths + 1, k + 1):
@@ -101,7 +102,7 @@ def _speculate_greedy(model, seq, prev, positions, storage, span, num_sublayers:
         grams = e[:, at - history : at] if history else None
         at_pos = positions[:, W + j - depths - 1 : W + j - depths]
         last, normed = model.decode_mtp(depths, e[:, at : at + 1], last, at_pos, cache, grams)
-        e = torch.cat([e, model.head(normed[:, -1]).argmax(-1, keepdim=True)], 1)
+        e = torch.cat([e, draft_head(model, normed[:, -1], vocab).argmax(-1, keepdim=True)], 1)
     at = W + history  # the column of x[n]
     grams = e[:, W:at] if history else None
     logits, hidden = model.decode(e[:, at : at + k + 1], positions[:, W:], cache, grams, last_only=False)
@@ -187,18 +188,20 @@ class DecodeStep:
         logits, hidden = self._decode(self.model, ids, positions, history, storage, span, n, last_only)
         return logits[:B], hidden[:B]
 
-    def draft(self, depth: int, ids, prev, positions, cache: LatentCache, history=None):
+    def draft(self, depth: int, ids, prev, positions, cache: LatentCache, history=None, *,
+              vocab: int | None = None):
         """MTP head `depth` (1-based) over a steady-state draft window, and the output head on its
         last position: ids (B, T) the tokens `depth` ahead of positions (B, T), prev (B, T, H) ->
-        (hidden (B, T, H), logits (B, V))."""
+        (hidden (B, T, H), logits over the first `vocab` ids (B, vocab); default all V)."""
+        vocab = self.config.vocab_size if vocab is None else vocab
         cache.begin(positions)
         if ids.shape[1] > MTP_WINDOW or not self._applies(ids.numel(), cache.span):
             h, normed = self.model.decode_mtp(depth, ids, prev, positions, cache, history)
-            return h, self.model.head(normed[:, -1])
+            return h, draft_head(self.model, normed[:, -1], vocab)
         B = ids.shape[0]
         (ids, prev, positions, history), storage, span, n = self._graph_inputs(
             cache, self.rows_for(B, cache), ids, prev, positions, history)
-        h, logits = self._draft(self.model, depth, ids, prev, positions, history, storage, span, n)
+        h, logits = self._draft(self.model, depth, ids, prev, positions, history, storage, span, n, vocab)
         return h[:B], logits[:B]
 
     def fuses_speculation(self, rows: int, k: int, window: int, span: int) -> bool:
@@ -207,11 +210,12 @@ class DecodeStep:
         return window <= MTP_WINDOW and self._applies(rows * max(window, k + 1), span)
 
     def speculate_greedy(self, seq, prev, positions, cache: LatentCache, depths: int, k: int, history: int,
-                         span: int):
+                         span: int, vocab: int | None = None):
         """A greedy speculative step as one compiled graph (`_speculate_greedy`: one dispatch
         instead of one per draft plus the verify, argmax and acceptance on the graph's side); the
         caller checks `fuses_speculation` first. span: max(positions) + 1, known to the caller (no
-        device-to-host read for it). -> (emitted (B, k+2) with the accepted count last, verify
+        device-to-host read for it). vocab: the draft vocabulary (the first `vocab` ids; default
+        all). -> (emitted (B, k+2) with the accepted count last, verify
         hidden (B, k+1, H), hidden of the lower MTP depths (depths-1, B, W, H))."""
         if span > cache.max_len:
             raise GenerationError(f"position {span - 1} does not fit the cache of {cache.max_len} tokens: the "
@@ -219,8 +223,9 @@ class DecodeStep:
         B = seq.shape[0]
         (seq, prev, positions), storage, marker, n = self._graph_inputs(cache, self.rows_for(B, cache), seq, prev,
                                                                         positions, span=span)
+        vocab = self.config.vocab_size if vocab is None else vocab
         emitted, hidden, deeper = self._speculate(self.model, seq, prev, positions, storage, marker, n, depths, k,
-                                                  history)
+                                                  history, vocab)
         return emitted[:B], hidden[:B], deeper[:, :B]
 
     def mtp(self, depth: int, ids, prev, positions, cache: LatentCache, history=None):
@@ -229,9 +234,9 @@ class DecodeStep:
         cache.begin(positions)
         return self.model.decode_mtp(depth, ids, prev, positions, cache, history)
 
-    def head(self, normed: torch.Tensor) -> torch.Tensor:
-        """The output head (..., H) -> (..., V), eagerly."""
-        return self.model.head(normed)
+    def head(self, normed: torch.Tensor, *, vocab: int | None = None) -> torch.Tensor:
+        """The output head over the first `vocab` ids (default all V), eagerly: (..., H) -> (..., vocab)."""
+        return draft_head(self.model, normed, self.config.vocab_size if vocab is None else vocab)
 
 
 # Below this, a buffer gains little from huge pages (a huge page is 2 MB).

@@ -81,17 +81,101 @@ class Indexer(nn.Module):
         """
         B, T, _ = x.shape
         S = keys.shape[1]
-        h, d = self.n_heads, self.head_dim
-        q = self._rope(linear(q_latent, self.wq_b).view(B, T, h, d), cos, sin)
+        h = self.n_heads
         # Scores in fp32 even under autocast (the products would otherwise run in bf16).
         with torch.autocast(x.device.type, enabled=False):
-            # both scales (1/sqrt(heads) on the head weights, 1/sqrt(index_dim) on the sum) folded in
-            weights = F.linear(x.float(), self.weights_proj.weight.float()) * (h**-0.5 * d**-0.5)  # (B, T, h)
-            q = q.float().reshape(B, T * h, d)
+            q, weights = self._queries(x, q_latent, cos, sin)
             if torch.is_grad_enabled():  # training: whole, differentiable products
                 logits = torch.bmm(q, keys.float().transpose(1, 2)).relu_()  # (B, T*h, S)
                 return torch.bmm(weights.view(B * T, 1, h), logits.view(B * T, h, S)).view(B, T, S)
             return self._scores_by_tile(q, weights, keys, workspace)
+
+    def _queries(self, x, q_latent, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 queries (B, T*h, d) and head weights (B, T, h); call with autocast off."""
+        B, T, _ = x.shape
+        h, d = self.n_heads, self.head_dim
+        q = self._rope(linear(q_latent, self.wq_b).view(B, T, h, d), cos, sin)
+        # both scales (1/sqrt(heads) on the head weights, 1/sqrt(index_dim) on the sum) folded in
+        weights = F.linear(x.float(), self.weights_proj.weight.float()) * (h**-0.5 * d**-0.5)  # (B, T, h)
+        return q.float().reshape(B, T * h, d), weights
+
+    @torch.no_grad()
+    def select(
+        self, x: torch.Tensor, q_latent: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        positions: torch.Tensor, config: ModelConfig,
+        workspace: "Callable[[str, tuple, torch.dtype], torch.Tensor] | None" = None,
+    ) -> GatheredSelection:
+        """`select_positions(scores(...), positions, config)` for queries over a cache, without the
+        (B, T, S) scores: the same positions.
+
+        The selection only needs each row's block maxima (of the masked scores) and then the scores
+        of its at most 2m - 1 candidate blocks (see `select_positions`). So the tile loop keeps a
+        tile's scores in the core's cache just long enough to mask it and take its block maxima, and
+        the candidates' scores are recomputed from their gathered keys (the same products, so the
+        same values). A long prefill chunk then never writes or re-reads B*T*S scores. Rows too short
+        for a block pre-selection (the candidates would be the whole row) and single queries (decode
+        steps) take the scores path.
+        """
+        k, init, local = config.index_topk, config.index_init_tokens, config.index_local_tokens
+        block = SELECTION_BLOCK
+        B, T, _ = x.shape
+        S = keys.shape[1]
+        m = k - init - local
+        if B * T == 1 or m <= 0 or -(-S // block) <= 2 * m - 1:
+            return select_positions(self.scores(x, q_latent, keys, cos, sin, workspace=workspace), positions, config)
+        with torch.autocast(x.device.type, enabled=False):
+            q, weights = self._queries(x, q_latent, cos, sin)
+            pos = positions.expand(B, T)
+            last_middle = (pos - local).unsqueeze(-1)  # (B, T, 1): the latest key chosen by score
+            block_max = self._block_maxima(q, weights, keys, last_middle, init, block, workspace)
+            cand_pos, padding = _candidate_blocks(block_max, m, S, block)  # (B, T, C)
+            h, d, C = self.n_heads, self.head_dim, cand_pos.shape[-1]
+            at = cand_pos.clamp_max(S - 1)
+            # (B, T, d, C): the candidates' keys, each feature contiguous along the candidates
+            cand_keys = keys.transpose(1, 2).unsqueeze(1).expand(B, T, d, S).gather(
+                -1, at.unsqueeze(2).expand(B, T, d, C))
+            logits = torch.bmm(q.view(B * T, h, d), cand_keys.reshape(B * T, d, C).float()).relu_()  # (B*T, h, C)
+            candidates = torch.bmm(weights.view(B * T, 1, h), logits).view(B, T, C)
+            candidates.masked_fill_(padding | (cand_pos < init) | (cand_pos > last_middle), float("-inf"))
+        return _assemble(_stable_middle(candidates, cand_pos, pos < k, m), pos, config)
+
+    def _block_maxima(self, q, weights, keys, last_middle, init, block, workspace) -> torch.Tensor:
+        """q (B, T*h, d), weights (B, T, h), keys (B, S, d), last_middle (B, T, 1) -> (B, T, nb): the
+        maximum of each block of `block` keys of the scores masked as `select_positions` masks them
+        (keys before `init` or after last_middle at -inf), tile by tile as in `_scores_by_tile`."""
+        B, M, _ = q.shape
+        h = self.n_heads
+        T, S = M // h, keys.shape[1]
+        # whole blocks per tile, so every block's maximum comes from one tile
+        tile = min(S, max(MIN_TILE_KEYS, SCORE_TILE_BYTES // (4 * B * M)))
+        tile = max(block, tile // block * block)
+        size = B * M * tile + B * T * tile
+        buffer = (workspace("index_logits", (size,), torch.float32) if workspace is not None
+                  else torch.empty(size, device=q.device))
+        nb = -(-S // block)
+        block_max = torch.empty(B, T, nb, device=q.device)
+        lo = max(int(last_middle.min()) + 1, 0)  # keys from here on may lie past a row's last middle key
+        keys_t = keys.transpose(1, 2)  # (B, d, S)
+        w = weights.view(B * T, 1, h)
+        for s0 in range(0, S, tile):
+            n = min(tile, S - s0)
+            logits = buffer[: B * M * n].view(B, M, n)
+            block_keys = keys_t[:, :, s0 : s0 + n]
+            torch.bmm(q, block_keys if block_keys.dtype == torch.float32 else block_keys.float(), out=logits).relu_()
+            part = buffer[B * M * tile : B * M * tile + B * T * n].view(B * T, 1, n)
+            torch.bmm(w, logits.view(B * T, h, n), out=part)
+            part = part.view(B, T, n)
+            if s0 < init:
+                part[..., : init - s0] = float("-inf")
+            if s0 + n > lo:
+                part.masked_fill_(torch.arange(s0, s0 + n, device=q.device) > last_middle, float("-inf"))
+            full = n // block * block
+            b0 = s0 // block
+            torch.amax(part[..., :full].unflatten(-1, (full // block, block)), dim=-1,
+                       out=block_max[..., b0 : b0 + full // block])
+            if full < n:
+                block_max[..., -1] = part[..., full:].amax(-1)
+        return block_max
 
     def _scores_by_tile(self, q, weights, keys, workspace) -> torch.Tensor:
         """q (B, T*h, d) fp32, weights (B, T, h), keys (B, S, d) -> scores (B, T, S).
@@ -216,39 +300,63 @@ def select_positions(
     scores[..., lo:].masked_fill_(tail > (pos - local).unsqueeze(-1), float("-inf"))
 
     if m > 0:
-        nb = -(-S // block)
-        if nb <= 2 * m - 1:  # the candidates would be the whole row
+        if -(-S // block) <= 2 * m - 1:  # the candidates would be the whole row
             candidates, cand_pos = scores, torch.arange(S, device=device).expand(B, T, S)
         else:
             full = S // block * block
             block_max = scores[..., :full].unflatten(-1, (S // block, block)).amax(-1)  # (B, T, nb)
             if full < S:
                 block_max = torch.cat([block_max, scores[..., full:].amax(-1, keepdim=True)], dim=-1)
-            tau = block_max.topk(m, dim=-1).values[..., -1:]  # (B, T, 1)
-            at_tau = block_max == tau
-            chosen = (block_max > tau) | (at_tau & (at_tau.cumsum(-1) <= m))
-            # the chosen blocks in position order: rank by (nb - block), 0 for the rest (padding)
-            earliest = torch.where(chosen, nb - torch.arange(nb, device=device), 0).topk(2 * m - 1, dim=-1).values
-            blocks = (nb - earliest).clamp_max(nb - 1)  # (B, T, 2m-1)
-            cand_pos = (blocks.unsqueeze(-1) * block + torch.arange(block, device=device)).flatten(-2)
-            padding = (earliest == 0).repeat_interleave(block, dim=-1) | (cand_pos >= S)
+            cand_pos, padding = _candidate_blocks(block_max, m, S, block)
             candidates = scores.gather(-1, cand_pos.clamp_max(S - 1)).masked_fill_(padding, float("-inf"))
-        # stable choice among the candidates: all above the m-th value, then the earliest equal ones
-        kth = candidates.topk(m, dim=-1).values[..., -1:]
-        above = candidates > kth
-        tied = candidates == kth
-        room = m - above.sum(-1, keepdim=True, dtype=torch.int32)
-        keep = above | (tied & (tied.cumsum(-1, dtype=torch.int32) <= room))  # exactly m per long row
-        # short rows hold garbage: give them m columns too so every row has m
-        keep = torch.where(short.unsqueeze(-1), torch.arange(keep.shape[-1], device=device) < m, keep)
-        middle = cand_pos.gather(-1, keep.nonzero()[:, -1].view(B, T, m))
+        middle = _stable_middle(candidates, cand_pos, short, m)
     else:
         middle = pos.new_empty(B, T, 0)
-    window = pos.unsqueeze(-1) - local + 1 + torch.arange(local, device=device)
+    return _assemble(middle, pos, config)
+
+
+def _candidate_blocks(block_max: torch.Tensor, m: int, S: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """block_max (B, T, nb) of rows of S keys -> the positions (B, T, (2m-1)*block) of the candidate
+    blocks in position order, and which of them are padding (fewer chosen blocks, or past S)."""
+    nb = block_max.shape[-1]
+    device = block_max.device
+    tau = block_max.topk(m, dim=-1).values[..., -1:]  # (B, T, 1)
+    at_tau = block_max == tau
+    chosen = (block_max > tau) | (at_tau & (at_tau.cumsum(-1) <= m))
+    # the chosen blocks in position order: rank by (nb - block), 0 for the rest (padding)
+    earliest = torch.where(chosen, nb - torch.arange(nb, device=device), 0).topk(2 * m - 1, dim=-1).values
+    blocks = (nb - earliest).clamp_max(nb - 1)  # (B, T, 2m-1)
+    cand_pos = (blocks.unsqueeze(-1) * block + torch.arange(block, device=device)).flatten(-2)
+    padding = (earliest == 0).repeat_interleave(block, dim=-1) | (cand_pos >= S)
+    return cand_pos, padding
+
+
+def _stable_middle(candidates: torch.Tensor, cand_pos: torch.Tensor, short: torch.Tensor, m: int) -> torch.Tensor:
+    """The stable choice of m among candidates (B, T, C) at cand_pos: all above the m-th value, then
+    the earliest equal ones. -> (B, T, m) positions (garbage on short rows)."""
+    B, T, _ = candidates.shape
+    kth = candidates.topk(m, dim=-1).values[..., -1:]
+    above = candidates > kth
+    tied = candidates == kth
+    room = m - above.sum(-1, keepdim=True, dtype=torch.int32)
+    keep = above | (tied & (tied.cumsum(-1, dtype=torch.int32) <= room))  # exactly m per long row
+    # short rows hold garbage: give them m columns too so every row has m
+    keep = torch.where(short.unsqueeze(-1), torch.arange(keep.shape[-1], device=keep.device) < m, keep)
+    return cand_pos.gather(-1, keep.nonzero()[:, -1].view(B, T, m))
+
+
+def _assemble(middle: torch.Tensor, pos: torch.Tensor, config: ModelConfig) -> GatheredSelection:
+    """Sinks, the middle (B, T, m) and the local window of queries at pos (B, T); a query that
+    sees at most index_topk keys keeps them all."""
+    k, init, local = config.index_topk, config.index_init_tokens, config.index_local_tokens
+    B, T = pos.shape
+    slots = torch.arange(k, device=pos.device)
+    short = pos < k
+    window = pos.unsqueeze(-1) - local + 1 + torch.arange(local, device=pos.device)
     sinks = slots[:init].expand(B, T, init)
     index = torch.cat([sinks, middle, window], dim=-1)  # (B, T, k)
-    index = torch.where(short.unsqueeze(-1), short_index, index)
-    valid = short_valid | ~short.unsqueeze(-1)
+    index = torch.where(short.unsqueeze(-1), slots.expand(B, T, k), index)
+    valid = (slots <= pos.unsqueeze(-1)) | ~short.unsqueeze(-1)
     return GatheredSelection(index, valid)
 
 
@@ -430,15 +538,13 @@ class MLA(nn.Module):
         if not need_scores:
             return None, None
         if ctx.cache is not None and not train_indexer:
-            # Over a cache: positions straight from the scores (one pass over them), no (B, T, S)
-            # mask. The selection is discrete, so no graph is kept. The scores go to the cache's
-            # reusable buffers: fresh context-sized tensors would be page-faulted in at every step
-            # and chunk (the buffers keep the largest chunk's scores, B * T * S fp32, until the
-            # cache is freed).
+            # Over a cache: positions from block maxima and recomputed candidates (a chunk never
+            # writes its (B, T, S) scores) or, for a decode step, from its scores; no (B, T, S)
+            # mask. The selection is discrete, so no graph is kept. Buffers come from the cache's
+            # reusable workspace: fresh context-sized tensors would be page-faulted in at every step
+            # and chunk (the buffers keep the largest one until the cache is freed).
             workspace = getattr(ctx.cache, "workspace", None)
-            with torch.no_grad():
-                scores = self.indexer.scores(xi, qi, keys, ctx.cos, ctx.sin, workspace=workspace)
-                return select_positions(scores, ctx.positions, cfg), None
+            return self.indexer.select(xi, qi, keys, ctx.cos, ctx.sin, ctx.positions, cfg, workspace=workspace), None
         mask = causal()
         scores = self.indexer.scores(xi, qi, keys, ctx.cos, ctx.sin)  # (B, T, S)
         keep = select_tokens(scores.detach(), mask, cfg) if ctx.sparse else None

@@ -93,6 +93,99 @@ def library_cache(torch, shapes: int = 400, every: int = 20) -> tuple[float, flo
     return max(growth, default=0) / GiB, per_shape / 2**20
 
 
+# --- the host allocator's retention ------------------------------------------------------------------
+# glibc malloc (mallopt(3)): a request under M_MMAP_THRESHOLD is carved from the heap; above it, it
+# is mmapped and unmapped on free. The threshold is dynamic: freeing an mmapped block raises it to
+# that block's size (up to 32 MiB on 64-bit), and M_TRIM_THRESHOLD to twice that, so after a few
+# frees nearly every tensor of a training step lives in the heap. Freed heap chunks are reused only
+# by requests that fit them; the holes between live chunks stay resident (only the top of the heap
+# is trimmed). A training step interleaves lifetimes (saved activations between the forward's
+# transients, weight gradients between the backward's), so the heap holds holes at the peak. The
+# share is a property of the allocator under that pattern, measured here on a generic step.
+ALLOCATOR_STEPS = 6
+LIVE_MMAP_THRESHOLD = 65536  # MALLOC_MMAP_THRESHOLD_: every tensor buffer mapped alone, no retention
+
+
+def allocator_pattern_step(spec: dict[str, int | float]) -> dict[str, float]:
+    """Peak and baseline resident bytes of `ALLOCATOR_STEPS` generic training steps in this process.
+
+    The step is not the model's: `layers` pre-norm blocks of a SwiGLU MLP (hidden, ffn) and routed
+    experts (grouped GEMMs of `experts` experts, `inner` wide, on rows gathered for `slots` slots
+    per token and split unevenly as a router splits them), bf16 autocast over fp32 weights, AdamW
+    (single-tensor), gradients set to None between steps; at `tokens` tokens per step."""
+    import torch
+
+    torch.set_num_threads(int(spec.get("threads", 1)))
+    baseline = current_rss_bytes()
+    t, H, F = int(spec["tokens"]), int(spec["hidden"]), int(spec["ffn"])
+    E, inner, slots, L = int(spec["experts"]), int(spec["inner"]), float(spec["slots"]), int(spec["layers"])
+    gen = torch.Generator().manual_seed(0)
+
+    def param(*shape):
+        return torch.nn.Parameter(torch.randn(*shape, generator=gen) * 0.02)
+
+    blocks = [{"norm": param(H), "up": param(2 * F, H), "down": param(H, F),
+               **({"w1": param(E, 2 * inner, H), "w2": param(E, H, inner)} if E else {})} for _ in range(L)]
+    params = [p for b in blocks for p in b.values()]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=False)
+    rows = int(t * slots)
+    for _ in range(ALLOCATOR_STEPS):
+        x = torch.randn(t, H, generator=gen, requires_grad=True)  # (t, H)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = x
+            for b in blocks:
+                n = h * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-6) * b["norm"]
+                gate, up = torch.nn.functional.linear(n, b["up"]).chunk(2, dim=-1)  # (t, F) each
+                h = h + torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, b["down"])
+                if E and rows:
+                    index = torch.randint(0, t, (rows,), generator=gen)  # (rows,) token of each slot
+                    counts = torch.bincount(torch.randint(0, E, (rows,), generator=gen), minlength=E)
+                    offsets = counts.cumsum(0).to(torch.int32)
+                    xs = n[index].to(torch.bfloat16)  # (rows, H)
+                    g = torch._grouped_mm(xs, b["w1"].to(torch.bfloat16).transpose(-2, -1), offs=offsets)
+                    g = torch.nn.functional.silu(g[:, :inner]) * g[:, inner:]  # (rows, inner)
+                    y = torch._grouped_mm(g, b["w2"].to(torch.bfloat16).transpose(-2, -1), offs=offsets)
+                    h = h.index_add(0, index, y.to(h.dtype))
+        h.float().pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        del x, h
+    return {"peak": peak_rss_bytes(), "baseline": baseline}
+
+
+def _pattern_in_child(spec: dict, live: bool) -> dict[str, float]:
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(LIVE_MMAP_THRESHOLD)} if live else \
+        {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    proc = subprocess.run([sys.executable, "-m", "longcat.plan.calibrate", json.dumps(spec)], capture_output=True,
+                          text=True, check=False, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"the allocator measurement's child process failed (exit {proc.returncode}):\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def allocator_retention(arch=None, tokens: int = 4096, threads: int = 1) -> float:
+    """Resident memory the heap keeps beyond the live tensors at the peak, as a share of the live
+    tensors: the generic step of `allocator_pattern_step` at `arch`'s sizes (or a 256-wide MoE),
+    once with the default allocator and once with every buffer mapped alone (its peak RSS is the
+    live peak), each in a fresh process."""
+    spec = {
+        "tokens": tokens, "threads": threads,
+        "hidden": getattr(arch, "hidden_size", 256), "ffn": getattr(arch, "ffn_hidden_size", 0) or 4 * getattr(arch, "hidden_size", 256),
+        "layers": max(1, getattr(arch, "num_layers", 4)),
+        "experts": getattr(arch, "n_routed_experts", 0) if arch is None or arch.is_moe else 0,
+        "inner": getattr(arch, "expert_ffn_hidden_size", 0), "slots": float(arch.slots) if arch is not None and arch.is_moe else 0.0,
+    }
+    if arch is None:
+        spec.update(experts=64, inner=64, slots=4.0)
+    default, live = _pattern_in_child(spec, live=False), _pattern_in_child(spec, live=True)
+    live_tensors = live["peak"] - live["baseline"]
+    return max(0.0, (default["peak"] - live["peak"]) / live_tensors) if live_tensors > 0 else 0.0
+
+
 def physical_memory_bytes() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -379,3 +472,10 @@ def default_output(name: str = "cpu-local") -> Path:
 
 __all__ = ["measure", "to_toml", "default_output", "peak_rss_bytes", "current_rss_bytes", "resident_bytes", "library_cache",
            "training_runtime_rss"]
+
+
+if __name__ == "__main__":  # the child process of _pattern_in_child
+    import json as _json
+    import sys as _sys
+
+    print(_json.dumps(allocator_pattern_step(_json.loads(_sys.argv[1]))))

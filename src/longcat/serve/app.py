@@ -170,14 +170,22 @@ class _Choices:
         self.requests = []
         self.prompt_tokens = 0
 
-    def submit(self, jobs: list[tuple[list[int], SamplingParams]]) -> None:
+    def submit(self, jobs: list[tuple[list[int], list[SamplingParams]]]) -> None:
+        """jobs: (prompt ids, the SamplingParams of each of its n choices); choice j of prompt i has
+        index i * n + j. A prompt's choices go in together and share its prefill."""
         metrics = self.server.metrics
+
+        def deliver(index: int):
+            def on_event(out: RequestOutput) -> None:
+                metrics.observe(out)
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
+            return on_event
+
         try:
-            for index, (ids, params) in enumerate(jobs):
-                def on_event(out: RequestOutput, index=index) -> None:
-                    metrics.observe(out)
-                    self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
-                self.requests.append(self.server.scheduler.submit(ids, params, on_event))
+            for ids, params in jobs:
+                first = len(self.requests)
+                callbacks = [deliver(first + j) for j in range(len(params))]
+                self.requests += self.server.scheduler.submit_choices(ids, params, callbacks)
         except QueueFull as exc:
             self.cancel()
             raise APIError(429, str(exc)) from exc
@@ -340,7 +348,7 @@ def create_app(server: Server) -> FastAPI:
 
     async def _run(request: Request, parsed: CompletionRequest | ChatRequest, prompts: list[list[int]], chat: bool):
         s = parsed.sampling
-        jobs = [(ids, server.params(s, len(ids), chat, j)) for ids in prompts for j in range(s.n)]
+        jobs = [(ids, [server.params(s, len(ids), chat, j) for j in range(s.n)]) for ids in prompts]
         choices = _Choices(server)
         choices.prompt_tokens = sum(len(ids) for ids in prompts)
         choices.submit(jobs)

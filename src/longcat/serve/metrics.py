@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..infer.scheduler import CANCELLED, RequestOutput, Scheduler
@@ -21,6 +22,23 @@ TELEMETRY_GAUGES = (
     ("device_memory_bytes", "longcat_device_memory_bytes", "Memory allocated on the accelerator"),
     ("power_w", "longcat_device_power_watts", "Accelerator power draw (NVML / npu-smi)"),
 )
+
+
+class _PrefillCounters:
+    """Prompt tokens the prefill computed, and those a choice of an `n` > 1 request got as a copy of
+    its prompt's cache row instead (vLLM reports prefix-cache hits alike); read from the scheduler
+    at scrape time."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+
+    def collect(self):
+        stats = self.scheduler.stats()
+        yield CounterMetricFamily("longcat_prompt_tokens_computed", "Prompt tokens run through a prefill forward",
+                                  value=stats.prompt_tokens_computed)
+        yield CounterMetricFamily("longcat_prompt_tokens_copied",
+                                  "Prompt tokens a choice of an n > 1 request got as a copy of the prompt's "
+                                  "prefilled cache row instead of computing them", value=stats.prompt_tokens_copied)
 
 
 class ServerMetrics:
@@ -55,6 +73,7 @@ class ServerMetrics:
             lambda: scheduler.stats().cache_usage)
         Gauge("longcat_cache_tokens_used", "Tokens held in the cache by running sequences", registry=r).set_function(
             lambda: scheduler.stats().cached_tokens)
+        r.register(_PrefillCounters(scheduler))
         self._last: dict[int, float] = {}  # request id -> time of its latest output
 
     def observe(self, out: RequestOutput) -> None:
