@@ -52,6 +52,29 @@ def corpus(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_jsonl_run(tmp_path_factory):
+    """(run, corpus): a 2-step `tiny` training run on a jsonl corpus of 600 word documents, for the
+    tests that evaluate a trained run directory (long-context evaluation)."""
+    import json
+
+    from longcat.cli import main
+
+    rng = random.Random(0)
+    words = "the cat sat on a mat and then it ran to the red house where a dog lived".split()
+    root = tmp_path_factory.mktemp("tiny-run")
+    corpus = root / "docs.jsonl"
+    with open(corpus, "w", encoding="utf-8") as f:
+        for _ in range(600):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 60)))}) + "\n")
+    run = root / "run"
+    assert main(["train", "--preset", "tiny", "--threads", "1", "--no-progress", "--peak-tflops", "0.1",
+                 "--data", str(corpus), "--out", str(run), "--steps", "2", "--set", "train.seq_len=64",
+                 "--set", "train.micro_batch=2", "--set", "train.tensorboard=false", "--set", "train.eval_batches=1",
+                 "--set", "train.sample_tokens=2"]) == 0
+    return run, corpus
+
+
 def arithmetic_sequences(batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
     """(batch, length) token ids counting up from a random start by a random step of 1-3."""
     start = torch.randint(0, 480, (batch, 1), generator=gen)

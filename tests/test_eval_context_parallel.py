@@ -84,20 +84,8 @@ def test_prefill_fn_refuses_speculative_decoding():
 
 
 @pytest.mark.slow
-def test_eval_longctx_on_two_ranks_matches_one_process(tmp_path: Path, capsys):
-    import random
-
-    rng = random.Random(0)
-    words = "the cat sat on a mat and then it ran to the red house where a dog lived".split()
-    corpus = tmp_path / "docs.jsonl"
-    with open(corpus, "w", encoding="utf-8") as f:
-        for _ in range(600):
-            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 60)))}) + "\n")
-    run = tmp_path / "run"
-    assert main(["train", "--preset", "tiny", "--threads", "1", "--no-progress", "--peak-tflops", "0.1",
-                 "--data", str(corpus), "--out", str(run), "--steps", "2", "--set", "train.seq_len=64",
-                 "--set", "train.micro_batch=2", "--set", "train.tensorboard=false", "--set", "train.eval_batches=1",
-                 "--set", "train.sample_tokens=2"]) == 0
+def test_eval_longctx_on_two_ranks_matches_one_process(tiny_jsonl_run, tmp_path: Path, capsys):
+    run, corpus = tiny_jsonl_run
     common = ["eval", "longctx", "--model", str(run), "--data", str(corpus), "--tasks", "passkey",
               "--lengths", "300,500", "--depths", "0,1", "--samples", "2", "--ppl-windows", "3", "--threads", "1"]
     capsys.readouterr()

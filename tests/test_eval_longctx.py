@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -18,20 +17,8 @@ from longcat.model import build_model
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> tuple[Path, Path]:
-    rng = random.Random(0)
-    words = "the cat sat on a mat and then it ran to the red house where a dog lived".split()
-    root = tmp_path_factory.mktemp("lc")
-    corpus = root / "docs.jsonl"
-    with open(corpus, "w", encoding="utf-8") as f:
-        for _ in range(600):
-            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 60)))}) + "\n")
-    out = root / "run"
-    assert main(["train", "--preset", "tiny", "--threads", "1", "--no-progress", "--peak-tflops", "0.1",
-                 "--data", str(corpus), "--out", str(out), "--steps", "2", "--set", "train.seq_len=64",
-                 "--set", "train.micro_batch=2", "--set", "train.tensorboard=false", "--set", "train.eval_batches=1",
-                 "--set", "train.sample_tokens=2"]) == 0
-    return out, corpus
+def run_dir(tiny_jsonl_run) -> tuple[Path, Path]:
+    return tiny_jsonl_run
 
 
 def test_eval_longctx_json_and_heatmaps(run_dir, tmp_path, capsys):

@@ -126,7 +126,7 @@ def test_a_family_is_admitted_whole_split_to_the_caps_and_queued_all_or_nothing(
     expected = Engine(tiny).generate([prompt], GREEDY)[0].token_ids  # 6 + 14 = 20 cache tokens a choice
     scheduler = Scheduler(Engine(tiny), SchedulerConfig(max_running=3, max_queue=4, prefill_chunk=64))
     first = _Collect(1)
-    scheduler.submit(_prompt(6, seed=5), SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True),
+    scheduler.submit(_prompt(6, seed=5), SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True),
                      first.callbacks[0])
     scheduler.step()
     got = _Collect(3)

@@ -10,9 +10,9 @@ byte for byte.
    one, unless `output` says otherwise), or take an existing entry (`hardware`).
 2. Ask the planner for the same configuration (stack `pytorch-eager`, precision `autocast`).
 3. In a fresh child process (so that its peak RSS is the training's own), run warmup + steps real
-   training steps and record the mean step time and the peak resident memory; then once more for
-   a few steps with glibc mapping every buffer on its own, whose peak RSS is the peak of live
-   memory (no allocator retention).
+   training steps and record the mean step time and the peak resident memory (the plan's total,
+   allocator retention included); then once more for a few steps with glibc mapping every buffer
+   on its own, whose peak RSS is the peak of live memory (the plan without its `allocator` share).
 
 This is the check that feeds the planner: the calibrated entry is what `longcat plan train
 --hardware cpu-local` uses, and the error printed here is how far to trust it.
@@ -195,21 +195,25 @@ def run_plan_bench(setup: PlanSetup, *, steps: int = 10, warmup: int = 2, hardwa
     # Live memory: glibc keeps freed heap blocks (everything under its mmap threshold, which grows to
     # 32 MiB) and the RSS grows with fragmentation from step to step. With a 64 KiB threshold every
     # tensor buffer is mapped and unmapped on its own, so the peak RSS is the peak of live memory.
-    log("measuring live memory (MALLOC_MMAP_THRESHOLD_=65536, 3 steps) ...")
-    live = _train_in_child(setup, 1, 2, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    from ..plan.calibrate import LIVE_MMAP_THRESHOLD
+
+    log(f"measuring live memory (MALLOC_MMAP_THRESHOLD_={LIVE_MMAP_THRESHOLD}, 3 steps) ...")
+    live = _train_in_child(setup, 1, 2, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(LIVE_MMAP_THRESHOLD)})
     real["peak_live_gib"] = live["peak_rss_gib"]
     real["load_average_start"], real["load_average_end"] = load_start, os.getloadavg()[0]
     predicted_time, predicted_mem = plan.step_time_s, plan.memory_gib["total"]
+    # the live peak has no allocator retention: compare it with the plan without that category
+    predicted_live = predicted_mem - plan.memory_gib.get("allocator", 0.0)
     return {
         "config": {**asdict(setup), "precision": "bf16 autocast, fp32 master", "optimizer": "AdamW (single-tensor)",
                    "processes": 1},
         "hardware": hw.to_dict(),
         "measured": real,
-        "predicted": {"step_time_s": predicted_time, "peak_memory_gib": predicted_mem,
+        "predicted": {"step_time_s": predicted_time, "peak_memory_gib": predicted_mem, "peak_live_memory_gib": predicted_live,
                       "step_breakdown_s": plan.step, "memory_gib": plan.memory_gib},
         "error": {"step_time": predicted_time / real["step_time_s"] - 1,
                   "peak_memory": predicted_mem / real["peak_rss_gib"] - 1,
-                  "peak_live_memory": predicted_mem / real["peak_live_gib"] - 1},
+                  "peak_live_memory": predicted_live / real["peak_live_gib"] - 1},
         "kv_cache": kv_cache_check(setup),
     }
 
@@ -217,11 +221,13 @@ def run_plan_bench(setup: PlanSetup, *, steps: int = 10, warmup: int = 2, hardwa
 def format_report(result: dict) -> str:
     hw, real, pred, err = result["hardware"], result["measured"], result["predicted"], result["error"]
     t, m = pred["step_time_s"], pred["peak_memory_gib"]
+    live = pred.get("peak_live_memory_gib", m)
     lines = [
         f"machine: {hw['description']}",
         f"  bf16 peak {hw['peak_tflops_bf16'] * 1e3:.0f} GFLOP/s, GEMM eff {hw['gemm_efficiency']:.2f}, expert GEMM eff "
         f"{hw['expert_gemm_efficiency']:.2f}, attention eff {hw['attention_efficiency']:.2f}, memory "
-        f"{hw['hbm_bandwidth_gbs']:.1f} GB/s, {hw['kernel_overhead_us']:.1f} us/op, runtime {hw['reserved_gib']:.2f} GiB",
+        f"{hw['hbm_bandwidth_gbs']:.1f} GB/s, {hw['kernel_overhead_us']:.1f} us/op, runtime {hw['reserved_gib']:.2f} GiB, allocator retention "
+        f"{hw.get('allocator_retention', 0.0):.0%} of the live tensors",
         f"{'':22s}{'predicted':>12s}{'measured':>12s}{'error':>9s}",
         f"{'step time (s)':22s}{t:12.4g}{real['step_time_s']:12.4g}{err['step_time']:+9.1%}"
         f"   ({real['clock']}, +- {real['step_time_std_s']:.3f} s over {real['steps']} steps, {real['threads']} "
@@ -229,8 +235,8 @@ def format_report(result: dict) -> str:
         f"{'peak memory (GiB)':22s}{m:12.4g}{real['peak_rss_gib']:12.4g}{err['peak_memory']:+9.1%}"
         f"   (peak RSS over the run; {real['peak_rss_two_steps_gib']:.2f} GiB after two steps; torch runtime alone "
         f"{real['baseline_rss_gib']:.2f} GiB)",
-        f"{'peak live memory (GiB)':22s}{m:12.4g}{real['peak_live_gib']:12.4g}{err['peak_live_memory']:+9.1%}"
-        f"   (peak RSS with every buffer mmapped: no allocator retention)",
+        f"{'peak live memory (GiB)':22s}{live:12.4g}{real['peak_live_gib']:12.4g}{err['peak_live_memory']:+9.1%}"
+        f"   (peak RSS with every buffer mmapped: no allocator retention; predicted without it)",
     ]
     kv = result.get("kv_cache")
     if kv:

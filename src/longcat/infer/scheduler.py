@@ -459,13 +459,15 @@ class Scheduler:
                 continue
             last = out.hidden_states[row, len(request.seq.prompt) - 1 - s]  # (H,) normed, the prompt's end
             logits = model.lm_head(last).view(1, 1, -1)
+            started = 0
             for choice in request.family:  # every choice forks from this one prefill
                 if choice.cancelled:  # (cancelled since this step began: never started, so finish it here)
                     self._finish_cancelled(choice)
                     continue
                 self._start(choice, logits, row)
-                if choice is not request:
-                    self.prompt_tokens_copied += len(choice.seq.prompt)
+                # the first choice started uses the prefill; each further one holds a copy of it
+                self.prompt_tokens_copied += len(choice.seq.prompt) if started else 0
+                started += 1
             self._group[row] = None  # after the starts: a failure there still reaches these requests
         if not any(self._group):
             self._group = []

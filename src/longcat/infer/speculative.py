@@ -41,6 +41,8 @@ last position only (`DecodeStep.draft`).
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from ..data.tokenizer import SPECIAL_TOKENS
@@ -72,8 +74,12 @@ def default_draft_vocab(vocab_size: int, tokenizer) -> int:
 
 def check_draft_vocab(draft_vocab: int, vocab_size: int) -> int:
     """A requested draft vocabulary (0 = the full vocabulary) -> the number of ids drafted from."""
-    if isinstance(draft_vocab, bool) or not isinstance(draft_vocab, int):
-        raise GenerationError(f"draft_vocab must be an integer token count, got {draft_vocab!r}")
+    try:
+        if isinstance(draft_vocab, bool):
+            raise TypeError
+        draft_vocab = operator.index(draft_vocab)
+    except TypeError:
+        raise GenerationError(f"draft_vocab must be an integer token count, got {draft_vocab!r}") from None
     if not 0 <= draft_vocab <= vocab_size:
         raise GenerationError(f"draft_vocab must be between 1 and the vocabulary size {vocab_size} (or 0 for the "
                               f"full vocabulary), got {draft_vocab}")

@@ -131,10 +131,11 @@ class Indexer(nn.Module):
             cand_pos, padding = _candidate_blocks(block_max, m, S, block)  # (B, T, C)
             h, d, C = self.n_heads, self.head_dim, cand_pos.shape[-1]
             at = cand_pos.clamp_max(S - 1)
-            # (B, T, d, C): the candidates' keys, each feature contiguous along the candidates
-            cand_keys = keys.transpose(1, 2).unsqueeze(1).expand(B, T, d, S).gather(
-                -1, at.unsqueeze(2).expand(B, T, d, C))
-            logits = torch.bmm(q.view(B * T, h, d), cand_keys.reshape(B * T, d, C).float()).relu_()  # (B*T, h, C)
+            # (B, T, d, C): the candidates' keys, each feature contiguous along the candidates (a
+            # row's index_select copies runs of contiguous positions: the candidates are blocks)
+            cand_keys = torch.stack([keys[b].t().index_select(1, at[b].flatten()).view(d, T, C) for b in range(B)])
+            cand_keys = cand_keys.transpose(1, 2).reshape(B * T, d, C).float()  # a view for one row
+            logits = torch.bmm(q.view(B * T, h, d), cand_keys).relu_()  # (B*T, h, C)
             candidates = torch.bmm(weights.view(B * T, 1, h), logits).view(B, T, C)
             candidates.masked_fill_(padding | (cand_pos < init) | (cand_pos > last_middle), float("-inf"))
         return _assemble(_stable_middle(candidates, cand_pos, pos < k, m), pos, config)

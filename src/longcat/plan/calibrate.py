@@ -16,6 +16,10 @@ What is measured, and how it maps to the planner's fields:
 - hbm_gib: physical memory; reserved_gib: this process's resident memory once torch and the model
   are loaded and deterministic algorithms are on, as the Trainer sets itself up (the runtime's own
   share, which a training process pays before any tensor);
+- allocator_retention: the share of the live tensors that the host allocator (glibc malloc) keeps
+  resident on top of them at a training step's peak: freed heap chunks between live ones, which
+  its heap keeps (mallopt(3)); measured on a generic training step, default malloc against every
+  buffer mapped alone (see `allocator_retention`);
 - library_cache_gib, library_cache_per_shape_mib: the GEMM library's kernel cache. oneDNN (behind
   PyTorch's CPU matmuls) keeps a compiled primitive with its scratch memory for every GEMM shape it
   has run, up to a fixed capacity. Measured by running linear layers (forward and backward) of
@@ -406,6 +410,7 @@ def measure(quick: bool = False, threads: int | None = None, arch=None, tokens: 
     out["hbm_gib"] = physical_memory_bytes() / GiB
     out["reserved_gib"] = baseline_rss / GiB
     out["library_cache_gib"], out["library_cache_per_shape_mib"] = out_cache
+    out["allocator_retention"] = allocator_retention(arch, tokens, torch.get_num_threads())
     out["clock"] = "process CPU time" if cpu_time else "wall clock"
     _clock = time.perf_counter
     return out
@@ -424,7 +429,7 @@ def to_toml(measured: dict[str, Any], name: str = "cpu-local") -> str:
     ]
     order = ["peak_tflops_bf16", "gemm_efficiency", "expert_gemm_efficiency", "attention_efficiency", "hbm_bandwidth_gbs",
              "memory_efficiency", "cache_elementwise_gbs", "kernel_overhead_us", "hbm_gib", "reserved_gib", "library_cache_gib",
-             "library_cache_per_shape_mib"]
+             "library_cache_per_shape_mib", "allocator_retention"]
     for key in order:
         if key in measured:
             lines.append(f"{key} = {measured[key]:.6g}")
@@ -451,6 +456,10 @@ def to_toml(measured: dict[str, Any], name: str = "cpu-local") -> str:
         'reserved_gib = "resident memory of a process set up as longcat train (torch and the model loaded, deterministic algorithms on), before any model tensor"',
         'library_cache_gib = "plateau of the resident memory the GEMM library (oneDNN) keeps per GEMM shape it has run: bf16 linear layers forward + backward at new row counts until the growth stops"',
         'library_cache_per_shape_mib = "the same growth per linear-layer shape (forward + backward), before the plateau"',
+        'allocator_retention = "resident heap beyond the live tensors at the peak, over the live tensors: peak RSS of '
+        f'{ALLOCATOR_STEPS} generic training steps (pre-norm SwiGLU blocks and uneven grouped-GEMM experts, bf16 autocast, '
+        'AdamW) with the default glibc malloc, against the same with MALLOC_MMAP_THRESHOLD_=65536 (every buffer mapped '
+        'alone: the live peak), each in a fresh process (mallopt(3))"',
         'hbm_bandwidth_gbs = "fp32 multiply on 256 MiB buffers (read + write)"',
         'memory_efficiency = "bytes / time over a mix of eager element-wise kernels (casts, products, SiLU, log-softmax, MoE gather and scatter-add), over hbm_bandwidth_gbs"',
         'cache_elementwise_gbs = "bytes / time of the fused cross-entropy\'s element-wise chain (cast, log-sum-exp, exp, scale, cast) over one 8 MiB block of fp32 logits, which stays in cache"',
@@ -471,7 +480,7 @@ def default_output(name: str = "cpu-local") -> Path:
 
 
 __all__ = ["measure", "to_toml", "default_output", "peak_rss_bytes", "current_rss_bytes", "resident_bytes", "library_cache",
-           "training_runtime_rss"]
+           "training_runtime_rss", "allocator_retention", "allocator_pattern_step"]
 
 
 if __name__ == "__main__":  # the child process of _pattern_in_child

@@ -54,6 +54,10 @@ class Hardware:
     # the GEMM library's per-shape kernel cache (oneDNN on CPUs; `longcat plan calibrate` measures it)
     library_cache_gib: float = 0.0  # its plateau
     library_cache_per_shape_mib: float = 0.0  # its growth per linear-layer shape (forward + backward)
+    # resident memory the host allocator keeps beyond the live tensors at a step's peak, as a share of
+    # them: glibc malloc's heap holds freed chunks between live ones (mallopt(3); `longcat plan
+    # calibrate` measures it). 0 = none: a device allocator's pool is counted in reserved_gib
+    allocator_retention: float = 0.0
     # --- reliability and storage -------------------------------------------------------------------------------
     chip_mtbf_hours: float = 50000.0  # mean time between job-stopping failures, per chip
     restart_minutes: float = 15.0  # detect, reschedule, reload after a failure
@@ -72,6 +76,9 @@ class Hardware:
         for name in ("gemm_efficiency", "expert_gemm_efficiency", "attention_efficiency", "memory_efficiency", "scaleup_efficiency", "scaleout_efficiency"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"hardware '{self.name}': '{name}' must be in (0, 1], got {getattr(self, name)}")
+        if self.allocator_retention < 0:
+            raise ConfigError(f"hardware '{self.name}': allocator_retention must be >= 0 (a share of the live tensors), "
+                              f"got {self.allocator_retention}")
         if self.scaleup_domain < 1:
             raise ConfigError(f"hardware '{self.name}': scaleup_domain must be >= 1")
 

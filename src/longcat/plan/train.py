@@ -184,6 +184,21 @@ def ring_bytes(kind: str, size: int, nbytes: float) -> float:
     return factor * nbytes
 
 
+# Tensor memory a host allocator can retain around: everything the step allocates as tensors. The
+# runtime (`reserved`) and the GEMM library's cache (`library`) are measured as resident memory already.
+ALLOCATED_CATEGORIES = ("weights", "gradients", "optimizer", "ema", "activations", "pipeline_inflight", "logits",
+                        "comm_buffers")
+
+
+def allocator_retained(memory: dict[str, float], retention: float) -> float:
+    """Bytes the allocator keeps resident beyond the live tensors at the peak: `retention` (the
+    measured share, Hardware.allocator_retention) of the live tensor bytes in `memory`. glibc malloc
+    serves nearly every tensor from its heap once its dynamic mmap threshold has grown (up to 32 MiB)
+    and keeps the freed chunks between live ones resident (mallopt(3)), so at the step's peak the
+    process holds the live tensors plus these holes."""
+    return retention * sum(memory.get(k, 0.0) for k in ALLOCATED_CATEGORIES)
+
+
 class Planner:
     """Evaluates layouts for one `TrainSetup`; per-layer quantities are cached across layouts."""
 
@@ -893,6 +908,7 @@ class Planner:
                 freed = memory["activations"] + memory["pipeline_inflight"] + memory["logits"]
                 memory["gradients"] = max(0.0, memory["gradients"] - freed)
             memory["comm_buffers"] = comm
+            memory["allocator"] = allocator_retained(memory, hw.allocator_retention)
             memory["reserved"] = hw.reserved_gib * GiB
             memory["library"] = min(hw.library_cache_gib * GiB, self.library_shapes(L) * hw.library_cache_per_shape_mib * 2**20)
             if best is None or sum(memory.values()) > sum(best[0].values()):
