@@ -143,7 +143,7 @@ def test_memory_responds_to_zero_recompute_and_optimizer():
     plan = p.evaluate(Layout(**base))
     assert plan.fits == (plan.memory_gib["total"] <= 79.6)
     assert set(plan.memory) == {"weights", "gradients", "optimizer", "ema", "library", "activations", "pipeline_inflight", "logits",
-                                "comm_buffers", "reserved"}
+                                "comm_buffers", "reserved", "allocator"}
 
 
 def test_young_daly_interval_and_goodput():

@@ -195,18 +195,31 @@ def test_cancelled_choices_leave_and_the_others_go_on(tiny):
 
 
 @pytest.mark.slow
-def test_compiled_scheduler_forks_choices(trained, arithmetic):
-    """The compiled decode step (its row buckets pad the batch) over forked rows, plain and MTP."""
-    prompt = arithmetic(1, 11, torch.Generator().manual_seed(8))[0].tolist()
+def test_compiled_speculative_scheduler_forks_choices():
+    """The compiled step (its row buckets pad the batch) over forked MTP rows, through the fused greedy
+    speculative step. The config, 2 rows and 3 drafts are those of tests/test_infer_compiled.py's
+    fused test, whose compiled graphs are then inductor cache hits here (compilation is what takes
+    the time); prompt and output stay below index_topk, where the step would turn eager."""
+    model = build_model(preset("tiny", num_layers=1, mtp_num_layers=2), seed=0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.eval()
+    prompt = _prompt(10, seed=8)
     params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
-    expected = Engine(trained).generate([prompt], params)[0].token_ids
-    for k in (0, 2):
-        scheduler = Scheduler(Engine(trained, speculative=k, compile=True), SchedulerConfig(max_running=2))
-        got = _Collect(2)
-        scheduler.submit_choices(prompt, [params] * 2, got.callbacks)
-        _run(scheduler)
-        assert [r.token_ids for r in got.results()] == [expected] * 2, k
-        assert scheduler.stats().prompt_tokens_computed == len(prompt)
+    expected = Engine(model).generate([prompt], params)[0].token_ids
+    scheduler = Scheduler(Engine(model, speculative=3, compile=True), SchedulerConfig(max_running=2))
+    fused, graph = [0], scheduler.engine.runner._speculate
+
+    def counted(*args, **kwargs):
+        fused[0] += 1
+        return graph(*args, **kwargs)
+
+    scheduler.engine.runner._speculate = counted
+    got = _Collect(2)
+    scheduler.submit_choices(prompt, [params] * 2, got.callbacks)
+    _run(scheduler)
+    assert [r.token_ids for r in got.results()] == [expected] * 2
+    assert fused[0] > 0 and scheduler.stats().prompt_tokens_computed == len(prompt)
 
 
 # ------------------------------------------------------------------------------------------------

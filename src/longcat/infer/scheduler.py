@@ -29,9 +29,10 @@ families that do fit, each prefilled once.
 Slots. The batch's latent cache has `row_bucket(max_running)` rows of `max_model_len` positions
 (plus the speculative window); a running sequence owns one row, packed at the front (the decode
 step runs over rows 0..B-1). Admission is capped by running sequences and by reserved cache tokens
-(prompt + max_tokens of every admitted sequence, `max_cache_tokens`). `stats()` reports both.
+(prompt + max_tokens of every admitted sequence, `max_cache_tokens`). `stats()` reports both, and
+the prompt tokens prefilled and those copied to the other choices of a family.
 
-Threading: `submit` and `cancel` may be called from any thread; `step` (or `run`) from one thread
+Threading: `submit`, `submit_choices` and `cancel` may be called from any thread; `step` (or `run`) from one thread
 only, which owns the model. Results go to each request's `on_event` callback, on that thread.
 """
 

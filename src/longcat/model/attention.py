@@ -130,11 +130,8 @@ class Indexer(nn.Module):
             block_max = self._block_maxima(q, weights, keys, last_middle, init, block, workspace)
             cand_pos, padding = _candidate_blocks(block_max, m, S, block)  # (B, T, C)
             h, d, C = self.n_heads, self.head_dim, cand_pos.shape[-1]
-            at = cand_pos.clamp_max(S - 1)
-            # (B, T, d, C): the candidates' keys, each feature contiguous along the candidates (a
-            # row's index_select copies runs of contiguous positions: the candidates are blocks)
-            cand_keys = torch.stack([keys[b].t().index_select(1, at[b].flatten()).view(d, T, C) for b in range(B)])
-            cand_keys = cand_keys.transpose(1, 2).reshape(B * T, d, C).float()  # a view for one row
+            cand_keys = _block_keys(keys, cand_pos[..., ::block] // block, block)  # (B, T, d, C)
+            cand_keys = cand_keys.reshape(B * T, d, C).float()  # a view for one row
             logits = torch.bmm(q.view(B * T, h, d), cand_keys).relu_()  # (B*T, h, C)
             candidates = torch.bmm(weights.view(B * T, 1, h), logits).view(B, T, C)
             candidates.masked_fill_(padding | (cand_pos < init) | (cand_pos > last_middle), float("-inf"))
@@ -314,6 +311,25 @@ def select_positions(
     else:
         middle = pos.new_empty(B, T, 0)
     return _assemble(middle, pos, config)
+
+
+def _block_keys(keys: torch.Tensor, blocks: torch.Tensor, block: int) -> torch.Tensor:
+    """keys (B, S, d) (feature-major storage), blocks (B, T, n) block numbers -> (B, T, d, n*block):
+    the keys of those blocks, copied in runs of `block` contiguous positions per feature. Positions
+    past S in a partial last block hold garbage (the caller masks them)."""
+    B, S, d = keys.shape
+    T, n = blocks.shape[1:]
+    whole = S // block  # at least one: the caller has more than 2m - 1 blocks
+    keys_t = keys.transpose(1, 2)  # (B, d, S)
+    by_block = keys_t[..., : whole * block].unflatten(-1, (whole, block))  # (B, d, whole, block)
+    rows = []
+    for b in range(B):
+        row = by_block[b][:, blocks[b].clamp_max(whole - 1)]  # (d, T, n, block)
+        if whole * block < S:  # the partial last block: its keys over those of the clamped one
+            rest = S - whole * block
+            row[:, blocks[b] == whole, :rest] = keys_t[b, :, whole * block :].unsqueeze(1).to(row.dtype)
+        rows.append(row.reshape(d, T, n * block).transpose(0, 1))  # (T, d, n*block)
+    return rows[0].unsqueeze(0) if B == 1 else torch.stack(rows)
 
 
 def _candidate_blocks(block_max: torch.Tensor, m: int, S: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
