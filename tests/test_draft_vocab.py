@@ -43,7 +43,8 @@ def _acceptance(results) -> float:
 
 def test_greedy_output_is_plain_greedy_for_any_draft_vocabulary(trained, arithmetic):
     """`trained` (conftest) saw tokens 10..489 only: drafts from the first id alone are always
-    wrong (acceptance 0), a subset holding the prompts' continuations keeps the full acceptance."""
+    wrong (acceptance 0), N = vocab is the full vocabulary (0), and a cut at 300 through the
+    prompts' continuations accepts fewer; the tokens never change."""
     V = trained.config.vocab_size
     prompts = _prompts(arithmetic)
     engine = Engine(trained)
@@ -65,6 +66,26 @@ def test_greedy_output_is_plain_greedy_for_any_draft_vocabulary(trained, arithme
     spec = Engine(trained, speculative=2, draft_vocab=300).generate(prompts, penalised)
     assert [r.token_ids for r in spec] == [r.token_ids for r in engine.generate(prompts, penalised)]
     assert 0 < _acceptance(spec) < 1
+
+
+def test_the_server_scheduler_drafts_over_the_engine_draft_vocabulary(trained, arithmetic):
+    from longcat.infer.scheduler import Scheduler, SchedulerConfig
+
+    prompts = _prompts(arithmetic)
+    plain = [r.token_ids for r in Engine(trained).generate(prompts, GREEDY)]
+    acceptance = {}
+    for vocab in (0, 300):
+        scheduler = Scheduler(Engine(trained, speculative=2, draft_vocab=vocab), SchedulerConfig(max_running=2))
+        results = {}
+        for i, p in enumerate(prompts):
+            scheduler.submit(p, GREEDY, lambda out, i=i: results.__setitem__(i, out.result) if out.result else None)
+        for _ in range(500):
+            scheduler.step()
+            if not scheduler.has_work():
+                break
+        assert [results[i].token_ids for i in range(len(prompts))] == plain, vocab
+        acceptance[vocab] = _acceptance(results.values())
+    assert 0 < acceptance[300] < acceptance[0]
 
 
 @torch.no_grad()
@@ -150,6 +171,11 @@ def test_bad_draft_vocabularies_are_refused(trained, tmp_path, capsys):
     assert main(args + ["--draft-vocab", str(V + 5)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"draft_vocab must be between 1 and the vocabulary size {V}" in err
+    # the benchmark refuses before it builds or times anything
+    assert main(["bench", "infer", "--draft-vocab", "-1"]) == 2
+    assert "--draft-vocab must be >= 0" in capsys.readouterr().err
+    assert main(["bench", "infer", "--model", str(tmp_path / "model"), "--draft-vocab", str(V + 5)]) == 2
+    assert f"the model has {V} token ids" in capsys.readouterr().err
     assert main(args + ["--draft-vocab", "300"]) == 0
     assert main(args) == 0
     restricted, full = (json.loads(line) for line in capsys.readouterr().out.splitlines())
@@ -183,6 +209,10 @@ def one_layer(arithmetic):
 @pytest.mark.slow
 @needs_compiler
 def test_compiled_fused_step_over_a_draft_vocabulary_gives_plain_greedy_output(one_layer, arithmetic, monkeypatch):
+    """One compiled generation with drafts from the first 200 ids (a cut through the prompt's
+    continuation, 174 counting up by 3): the tokens of plain greedy decoding, the steady-state steps as the one fused
+    graph, and the eager engine's acceptance at that draft vocabulary, below the full vocabulary's
+    (so the cut reached the graph's draft chain)."""
     fused = []
     greedy_step = MTPDrafter.greedy_step
 
@@ -193,16 +223,12 @@ def test_compiled_fused_step_over_a_draft_vocabulary_gives_plain_greedy_output(o
 
     monkeypatch.setattr(MTPDrafter, "greedy_step", watched)
     prompt = _prompts(arithmetic)[0]
-    engine = Engine(one_layer, compile=True, speculative=K)
-    plain = engine.generate([prompt], GREEDY, speculative=0)[0].token_ids
-    assert plain == Engine(one_layer).generate([prompt], GREEDY)[0].token_ids
-    full = engine.generate([prompt], GREEDY)[0]
-    for vocab, acceptance in ((1, 0.0), (300, None)):
-        fused.clear()
-        spec = engine.generate([prompt], GREEDY, draft_vocab=vocab)[0]
-        assert spec.token_ids == plain, vocab
-        assert sum(fused) >= 2  # the steady-state steps ran as the one fused graph
-        if acceptance is not None:
-            assert spec.acceptance_rate == acceptance
-        else:  # the cut goes through the continuation: drafts beyond it are never proposed
-            assert 0 < spec.acceptance_rate < full.acceptance_rate
+    eager = Engine(one_layer, speculative=K)
+    plain = eager.generate([prompt], GREEDY, speculative=0)[0].token_ids
+    full, cut = (eager.generate([prompt], GREEDY, draft_vocab=v)[0] for v in (0, 200))
+    assert 0 < cut.acceptance_rate < full.acceptance_rate
+    fused.clear()
+    spec = Engine(one_layer, compile=True, speculative=K, draft_vocab=200).generate([prompt], GREEDY)[0]
+    assert spec.token_ids == plain
+    assert sum(fused) >= 2
+    assert spec.acceptance_rate == cut.acceptance_rate

@@ -35,6 +35,8 @@ def _integer_indexer(cfg, seed):
 def test_select_equals_select_positions_on_the_whole_scores(monkeypatch, block, tile_keys, S, dtype):
     monkeypatch.setattr(attention, "SELECTION_BLOCK", block)
     monkeypatch.setattr(attention, "SCORE_TILE_BYTES", 0)
+    monkeypatch.setattr(attention, "BLOCK_TILE_BYTES", 0)
+    monkeypatch.setattr(attention, "MIN_KEYS_PER_CANDIDATE", 1)  # the block path at these tiny sizes
     monkeypatch.setattr(attention, "MIN_TILE_KEYS", tile_keys)
     cfg = preset("tiny")
     d, init, local = cfg.index_head_dim, cfg.index_init_tokens, cfg.index_local_tokens
@@ -48,7 +50,8 @@ def test_select_equals_select_positions_on_the_whole_scores(monkeypatch, block, 
         B, T = (2, 7) if trial % 2 else (1, 16)
         cache = LatentCache(cfg, B, S + 8, dtype=dtype)
         # integer keys (ties everywhere) on most trials, continuous ones (distinct scores) on the rest
-        values = torch.randint(-1, 2, (B, S, d), generator=g).float() if trial % 3 else torch.randn(B, S, d, generator=g)
+        values = (torch.randint(-1, 2, (B, S, d), generator=g).float() if trial % 3
+                  else torch.randn(B, S, d, generator=g))
         values[:, -12:] *= 4  # the latest keys score highest (or lowest): a partial last block matters
         cache.begin(torch.tensor([[S - 1]]))  # the forward spans keys 0..S-1 of the longer cache
         keys = cache.write_index(0, torch.arange(S).unsqueeze(0), values)
@@ -74,7 +77,8 @@ def test_select_equals_select_positions_on_the_whole_scores(monkeypatch, block, 
         assert "index_scores" not in workspace, "the chunk wrote its whole scores"
         assert torch.equal(chosen.valid, expected.valid), trial
         # the sinks, the chosen middle keys, the window, in that order, as select_positions gives them
-        assert torch.equal(torch.where(chosen.valid, chosen.index, -1), torch.where(expected.valid, expected.index, -1)), trial
+        assert torch.equal(torch.where(chosen.valid, chosen.index, -1),
+                           torch.where(expected.valid, expected.index, -1)), trial
         # rows that select (not the short one): middle keys lie between the sinks and the window
         middle = chosen.index[..., init:cfg.index_topk - local][positions >= cfg.index_topk]  # (rows, m)
         assert bool(((middle >= init) & (middle <= positions[positions >= cfg.index_topk].unsqueeze(-1) - local)).all())
@@ -85,7 +89,8 @@ def test_chunked_prefill_through_block_maxima_equals_the_full_forward(monkeypatc
     """Chunks of 24 over blocks of 4 keys and tiles of 8 (the last block of most chunks partial):
     the logits equal the full forward, whose selection is `select_tokens`' mask on whole scores."""
     monkeypatch.setattr(attention, "SELECTION_BLOCK", 4)
-    monkeypatch.setattr(attention, "SCORE_TILE_BYTES", 0)
+    monkeypatch.setattr(attention, "BLOCK_TILE_BYTES", 0)
+    monkeypatch.setattr(attention, "MIN_KEYS_PER_CANDIDATE", 1)  # the block path at these tiny sizes
     monkeypatch.setattr(attention, "MIN_TILE_KEYS", 8)
     calls = []
     original = attention.Indexer._block_maxima

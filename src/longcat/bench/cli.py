@@ -112,6 +112,8 @@ def run_infer(args: argparse.Namespace) -> int:
         ("--rounds", args.rounds >= 1, f"must be >= 1, got {args.rounds}"),
         ("--threads", args.threads >= 1, f"must be >= 1, got {args.threads}"),
         ("--speculative", all(k >= 1 for k in args.speculative), f"draft counts must be >= 1, got {args.speculative}"),
+        ("--draft-vocab", args.draft_vocab is None or args.draft_vocab >= 0,
+         f"must be >= 0 token ids (0 = the full vocabulary), got {args.draft_vocab}"),
     ])
     device = _device(args)
     if args.model is None and Path("runs/demo").is_dir():
@@ -122,14 +124,18 @@ def run_infer(args: argparse.Namespace) -> int:
         from ..infer.cli import resolve_model_dir
 
         model_dir = resolve_model_dir(args.model)
-        if load_config(model_dir).mtp_num_layers == 0:
+        model_config = load_config(model_dir)
+        if model_config.mtp_num_layers == 0:
             raise UserError(f"--model {args.model}: {model_dir} has no MTP heads (mtp_num_layers = 0), so there is "
                               "nothing to draft with; give a model trained with MTP (make demo writes one)")
+        if args.draft_vocab is not None and args.draft_vocab > model_config.vocab_size:
+            raise UserError(f"--draft-vocab {args.draft_vocab}: the model has {model_config.vocab_size} token ids; "
+                            "give at most that many (0 = all)")
     report = run_infer_bench(
         args.preset, prompt_lengths=tuple(args.prompt_lengths), new_tokens=args.new_tokens, batch=args.batch,
         rounds=args.rounds, threads=args.threads, clock=args.clock, device=device, model_dir=args.model,
         speculative=tuple(args.speculative), modes=tuple(args.modes), overrides=parse_overrides(args.set),
-        log=(lambda *_: None) if args.json else print,
+        draft_vocab=args.draft_vocab, log=(lambda *_: None) if args.json else print,
     )
     if args.json:
         print(json.dumps(report, indent=2))
@@ -159,6 +165,9 @@ def _register_infer(bench: argparse._SubParsersAction) -> None:
                    help="a trained model with MTP heads for the speculative-decoding section "
                         "(default: runs/demo when `make demo` has written it)")
     p.add_argument("--speculative", type=int, nargs="+", default=[1, 2, 3], help="draft counts to measure")
+    p.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                   help="speculative section: draft from the first N token ids (0 = the full vocabulary; default: "
+                        "the engine's choice for the model's tokenizer, as `longcat generate` makes it)")
     p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
                    help="decode paths to measure: eager (Engine(model)) and compiled (Engine(model, compile=True))")
     p.add_argument("--json", action="store_true", help="print the results as JSON (no progress lines)")

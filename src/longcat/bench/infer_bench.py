@@ -135,6 +135,7 @@ def run_infer_bench(
     speculative: tuple[int, ...] = (1, 2, 3),
     modes: tuple[str, ...] = MODES,
     overrides: dict | None = None,
+    draft_vocab: int | None = None,
     log=print,
 ) -> dict:
     if threads:
@@ -276,22 +277,26 @@ def run_infer_bench(
     # 4. MTP speculative decoding on a trained model --------------------------------------------------
     if model_dir is not None:
         report["speculative"] = run_speculative_bench(model_dir, new_tokens=max(new_tokens, 128), rounds=rounds,
-                                                      drafts=speculative, timer=timer, modes=modes, log=log)
+                                                      drafts=speculative, timer=timer, modes=modes, log=log,
+                                                      draft_vocab=draft_vocab)
     return report
 
 
-def speculative_step_costs(engine: Engine, k: int, position: int, timer: Timer, reps: int = 50) -> dict | None:
+def speculative_step_costs(engine: Engine, k: int, position: int, timer: Timer, reps: int = 50,
+                           draft_vocab: int | None = None) -> dict | None:
     """CPU or device seconds (medians of `reps` calls) of the compiled graphs behind a greedy
     speculative step at batch 1, the newest token at `position`: a plain decode step (one token),
     the verify forward over k+1 tokens, and the fused step (MTP draft chain + that verify +
     acceptance, `DecodeStep.speculate_greedy`); the draft chain costs fused - verify. The inputs are
     arbitrary tokens: the costs do not depend on the values, and the cache the engine keeps for its
     next generation is rewritten by that generation's prefill. None where such a step does not run
-    as one graph (the eager engine, sparse attention past index_topk, a long draft window)."""
+    as one graph (the eager engine, sparse attention past index_topk, a long draft window).
+    draft_vocab: the drafts' vocabulary (the first N ids; default the engine's)."""
     from ..infer.speculative import MTPDrafter
 
     runner, model = engine.runner, engine.model
-    drafter = MTPDrafter(model, runner, k, 1, position + k + 2, engine.prefill_chunk)
+    vocab = engine.draft_vocab if draft_vocab is None else draft_vocab
+    drafter = MTPDrafter(model, runner, k, 1, position + k + 2, engine.prefill_chunk, vocab)
     W, H = k + drafter.depths, model.config.hidden_size
     if position < W or not runner.fuses_speculation(1, k, W, position + k + 1):
         return None
@@ -305,7 +310,7 @@ def speculative_step_costs(engine: Engine, k: int, position: int, timer: Timer, 
         "plain": lambda: runner.forward(ids[:, -1:], positions[:, W : W + 1], cache, history),
         "verify": lambda: runner.forward(ids[:, -k - 1 :], positions[:, W:], cache, history, last_only=False),
         "fused": lambda: runner.speculate_greedy(ids, prev, positions, cache, drafter.depths, k, drafter.history,
-                                                 span=position + k + 1),
+                                                 span=position + k + 1, vocab=drafter.vocab),
     }
     seconds = {}
     with torch.inference_mode():
@@ -322,9 +327,13 @@ def speculative_step_costs(engine: Engine, k: int, position: int, timer: Timer, 
 
 
 def run_speculative_bench(model_dir: str, *, new_tokens: int = 128, rounds: int = 3, drafts=(1, 2, 3),
-                          timer: Timer | None = None, modes: tuple[str, ...] = MODES, log=print) -> dict:
+                          timer: Timer | None = None, modes: tuple[str, ...] = MODES, log=print,
+                          draft_vocab: int | None = None) -> dict:
     """Plain greedy decoding vs MTP speculative decoding on a trained model (batch 1, same output),
-    per decode path."""
+    per decode path. draft_vocab: draft from the first N token ids (0 = all; None = the engine's
+    default for the model's tokenizer, `infer.speculative.default_draft_vocab`)."""
+    from ..infer.speculative import check_draft_vocab
+
     from ..interop.loader import load
     from ..infer.cli import find_tokenizer, load_tokenizer, resolve_model_dir
 
@@ -339,12 +348,15 @@ def run_speculative_bench(model_dir: str, *, new_tokens: int = 128, rounds: int 
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     log(f"speculative decoding on {path} ({count_parameters(model.config).total / 1e6:.1f}M parameters, "
         f"{len(model.mtp)} MTP head(s)), {len(prompts)} prompts, batch 1, greedy, {new_tokens} tokens")
-    out = {"model": str(path)}
+    V = model.config.vocab_size
+    out = {"model": str(path), "vocab_size": V}
     for mode, engine in _engines(model, modes, tokenizer).items():
+        vocab = engine.draft_vocab if draft_vocab is None else check_draft_vocab(draft_vocab, V)
+        out["draft_vocab"] = vocab
 
         def run(k: int):
             t0 = timer()
-            results = [engine.generate([p], params, speculative=k)[0] for p in prompts]
+            results = [engine.generate([p], params, speculative=k, draft_vocab=vocab)[0] for p in prompts]
             return timer() - t0, results
 
         plain_t, plain = [], None
@@ -361,13 +373,13 @@ def run_speculative_bench(model_dir: str, *, new_tokens: int = 128, rounds: int 
         total = sum(len(x.token_ids) for x in plain)
         base = total / statistics.median(plain_t)
         section = out[mode] = {"plain_tokens_per_s": base, "drafts": []}
-        log(f"  {mode}: plain decoding {base:7.1f} tok/s")
+        log(f"  {mode}: plain decoding {base:7.1f} tok/s; drafts from the first {vocab:,} of {V:,} token ids")
         for k in drafts:
             tps = total / statistics.median(spec_t[k])
             drafted = sum(x.num_draft_tokens for x in spec[k])
             accepted = sum(x.num_accepted_tokens for x in spec[k])
             same = [x.token_ids for x in spec[k]] == [x.token_ids for x in plain]
-            row = {"draft_tokens": k, "acceptance_rate": accepted / drafted if drafted else 0.0,
+            row = {"draft_tokens": k, "draft_vocab": vocab, "acceptance_rate": accepted / drafted if drafted else 0.0,
                    "tokens_per_step": total / max(1, drafted // k), "tokens_per_s": tps, "speedup": tps / base,
                    "identical_output": same}
             section["drafts"].append(row)
@@ -375,7 +387,9 @@ def run_speculative_bench(model_dir: str, *, new_tokens: int = 128, rounds: int 
                 f"tokens per verify step, {tps:7.1f} tok/s, speed-up {row['speedup']:.2f}x, "
                 f"same tokens: {'yes' if same else 'NO'}")
             position = max(len(x.prompt_token_ids) for x in plain) + new_tokens // 2  # mid-generation
-            costs = speculative_step_costs(engine, k, position, timer) if mode == "compiled" else None
+            costs = None
+            if mode == "compiled":
+                costs = speculative_step_costs(engine, k, position, timer, draft_vocab=vocab)
             if costs is not None:
                 # where a step's time goes, and the speed-up the graphs alone would allow at this acceptance
                 cost = {name: costs[name] / costs["plain"] for name in ("verify", "draft", "fused")}

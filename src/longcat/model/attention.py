@@ -113,15 +113,19 @@ class Indexer(nn.Module):
         tile's scores in the core's cache just long enough to mask it and take its block maxima, and
         the candidates' scores are recomputed from their gathered keys (the same products, so the
         same values). A long prefill chunk then never writes or re-reads B*T*S scores. Rows too short
-        for a block pre-selection (the candidates would be the whole row) and single queries (decode
-        steps) take the scores path.
+        for a block pre-selection (the candidates would be the whole row), rows of fewer than
+        MIN_KEYS_PER_CANDIDATE keys per candidate (recomputing the candidates would cost more than
+        the scores' memory traffic saves), single queries (decode steps) and traced steps (a compiled
+        decode, whose span is symbolic) take the scores path.
         """
         k, init, local = config.index_topk, config.index_init_tokens, config.index_local_tokens
         block = SELECTION_BLOCK
         B, T, _ = x.shape
         S = keys.shape[1]
         m = k - init - local
-        if B * T == 1 or m <= 0 or -(-S // block) <= 2 * m - 1:
+        candidates_per_query = (2 * m - 1) * block
+        if (torch.compiler.is_compiling() or T == 1 or m <= 0 or -(-S // block) <= 2 * m - 1
+                or S < MIN_KEYS_PER_CANDIDATE * candidates_per_query):
             return select_positions(self.scores(x, q_latent, keys, cos, sin, workspace=workspace), positions, config)
         with torch.autocast(x.device.type, enabled=False):
             q, weights = self._queries(x, q_latent, cos, sin)
@@ -130,7 +134,8 @@ class Indexer(nn.Module):
             block_max = self._block_maxima(q, weights, keys, last_middle, init, block, workspace)
             cand_pos, padding = _candidate_blocks(block_max, m, S, block)  # (B, T, C)
             h, d, C = self.n_heads, self.head_dim, cand_pos.shape[-1]
-            cand_keys = _block_keys(keys, cand_pos[..., ::block] // block, block)  # (B, T, d, C)
+            out = None if workspace is None else workspace("index_candidate_keys", (B * d * T * C,), keys.dtype)
+            cand_keys = _block_keys(keys, cand_pos[..., ::block] // block, block, out)  # (B, T, d, C)
             cand_keys = cand_keys.reshape(B * T, d, C).float()  # a view for one row
             logits = torch.bmm(q.view(B * T, h, d), cand_keys).relu_()  # (B*T, h, C)
             candidates = torch.bmm(weights.view(B * T, 1, h), logits).view(B, T, C)
@@ -144,8 +149,9 @@ class Indexer(nn.Module):
         B, M, _ = q.shape
         h = self.n_heads
         T, S = M // h, keys.shape[1]
-        # whole blocks per tile, so every block's maximum comes from one tile
-        tile = min(S, max(MIN_TILE_KEYS, SCORE_TILE_BYTES // (4 * B * M)))
+        # a tile's logits and scores together within BLOCK_TILE_BYTES; whole blocks per tile, so
+        # every block's maximum comes from one tile
+        tile = min(S, max(MIN_TILE_KEYS, BLOCK_TILE_BYTES // (4 * B * (M + T))))
         tile = max(block, tile // block * block)
         size = B * M * tile + B * T * tile
         buffer = (workspace("index_logits", (size,), torch.float32) if workspace is not None
@@ -215,7 +221,13 @@ class Indexer(nn.Module):
 # Bytes of index logits computed per tile of keys (what stays in a core's L2 cache), and the
 # fewest keys per tile (so a long prefill chunk still takes wide products).
 SCORE_TILE_BYTES = 2 * 2**20
+# Bytes of index logits and scores per tile of `Indexer._block_maxima`: it makes four passes over
+# them (relu, head-weighted sum, masks, block maxima), so they should stay well inside a core's L2.
+BLOCK_TILE_BYTES = 3 * 2**18
 MIN_TILE_KEYS = 256
+# `Indexer.select` takes the block-maxima path from this many cached keys per candidate key of a
+# query ((2m - 1) blocks of SELECTION_BLOCK keys) on.
+MIN_KEYS_PER_CANDIDATE = 16
 # Keys per block of the top-k pre-selection (`select_positions`).
 SELECTION_BLOCK = 128
 
@@ -313,23 +325,27 @@ def select_positions(
     return _assemble(middle, pos, config)
 
 
-def _block_keys(keys: torch.Tensor, blocks: torch.Tensor, block: int) -> torch.Tensor:
+def _block_keys(keys: torch.Tensor, blocks: torch.Tensor, block: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """keys (B, S, d) (feature-major storage), blocks (B, T, n) block numbers -> (B, T, d, n*block):
-    the keys of those blocks, copied in runs of `block` contiguous positions per feature. Positions
-    past S in a partial last block hold garbage (the caller masks them)."""
+    the keys of those blocks, copied in runs of `block` contiguous positions per feature, into `out`
+    (B * d * T * n * block values in the keys' dtype) when given. Positions past S in a partial last
+    block hold garbage (the caller masks them)."""
     B, S, d = keys.shape
     T, n = blocks.shape[1:]
     whole = S // block  # at least one: the caller has more than 2m - 1 blocks
     keys_t = keys.transpose(1, 2)  # (B, d, S)
     by_block = keys_t[..., : whole * block].unflatten(-1, (whole, block))  # (B, d, whole, block)
-    rows = []
+    if out is None:
+        out = torch.empty(B, d, T * n, block, dtype=keys.dtype, device=keys.device)
+    out = out.view(B, d, T * n, block)
     for b in range(B):
-        row = by_block[b][:, blocks[b].clamp_max(whole - 1)]  # (d, T, n, block)
+        at = blocks[b].clamp_max(whole - 1).flatten()
+        for f in range(d):  # per feature a contiguous (whole, block) source: rows copied whole
+            torch.index_select(by_block[b, f], 0, at, out=out[b, f])
         if whole * block < S:  # the partial last block: its keys over those of the clamped one
             rest = S - whole * block
-            row[:, blocks[b] == whole, :rest] = keys_t[b, :, whole * block :].unsqueeze(1).to(row.dtype)
-        rows.append(row.reshape(d, T, n * block).transpose(0, 1))  # (T, d, n*block)
-    return rows[0].unsqueeze(0) if B == 1 else torch.stack(rows)
+            out[b].view(d, T, n, block)[:, blocks[b] == whole, :rest] = keys_t[b, :, whole * block :].unsqueeze(1)
+    return out.view(B, d, T, n * block).transpose(1, 2)  # (B, T, d, n*block)
 
 
 def _candidate_blocks(block_max: torch.Tensor, m: int, S: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -106,18 +106,39 @@ def library_cache(torch, shapes: int = 400, every: int = 20) -> tuple[float, flo
 # is trimmed). A training step interleaves lifetimes (saved activations between the forward's
 # transients, weight gradients between the backward's), so the heap holds holes at the peak. The
 # share is a property of the allocator under that pattern, measured here on a generic step.
-ALLOCATOR_STEPS = 6
+ALLOCATOR_STEPS = 12  # as `longcat bench plan` measures: 2 warm-up + 10 steps
 LIVE_MMAP_THRESHOLD = 65536  # MALLOC_MMAP_THRESHOLD_: every tensor buffer mapped alone, no retention
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def mapped_heap_bytes() -> int:
+    """Bytes glibc malloc holds in mmapped blocks now (mallinfo2's hblkhd); 0 where unknown. With
+    MALLOC_MMAP_THRESHOLD_ low, every tensor buffer above it is such a block: the live tensors,
+    without the libraries' own resident memory."""
+    try:
+        info = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):  # not glibc, or glibc < 2.33
+        return 0
+    info.restype = _MallInfo2
+    return int(info().hblkhd)
+
+
 def allocator_pattern_step(spec: dict[str, int | float]) -> dict[str, float]:
-    """Peak and baseline resident bytes of `ALLOCATOR_STEPS` generic training steps in this process.
+    """Peak and baseline resident bytes of `spec["steps"]` generic training steps in this process,
+    and the most bytes malloc held in mapped blocks after a forward or a backward.
 
     The step is not the model's: `layers` pre-norm blocks of a SwiGLU MLP (hidden, ffn) and routed
     experts (grouped GEMMs of `experts` experts, `inner` wide, on rows gathered for `slots` slots
-    per token and split unevenly as a router splits them), bf16 autocast over fp32 weights, AdamW
+    per token, split unevenly as a router splits them and padded to bucketed counts as CPU
+    training pads them, so their sizes change from step to step), bf16 autocast over fp32 weights, AdamW
     (single-tensor), gradients set to None between steps; at `tokens` tokens per step."""
     import torch
+
+    from ..model.moe import bucketed_count
 
     torch.set_num_threads(int(spec.get("threads", 1)))
     baseline = current_rss_bytes()
@@ -132,8 +153,9 @@ def allocator_pattern_step(spec: dict[str, int | float]) -> dict[str, float]:
                **({"w1": param(E, 2 * inner, H), "w2": param(E, H, inner)} if E else {})} for _ in range(L)]
     params = [p for b in blocks for p in b.values()]
     optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=False)
-    rows = int(t * slots)
-    for _ in range(ALLOCATOR_STEPS):
+    rows = int(t * slots) if hasattr(torch, "_grouped_mm") else 0  # without grouped GEMMs: the dense blocks only
+    mapped = 0
+    for _ in range(int(spec.get("steps", ALLOCATOR_STEPS))):
         x = torch.randn(t, H, generator=gen, requires_grad=True)  # (t, H)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             h = x
@@ -142,19 +164,24 @@ def allocator_pattern_step(spec: dict[str, int | float]) -> dict[str, float]:
                 gate, up = torch.nn.functional.linear(n, b["up"]).chunk(2, dim=-1)  # (t, F) each
                 h = h + torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, b["down"])
                 if E and rows:
-                    index = torch.randint(0, t, (rows,), generator=gen)  # (rows,) token of each slot
+                    # a router's uneven loads, each padded to a bucketed count as CPU training pads
+                    # them: the experts' buffers change size from step to step
                     counts = torch.bincount(torch.randint(0, E, (rows,), generator=gen), minlength=E)
-                    offsets = counts.cumsum(0).to(torch.int32)
-                    xs = n[index].to(torch.bfloat16)  # (rows, H)
+                    padded = torch.tensor([bucketed_count(c) for c in counts.tolist()])
+                    index = torch.randint(0, t, (int(padded.sum()),), generator=gen)  # (rows',) token of each row
+                    offsets = padded.cumsum(0).to(torch.int32)
+                    xs = n[index].to(torch.bfloat16)  # (rows', H)
                     g = torch._grouped_mm(xs, b["w1"].to(torch.bfloat16).transpose(-2, -1), offs=offsets)
-                    g = torch.nn.functional.silu(g[:, :inner]) * g[:, inner:]  # (rows, inner)
+                    g = torch.nn.functional.silu(g[:, :inner]) * g[:, inner:]  # (rows', inner)
                     y = torch._grouped_mm(g, b["w2"].to(torch.bfloat16).transpose(-2, -1), offs=offsets)
                     h = h.index_add(0, index, y.to(h.dtype))
+        mapped = max(mapped, mapped_heap_bytes())  # the end of the forward: most activations live
         h.float().pow(2).mean().backward()
+        mapped = max(mapped, mapped_heap_bytes())  # weight gradients live
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         del x, h
-    return {"peak": peak_rss_bytes(), "baseline": baseline}
+    return {"peak": peak_rss_bytes(), "baseline": baseline, "mapped": mapped}
 
 
 def _pattern_in_child(spec: dict, live: bool) -> dict[str, float]:
@@ -171,22 +198,22 @@ def _pattern_in_child(spec: dict, live: bool) -> dict[str, float]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def allocator_retention(arch=None, tokens: int = 4096, threads: int = 1) -> float:
+def allocator_retention(arch=None, tokens: int = 4096, threads: int = 1, steps: int = ALLOCATOR_STEPS) -> float:
     """Resident memory the heap keeps beyond the live tensors at the peak, as a share of the live
-    tensors: the generic step of `allocator_pattern_step` at `arch`'s sizes (or a 256-wide MoE),
-    once with the default allocator and once with every buffer mapped alone (its peak RSS is the
-    live peak), each in a fresh process."""
-    spec = {
-        "tokens": tokens, "threads": threads,
-        "hidden": getattr(arch, "hidden_size", 256), "ffn": getattr(arch, "ffn_hidden_size", 0) or 4 * getattr(arch, "hidden_size", 256),
-        "layers": max(1, getattr(arch, "num_layers", 4)),
-        "experts": getattr(arch, "n_routed_experts", 0) if arch is None or arch.is_moe else 0,
-        "inner": getattr(arch, "expert_ffn_hidden_size", 0), "slots": float(arch.slots) if arch is not None and arch.is_moe else 0.0,
-    }
-    if arch is None:
-        spec.update(experts=64, inner=64, slots=4.0)
+    tensors: the generic step of `allocator_pattern_step` at `arch`'s sizes (without one: 4 blocks
+    256 wide with 64 experts), once with the default allocator and once with every buffer mapped
+    alone (its peak RSS is the live peak), each in a fresh process."""
+    spec = {"tokens": tokens, "threads": threads, "steps": steps, "hidden": 256, "ffn": 1024, "layers": 4, "experts": 64, "inner": 64,
+            "slots": 4.0}
+    if arch is not None:
+        spec.update(hidden=arch.hidden_size, ffn=arch.ffn_hidden_size or 4 * arch.hidden_size, layers=arch.num_layers,
+                    experts=arch.n_routed_experts if arch.is_moe else 0,
+                    inner=arch.expert_ffn_hidden_size if arch.is_moe else 0,
+                    slots=float(arch.slots) if arch.is_moe else 0.0)
     default, live = _pattern_in_child(spec, live=False), _pattern_in_child(spec, live=True)
-    live_tensors = live["peak"] - live["baseline"]
+    # the live tensors: mapped blocks when every buffer is mapped (the GEMM library's kernel cache,
+    # which grows with the step's changing expert sizes, is not a tensor); else the RSS growth
+    live_tensors = live.get("mapped") or live["peak"] - live["baseline"]
     return max(0.0, (default["peak"] - live["peak"]) / live_tensors) if live_tensors > 0 else 0.0
 
 
@@ -306,7 +333,8 @@ def measure(quick: bool = False, threads: int | None = None, arch=None, tokens: 
     # different fraction every run); 1024^3 still takes milliseconds
     n = 1024 if quick else 2048
     reps = 3 if quick else 5
-    out: dict[str, Any] = {"threads": torch.get_num_threads(), "model": getattr(arch, "name", None), "tokens": tokens}
+    out: dict[str, Any] = {"threads": torch.get_num_threads(), "model": getattr(arch, "name", None), "tokens": tokens,
+                           "quick": quick}
 
     def matmul_time(m: int, k: int, nn: int, dtype) -> float:
         a = torch.randn(m, k, dtype=dtype)
@@ -410,7 +438,7 @@ def measure(quick: bool = False, threads: int | None = None, arch=None, tokens: 
     out["hbm_gib"] = physical_memory_bytes() / GiB
     out["reserved_gib"] = baseline_rss / GiB
     out["library_cache_gib"], out["library_cache_per_shape_mib"] = out_cache
-    out["allocator_retention"] = allocator_retention(arch, tokens, torch.get_num_threads())
+    out["allocator_retention"] = allocator_retention(arch, tokens, torch.get_num_threads(), steps=4 if quick else ALLOCATOR_STEPS)
     out["clock"] = "process CPU time" if cpu_time else "wall clock"
     _clock = time.perf_counter
     return out
@@ -457,9 +485,10 @@ def to_toml(measured: dict[str, Any], name: str = "cpu-local") -> str:
         'library_cache_gib = "plateau of the resident memory the GEMM library (oneDNN) keeps per GEMM shape it has run: bf16 linear layers forward + backward at new row counts until the growth stops"',
         'library_cache_per_shape_mib = "the same growth per linear-layer shape (forward + backward), before the plateau"',
         'allocator_retention = "resident heap beyond the live tensors at the peak, over the live tensors: peak RSS of '
-        f'{ALLOCATOR_STEPS} generic training steps (pre-norm SwiGLU blocks and uneven grouped-GEMM experts, bf16 autocast, '
-        'AdamW) with the default glibc malloc, against the same with MALLOC_MMAP_THRESHOLD_=65536 (every buffer mapped '
-        'alone: the live peak), each in a fresh process (mallopt(3))"',
+        f'{4 if measured.get("quick") else ALLOCATOR_STEPS} generic training steps (pre-norm SwiGLU blocks, uneven grouped-GEMM experts on bucketed row counts, '
+        'bf16 autocast, AdamW) with the default glibc malloc minus the same with MALLOC_MMAP_THRESHOLD_=65536 (every buffer '
+        'mapped alone: the live peak), over the live run\'s most mapped bytes (mallinfo2), each in a fresh process; '
+        'glibc mallopt(3)"',
         'hbm_bandwidth_gbs = "fp32 multiply on 256 MiB buffers (read + write)"',
         'memory_efficiency = "bytes / time over a mix of eager element-wise kernels (casts, products, SiLU, log-softmax, MoE gather and scatter-add), over hbm_bandwidth_gbs"',
         'cache_elementwise_gbs = "bytes / time of the fused cross-entropy\'s element-wise chain (cast, log-sum-exp, exp, scale, cast) over one 8 MiB block of fp32 logits, which stays in cache"',
@@ -480,7 +509,7 @@ def default_output(name: str = "cpu-local") -> Path:
 
 
 __all__ = ["measure", "to_toml", "default_output", "peak_rss_bytes", "current_rss_bytes", "resident_bytes", "library_cache",
-           "training_runtime_rss", "allocator_retention", "allocator_pattern_step"]
+           "training_runtime_rss", "allocator_retention", "allocator_pattern_step", "mapped_heap_bytes"]
 
 
 if __name__ == "__main__":  # the child process of _pattern_in_child

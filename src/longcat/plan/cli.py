@@ -394,6 +394,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
               + f", attention {measured['attention_efficiency']:.0%}, "
               f"memory {measured['hbm_bandwidth_gbs']:.1f} GB/s, {measured['kernel_overhead_us']:.1f} us per eager op, "
               f"{measured['threads']} threads")
+        print(f"runtime {measured['reserved_gib']:.2f} GiB resident before any tensor, GEMM library cache up to "
+              f"{measured['library_cache_gib']:.2f} GiB, malloc keeps {measured['allocator_retention']:.0%} of the live "
+              f"tensors on top of them at a step's peak")
         print(f"wrote {path} (use --hardware {args.name if not args.output else path})")
     return 0
 
