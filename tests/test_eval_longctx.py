@@ -95,3 +95,16 @@ def test_perplexity_only_up_to_the_models_positions(run_dir, capsys):
     assert main(["eval", "longctx", "--model", str(run), "--data", str(corpus), "--tasks", "passkey",
                  "--lengths", "1k", "--depths", "0"]) == 2
     assert "generated exceed the model's max_position_embeddings" in capsys.readouterr().err
+
+
+def test_bits_per_byte_of_a_length_do_not_depend_on_the_other_lengths(run_dir, capsys):
+    """bits/byte come from the predicted windows' own bytes: asking for a longer length too (which
+    reads more held-out text) leaves the shorter one's figure unchanged."""
+    run, corpus = run_dir
+    figures = []
+    for lengths in ("300", "300,900"):
+        assert main(["eval", "longctx", "--model", str(run), "--data", str(corpus), "--tasks", "none",
+                     "--lengths", lengths, "--ppl-windows", "2", "--threads", "1", "--json"]) == 0
+        figures.append(json.loads(capsys.readouterr().out)["perplexity"][0])
+    assert figures[0]["context"] == figures[1]["context"] == 300
+    assert figures[0]["bpb"] == figures[1]["bpb"] and figures[0]["bpb"] > 0

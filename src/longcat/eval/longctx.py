@@ -240,7 +240,7 @@ def run_longctx(model, tokenizer, setup: LongContextSetup, *, data: str | None =
     if config.lsa_enabled:
         model.lsa_mode = "dense" if setup.dense else "sparse"
     windows = max(1, setup.ppl_windows) if setup.perplexity else 1
-    stream, tokens_per_byte = heldout_tokens(tokenizer, windows * max(lengths) + 1, data=data)
+    stream, _ = heldout_tokens(tokenizer, windows * max(lengths) + 1, data=data)
     generator = RetrievalTasks(tokenizer, stream, seed=setup.seed, needle=setup.needle)
     prefix = [int(t) for t in getattr(tokenizer, "prompt_prefix", [])]
     engine = Engine(model, tokenizer, max_seq_len=max(lengths) + max(2, answer_room), prefill_chunk=setup.prefill_chunk,
@@ -281,8 +281,13 @@ def run_longctx(model, tokenizer, setup: LongContextSetup, *, data: str | None =
             losses = torch.stack([mine[i] for i in range(count)])  # (windows, length)
             tail = losses[:, -max(1, length // 4):]
             loss = float(losses.mean())
+            # bits per byte of the text these windows predict (their own bytes, not an average over
+            # however much held-out text was read, so a length gives the same figure in any run)
+            predicted_bytes = sum(len(tokenizer.decode([int(t) for t in stream[i * length + 1: (i + 1) * length + 1]])
+                                      .encode("utf-8")) for i in range(count))
+            bpb = float(losses.sum()) / math.log(2) / max(1, predicted_bytes)
             entry = {"context": length, "windows": count, "loss": loss, "ppl": math.exp(loss),
-                     "tail_ppl": math.exp(float(tail.mean())), "bpb": loss * tokens_per_byte / math.log(2)}
+                     "tail_ppl": math.exp(float(tail.mean())), "bpb": bpb}
             report.perplexity.append(entry)
             log(f"perplexity at {length:>8,} tokens: {entry['ppl']:.2f} (last quarter {entry['tail_ppl']:.2f}), "
                 f"{entry['bpb']:.4f} bits/byte over {count} window(s)")
