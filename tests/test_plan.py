@@ -258,6 +258,8 @@ def test_calibrate_writes_a_loadable_entry(tmp_path):
     assert hw.provenance["memory_efficiency"] == "measured"
     assert hw.cache_elementwise_gbs > 0 and hw.provenance["cache_elementwise_gbs"] == "measured"
     assert 0 < hw.expert_gemm_efficiency <= 1
+    assert 0 < hw.masked_attention_efficiency <= 1 and hw.provenance["masked_attention_efficiency"] == "measured"
+    assert hw.peak_tflops_fp32 > 0 and hw.provenance["peak_tflops_fp32"] == "measured"
 
 
 def test_calibration_goes_to_the_user_folder_and_overrides_the_packaged_entry(tmp_path, monkeypatch, capsys):

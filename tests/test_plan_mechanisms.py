@@ -216,3 +216,39 @@ def test_calibration_measures_the_training_runtime_without_changing_the_process(
     before = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
     assert training_runtime_rss(torch) > 0
     assert (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory) == before
+
+
+def test_lsa_training_on_a_runtime_without_a_sparse_kernel():
+    """`longcat train` runs LSA as dense SDPA under the keep-mask (every key computed), with fp32
+    indexer products and (query, key)-sized selection tensors: the eager stack plans that, a stack
+    with a sparse kernel plans the top-k budget."""
+    arch = load_architecture("tiny")
+    assert arch.index_heads and arch.sparse_topk == 24
+    a, S = arch, 256
+    lsa = arch.lsa_dense_runtime(S)
+    per_key = 2 * a.num_heads * (a.qk_dim + a.v_dim)
+    assert lsa["masked_flops"] == a.attn_per_layer * per_key * S and lsa["causal_flops"] == 0
+    short = arch.lsa_dense_runtime(16)  # no query sees more than top-k keys: causal SDPA, no mask
+    assert short["masked_flops"] == 0 and short["causal_flops"] == a.attn_per_layer * per_key * 17 / 2
+    assert lsa["index_flops"] == 2 * S * a.index_heads * (a.index_head_dim + 1)
+    assert lsa["target_flops"] == 2 * S * a.num_heads * (a.kv_lora_rank + a.qk_rope_head_dim)
+    assert dataclasses.replace(arch, index_heads=0).lsa_dense_runtime(S) == dict.fromkeys(lsa, 0.0)
+
+    def planner(hw_changes=None, **stack_changes):
+        return Planner(TrainSetup(arch, load_hardware("cpu-local", hw_changes), load_stack("pytorch-eager", stack_changes),
+                                  1, S, S * 16, precision="autocast"))
+
+    dense, sparse = planner(), planner(sparse_attention_kernel=True)
+    q_dense, q_sparse = dense._layer(True, 1, 1, 16), sparse._layer(True, 1, 1, 16)
+    hw = dense.s.hw
+    tokens = 16 * S
+    masked_t = lsa["masked_flops"] * tokens / (hw.peak_tflops_bf16 * 1e12 * hw.masked_attention_efficiency)
+    assert q_dense["t_core"] == pytest.approx(masked_t) and masked_t > 5 * q_sparse["t_core"]
+    assert q_dense["fwd"] - q_dense["t_core"] > q_sparse["fwd"] - q_sparse["t_core"]  # selection and KL work
+    assert q_dense["saved"] - q_sparse["saved"] == pytest.approx(lsa["saved"] * tokens)
+    # the MTP block has no indexer: dense causal attention either way
+    assert dense._layer(True, 1, 1, 16, True)["t_core"] > sparse._layer(True, 1, 1, 16, True)["t_core"]
+    # the masked kernel's rate is its own field (0 in an entry = the causal rate)
+    slow = planner({"masked_attention_efficiency": hw.masked_attention_efficiency / 2})._layer(True, 1, 1, 16)
+    assert slow["t_core"] - q_dense["t_core"] == pytest.approx(masked_t)
+    assert load_hardware("h100").masked_attention_efficiency == load_hardware("h100").attention_efficiency

@@ -298,8 +298,52 @@ class Architecture:
             flops += self.indexers_per_layer * 2 * scored * self.index_heads * (self.index_head_dim + 1)
         return flops
 
-    def mtp_attention_core_flops(self, seq_len: int, causal: bool) -> float:
-        keys = self.mean_context(seq_len, self.sparse_topk, causal)
+    def lsa_dense_runtime(self, seq_len: int) -> dict[str, float]:
+        """Per token and block, what LSA training costs on a runtime without a sparse attention
+        kernel (`Stack.sparse_attention_kernel` False: `longcat train`, model/attention.py), forward:
+
+        - `causal_flops` / `masked_flops`: the attention's QK^T + AV. Once a query can see more
+          than `sparse_topk` keys the selection is a (query, key) keep-mask given to dense SDPA,
+          which computes every key of the sequence (the mask is arbitrary, so no block is skipped
+          as a causal kernel skips the future); otherwise causal SDPA.
+        - `index_flops`: the indexer's fp32 scores of every query against every key (the whole
+          rectangle, masked afterwards), differentiable: the backward runs twice these FLOPs.
+        - `target_flops`: the indexer's KL target, the main attention's probabilities recomputed
+          in fp32 over the latents (absorbed: kv_lora_rank + rope dims per head), no gradient.
+        - `traffic_fwd` / `traffic_bwd` / `saved`: bytes per token of the (query, key)-sized
+          tensors these make, op by op as eager PyTorch runs them (so not scaled again by the
+          stack's element-wise passes):
+          index logits (h_i fp32: write, relu read + write, head-sum read) and scores (write):
+          16 h_i + 4; the causal mask: 2; the selection (select_tokens: two masked copies, top-k,
+          two comparisons, a cumsum, the keep-mask): 40; the mask read by SDPA per head: a;
+          the target's per-head fp32 logits (two products, add, scale, mask, softmax, head sum):
+          52 a; the KL (log-softmax of the masked scores, log of the target, product, where, sum):
+          100. Backward: the index logits' gradients 20 h_i + 4, the mask per head a, the KL's
+          gradient to the scores 60. Saved: relu'd logits 4 h_i, log-probabilities, target and
+          three masks 11, beyond the scores `layer_tensors` counts.
+        Zero without an indexer.
+        """
+        out = dict.fromkeys(("causal_flops", "masked_flops", "index_flops", "target_flops",
+                             "traffic_fwd", "traffic_bwd", "saved"), 0.0)
+        if not self.index_heads:
+            return out
+        S, a, hi = seq_len, self.num_heads, self.index_heads
+        per_key = 2 * a * (self.qk_dim + self.v_dim)
+        if self.sparse_topk and S > self.sparse_topk:
+            out["masked_flops"] = self.attn_per_layer * per_key * S
+        else:
+            out["causal_flops"] = self.attn_per_layer * per_key * (S + 1) / 2
+        n = self.indexers_per_layer
+        out["index_flops"] = n * 2 * S * hi * (self.index_head_dim + 1)
+        latent = (self.kv_lora_rank + self.qk_rope_head_dim) if self.attention == "mla" else self.qk_dim
+        out["target_flops"] = n * 2 * S * a * latent
+        out["traffic_fwd"] = n * S * (16 * hi + 4 + 2 + 40 + a + 52 * a + 100)
+        out["traffic_bwd"] = n * S * (20 * hi + 4 + a + 60)
+        out["saved"] = n * S * (4 * hi + 11)
+        return out
+
+    def mtp_attention_core_flops(self, seq_len: int, causal: bool, sparse: bool = True) -> float:
+        keys = self.mean_context(seq_len, self.sparse_topk if sparse else 0, causal)
         return 2 * keys * self.num_heads * (self.qk_dim + self.v_dim)
 
     def head_gemm_params(self) -> int:

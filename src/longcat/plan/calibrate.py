@@ -7,6 +7,8 @@ What is measured, and how it maps to the planner's fields:
 - expert_gemm_efficiency: the same for the routed experts' grouped GEMMs (`torch._grouped_mm`);
 - attention_efficiency: causal `scaled_dot_product_attention` forward+backward, counted as
   2 + 4 matmuls of causal FLOPs, over the bf16 peak;
+- masked_attention_efficiency: the same given a (T, T) boolean keep-mask, FLOPs of every key (LSA
+  training on a runtime without a sparse kernel);
 - hbm_bandwidth_gbs: an element-wise kernel on a buffer far larger than the caches (read + write);
 - memory_efficiency: bytes over time for the element-wise kernels a step runs (casts, products,
   SiLU, log-softmax over the vocabulary, MoE gather and scatter-add), over that bandwidth;
@@ -407,6 +409,18 @@ def measure(quick: bool = False, threads: int | None = None, arch=None, tokens: 
     flops = 3 * 2 * B * h_ * T * (T + 1) / 2 * (d_qk + d_v)  # causal QK^T + AV, x3 for forward + backward
     out["attention_efficiency"] = min(1.0, flops / _best_time(attention, reps) / peak)
     out["attention_shape"] = (B, h_, T, d_qk, d_v)
+    # the same with an explicit keep-mask, as LSA training runs it without a sparse kernel: causal
+    # keys, a random half of them dropped; every key is computed, so every key is counted
+    gen = torch.Generator().manual_seed(0)
+    keep = (torch.rand(B, 1, T, T, generator=gen) < 0.5) | torch.eye(T, dtype=torch.bool)
+    keep &= torch.ones(T, T, dtype=torch.bool).tril()
+
+    def masked_attention():
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        o.sum().backward()
+
+    masked_flops = 3 * 2 * B * h_ * T * T * (d_qk + d_v)
+    out["masked_attention_efficiency"] = min(1.0, masked_flops / _best_time(masked_attention, reps) / peak)
 
     # memory bandwidth: an element-wise kernel on buffers much larger than the caches
     size = (8 if quick else 256) * 2**20 // 4
@@ -455,7 +469,8 @@ def to_toml(measured: dict[str, Any], name: str = "cpu-local") -> str:
         "",
         "[measured]",
     ]
-    order = ["peak_tflops_bf16", "gemm_efficiency", "expert_gemm_efficiency", "attention_efficiency", "hbm_bandwidth_gbs",
+    order = ["peak_tflops_bf16", "peak_tflops_fp32", "gemm_efficiency", "expert_gemm_efficiency", "attention_efficiency",
+             "masked_attention_efficiency", "hbm_bandwidth_gbs",
              "memory_efficiency", "cache_elementwise_gbs", "kernel_overhead_us", "hbm_gib", "reserved_gib", "library_cache_gib",
              "library_cache_per_shape_mib", "allocator_retention"]
     for key in order:
@@ -477,10 +492,13 @@ def to_toml(measured: dict[str, Any], name: str = "cpu-local") -> str:
         "storage_write_gbs_max = 1.0",
         "",
         "[notes]",
-        f'peak_tflops_bf16 = "best square bf16 matmul; fp32 reached {measured["peak_tflops_fp32"] * 1e3:.0f} GFLOP/s"',
+        'peak_tflops_bf16 = "best square bf16 matmul"',
+        'peak_tflops_fp32 = "best square fp32 matmul"',
         f'gemm_efficiency = "bf16 matmuls forward + backward, shapes (M, K, N) {measured["gemm_shapes"]}'
         + (f' ({measured["model"]} at {measured["tokens"]} tokens)' if measured.get("model") else " (generic)") + '"',
         f'attention_efficiency = "causal SDPA forward+backward, bf16, (B, heads, T, d_qk, d_v) = {measured["attention_shape"]}"',
+        'masked_attention_efficiency = "the same SDPA given a random causal (T, T) keep-mask (LSA training without a sparse '
+        'kernel), FLOPs of every key"',
         'reserved_gib = "resident memory of a process set up as longcat train (torch and the model loaded, deterministic algorithms on), before any model tensor"',
         'library_cache_gib = "plateau of the resident memory the GEMM library (oneDNN) keeps per GEMM shape it has run: bf16 linear layers forward + backward at new row counts until the growth stops"',
         'library_cache_per_shape_mib = "the same growth per linear-layer shape (forward + backward), before the plateau"',

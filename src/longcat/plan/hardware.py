@@ -32,6 +32,8 @@ class Hardware:
     # --- compute and memory ---------------------------------------------------------------------------
     peak_tflops_bf16: float = 0.0  # dense, no sparsity
     peak_tflops_fp8: float = 0.0  # 0 = no FP8 (FP8 runs at the BF16 rate)
+    # fp32 matmuls (an LSA indexer's scores and its training target run in fp32); 0 = half the BF16 rate
+    peak_tflops_fp32: float = 0.0
     hbm_gib: float = 0.0
     hbm_bandwidth_gbs: float = 0.0
     # --- interconnect (per chip, one direction) --------------------------------------------------------------
@@ -42,6 +44,10 @@ class Hardware:
     gemm_efficiency: float = 0.7  # large bf16/fp8 GEMMs in a training step
     expert_gemm_efficiency: float = 0.0  # grouped GEMMs over many small experts (0: same as gemm_efficiency)
     attention_efficiency: float = 0.5  # attention core (flash kernels, or batched GEMMs over heads)
+    # attention given an explicit (query, key) mask: the kernel computes every key, none skipped as
+    # a causal kernel skips the future (LSA's keep-mask on a runtime without a sparse kernel);
+    # FLOPs counted over all keys; 0 = attention_efficiency
+    masked_attention_efficiency: float = 0.0
     memory_efficiency: float = 0.7  # element-wise kernels vs HBM bandwidth
     # element-wise kernels over blocks that stay in cache (a fused loss's blocks), bytes moved per
     # second; 0 = not known: they run at the HBM rate above
@@ -73,7 +79,12 @@ class Hardware:
                 raise ConfigError(f"hardware '{self.name}': field '{name}' must be > 0 (set it in the TOML or with --hw-set)")
         if self.expert_gemm_efficiency == 0:
             self.expert_gemm_efficiency = self.gemm_efficiency
-        for name in ("gemm_efficiency", "expert_gemm_efficiency", "attention_efficiency", "memory_efficiency", "scaleup_efficiency", "scaleout_efficiency"):
+        if self.masked_attention_efficiency == 0:
+            self.masked_attention_efficiency = self.attention_efficiency
+        if self.peak_tflops_fp32 == 0:
+            self.peak_tflops_fp32 = self.peak_tflops_bf16 / 2
+        for name in ("gemm_efficiency", "expert_gemm_efficiency", "attention_efficiency", "masked_attention_efficiency",
+                     "memory_efficiency", "scaleup_efficiency", "scaleout_efficiency"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"hardware '{self.name}': '{name}' must be in (0, 1], got {getattr(self, name)}")
         if self.allocator_retention < 0:
@@ -243,6 +254,11 @@ class Stack:
     persistent_grads: bool = True  # gradients live in a buffer for the whole step (Megatron, FSDP), not set to None
     elementwise_passes: float = 1.0  # traffic of a block's element-wise work relative to fused kernels
     eager_autograd: bool = False  # op-by-op autograd keeps intermediates fused kernels drop (Architecture.layer_tensors)
+    # LSA/DSA training attention: True, a sparse kernel reads only each query's selected keys
+    # (DeepSeek-V3.2's FlashMLA sparse kernels); False, dense attention under the keep-mask (every
+    # key computed), with the selection and the indexer's KL target materialized per (query, key)
+    # (Architecture.lsa_dense_runtime)
+    sparse_attention_kernel: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -277,7 +293,7 @@ STACKS: dict[str, Stack] = {
         name="pytorch-eager", flash_attention=True, sequence_parallel=False, overlap_grad_reduce=True,
         optimizer_traffic_bytes=80.0, logits_backward_bytes=10.0, persistent_grads=False, elementwise_passes=2.0,
         eager_autograd=True, loss_block_bytes=float(8 << 20), loss_block_min_rows=128.0, expert_row_buckets=8.0,
-        expert_row_bucket_min=16.0,
+        expert_row_bucket_min=16.0, sparse_attention_kernel=False,
     ),
 }
 

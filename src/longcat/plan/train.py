@@ -335,6 +335,13 @@ class Planner:
             attn = self.attn_gemm
             gemm_extra = 0
             core = a.attention_core_flops(S, causal=flash)
+        # LSA on a runtime without a sparse attention kernel: dense (masked) attention, fp32 indexer
+        # products and (query, key)-sized selection tensors instead of `core`'s sparse budget
+        lsa = a.lsa_dense_runtime(S) if a.index_heads and not stack.sparse_attention_kernel else None
+        if lsa is not None:
+            core = a.mtp_attention_core_flops(S, causal=True, sparse=False) if mtp else lsa["causal_flops"]
+            if mtp:
+                lsa = None  # the MTP block attends densely, with no indexer
         routed_gemm = a.slots * self.expert_gemm if moe else 0.0
         moe_gemm = routed_gemm + (a.n_shared_experts * self.expert_gemm + self.router_gemm if moe else 0.0)
         gemm_params = sum(attn) + n_ffn * self.ffn_gemm + moe_gemm + gemm_extra
@@ -369,13 +376,25 @@ class Planner:
         if moe:
             kernels += KERNELS["moe"]
         t_launch = kernels * hw.kernel_overhead_us * 1e-6
+        t_lsa_fwd = t_lsa_bwd = 0.0
+        if lsa is not None:
+            rate = hw.hbm_bandwidth_gbs * 1e9 * hw.memory_efficiency
+            t_masked = lsa["masked_flops"] * tokens / tp / (s.hw.peak_tflops_bf16 * 1e12 * hw.masked_attention_efficiency)
+            t_core += t_masked
+            core_flops += lsa["masked_flops"] * tokens / tp
+            fp32 = hw.peak_tflops_fp32 * 1e12 * hw.gemm_efficiency
+            t_index = lsa["index_flops"] * tokens / rep_div / fp32
+            t_target = lsa["target_flops"] * tokens / tp / fp32
+            t_lsa_fwd = t_index + t_target + lsa["traffic_fwd"] * tokens / rep_div / rate
+            t_lsa_bwd = 2 * t_index + lsa["traffic_bwd"] * tokens / rep_div / rate
+            saved_dev += lsa["saved"] * tokens / rep_div
         # share of the block's GEMM work that can hide a shortcut-MoE all-to-all (FFN0, Attn1, FFN1)
         hide_params = sum(attn[1:]) + n_ffn * self.ffn_gemm
         overlap_share = hide_params / gemm_params if (moe and a.moe_style == "shortcut") else 0.0
-        fwd = t_gemm + t_core + t_mem + t_launch
+        fwd = t_gemm + t_core + t_mem + t_launch + t_lsa_fwd
         # backward: GEMMs and element-wise work twice the forward; a flash backward recomputes the
         # scores inside the kernel (5 matmuls against 2 forward)
-        bwd = 2 * t_gemm + (2.5 if flash else 2.0) * t_core + 2 * t_mem + 2 * t_launch
+        bwd = 2 * t_gemm + (2.5 if flash else 2.0) * t_core + 2 * t_mem + 2 * t_launch + t_lsa_bwd
         # communication volumes (bytes per device per pass)
         act_bytes = tokens * H * 2  # one (b, S/cp, H) bf16 tensor
         tp_collectives = n_attn + n_ffn + (a.n_shared_experts > 0 and moe and not sp)
