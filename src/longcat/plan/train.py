@@ -339,7 +339,7 @@ class Planner:
         # products and (query, key)-sized selection tensors instead of `core`'s sparse budget
         lsa = a.lsa_dense_runtime(S) if a.index_heads and not stack.sparse_attention_kernel else None
         if lsa is not None:
-            core = a.mtp_attention_core_flops(S, causal=True, sparse=False) if mtp else lsa["causal_flops"]
+            core = a.mtp_attention_core_flops(S, causal=flash, sparse=False) if mtp else lsa["causal_flops"]
             if mtp:
                 lsa = None  # the MTP block attends densely, with no indexer
         routed_gemm = a.slots * self.expert_gemm if moe else 0.0
