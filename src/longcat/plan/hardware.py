@@ -288,7 +288,8 @@ STACKS: dict[str, Stack] = {
     # chains run op by op: an RMSNorm makes ~7 passes over its tensor where a fused kernel makes 2,
     # SwiGLU 5 instead of 3, a residual add 3 either way -- about twice the fused traffic over a block.
     # On CPU the experts' rows are padded to 8 bucketed sizes per octave, at least 16
-    # (longcat.model.moe.bucketed_count).
+    # (longcat.model.moe.bucketed_count); LSA runs as dense SDPA under a keep-mask, with no sparse
+    # kernel (model/attention.py).
     "pytorch-eager": Stack(
         name="pytorch-eager", flash_attention=True, sequence_parallel=False, overlap_grad_reduce=True,
         optimizer_traffic_bytes=80.0, logits_backward_bytes=10.0, persistent_grads=False, elementwise_passes=2.0,
