@@ -73,12 +73,12 @@ def last_level_cache_bytes(default: int = 64 * 2**20) -> int:
     """The largest CPU cache this process's first core sees (Linux sysfs), else `default`."""
     sizes = []
     for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
         try:
             text = (index / "size").read_text().strip().upper()
-        except OSError:
+            sizes.append(int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text))
+        except (OSError, ValueError):
             continue
-        units = {"K": 2**10, "M": 2**20, "G": 2**30}
-        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
     return max(sizes) if sizes else default
 
 
