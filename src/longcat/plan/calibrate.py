@@ -46,23 +46,14 @@ GiB = 2**30
 _clock = time.perf_counter
 
 
-def _best_time(fn, repeats: int) -> float:
+def _best_time(fn, repeats: int, before=None) -> float:
+    """Best of `repeats` timed calls of fn after a warm-up; `before()`, untimed, runs ahead of each
+    (e.g. evicting fn's operands from the caches, for the rate of a kernel reading memory)."""
     fn()  # warm-up
     best = float("inf")
     for _ in range(repeats):
-        t = _clock()
-        fn()
-        best = min(best, _clock() - t)
-    return best
-
-
-def _best_time_cold(fn, repeats: int, evict) -> float:
-    """`_best_time` with the caches emptied of fn's operands before each timed call (`evict()`,
-    not timed): the rate of a kernel whose inputs come from memory."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        evict()
+        if before is not None:
+            before()
         t = _clock()
         fn()
         best = min(best, _clock() - t)
@@ -463,7 +454,7 @@ def measure(quick: bool = False, threads: int | None = None, arch=None, tokens: 
     flush = torch.empty(min(2 * last_level_cache_bytes(), 1 << 30) // 4)
     bytes_moved, seconds = 0.0, 0.0
     for name, nbytes, fn in _elementwise_mix(torch, arch, tokens):
-        t = _best_time_cold(fn, reps, lambda: flush.fill_(1.0))
+        t = _best_time(fn, reps, before=lambda: flush.fill_(1.0))
         bytes_moved += nbytes
         seconds += t
     out["memory_efficiency"] = min(1.0, bytes_moved / seconds / (out["hbm_bandwidth_gbs"] * 1e9))
